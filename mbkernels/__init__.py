@@ -1,0 +1,12 @@
+"""mbkernels: fused GPU kernels for MobileNet-style inference.
+
+    import mbkernels
+    mbkernels.ops.dwconv_bn_act(x, weight, bias, stride=1, activation="hardswish")
+    mbkernels.backends()   # which backends run here, and why the others don't
+"""
+from . import _native  # noqa: F401  (loads mbkernels._C, or warns once and leaves it off)
+from . import nn, ops
+from .dispatch import backends
+
+__version__ = "0.1.0"
+__all__ = ["backends", "nn", "ops"]

@@ -1,0 +1,67 @@
+"""The cuda backend: the C++/CUDA kernels of mbkernels._C (csrc/).
+
+The native ops `mbkernels::dwconv_bn_act_cuda` and `mbkernels::squeeze_excite_cuda` are defined in
+csrc/registration.cpp. Their CPU kernels run the same CUDA kernel code on the host (an emulation, slow, for
+testing the kernels' logic without a GPU): dispatch uses them only when the cuda backend is asked for by name.
+"""
+import functools
+
+import torch
+
+from .. import _native, ops
+
+MIN_CAPABILITY = (7, 5)
+
+
+def unavailable_reason():
+    return _native.unavailable_reason
+
+
+def describe() -> str:
+    C = _native.C
+    return f"mbkernels._C for torch {C.TORCH_VERSION}, CUDA {C.CUDA_VERSION}, archs {C.CUDA_ARCHS}"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(index: int):
+    capability = torch.cuda.get_device_capability(index)
+    if capability < MIN_CAPABILITY:
+        return f"cuda:{index} has compute capability {capability}; mbkernels._C needs {MIN_CAPABILITY} or newer"
+    return None
+
+
+def _why_not_device(explicit, x):
+    if x.is_cuda:
+        return _device_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if x.device.type == "cpu" and explicit:
+        return None  # the host emulation of the CUDA kernels
+    return f"x is on {x.device.type}; the cuda backend runs CUDA tensors"
+
+
+def why_not_dwconv_bn_act(explicit, x, *args):
+    return _why_not_device(explicit, x)
+
+
+def dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation):
+    return torch.ops.mbkernels.dwconv_bn_act_cuda(x, weight, bias, stride, padding, dilation, activation)
+
+
+def why_not_squeeze_excite(explicit, x, *args):
+    return _why_not_device(explicit, x)
+
+
+def squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+    return torch.ops.mbkernels.squeeze_excite_cuda(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+
+
+if _native.C is not None:
+
+    @torch.library.register_fake("mbkernels::dwconv_bn_act_cuda")
+    def _(x, weight, bias, stride, padding, dilation, activation):
+        ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
+        return ops._empty_dwconv_output(x, weight, stride, padding, dilation)
+
+    @torch.library.register_fake("mbkernels::squeeze_excite_cuda")
+    def _(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+        ops.check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+        return torch.empty_like(x, memory_format=ops.memory_format_of(x))

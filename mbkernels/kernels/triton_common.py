@@ -1,0 +1,34 @@
+"""The triton backend's availability and device rules (importable without triton; the math is in triton_math)."""
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason():
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not importable ({error})"
+    if not interpreting() and not torch.cuda.is_available():
+        return "no CUDA GPU (set TRITON_INTERPRET=1 before importing mbkernels to run the Triton kernels on the CPU)"
+    return None
+
+
+def describe() -> str:
+    import triton
+
+    where = "the CPU interpreter (TRITON_INTERPRET=1)" if interpreting() else "CUDA GPUs"
+    return f"triton {triton.__version__} on {where}"
+
+
+def why_not_device(explicit, x):
+    if x.is_cuda:
+        return "TRITON_INTERPRET=1 is set: Triton runs CPU tensors only" if interpreting() else None
+    if x.device.type == "cpu" and interpreting():
+        return None if explicit else "CPU tensors run the Triton interpreter only when triton is asked for by name"
+    return f"x is on {x.device.type}; the triton backend runs CUDA tensors (or CPU ones under TRITON_INTERPRET=1)"
+

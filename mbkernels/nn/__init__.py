@@ -1,0 +1,5 @@
+"""Fused drop-in modules. Each keeps the stock modules it replaces (same parameters, same state_dict entries)
+and runs them as they are when training or when gradients are needed; in inference it calls one fused op."""
+from .dwconv import DWConvBNAct
+
+__all__ = ["DWConvBNAct"]

@@ -1,0 +1,137 @@
+"""Builds mbkernels, with the CUDA extension mbkernels._C when a CUDA toolkit is found.
+
+The decision rests on the toolkit (CUDA_HOME, or nvcc on PATH), never on whether a GPU is present, so GPU-less
+build machines produce full wheels. Knobs (environment variables):
+  MBKERNELS_SKIP_CUDA_BUILD=1   pure-Python package: Triton and reference backends only
+  MBKERNELS_CUDA_ARCHS          compute capabilities, e.g. "8.0;9.0+PTX" (default: 7.5;8.0;8.6;8.9;9.0+PTX)
+  MAX_JOBS                      parallel compile jobs (default: cores, at most one per 3 GB of memory)
+  CUDA_HOME                     the toolkit to use
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+BASE_VERSION = "0.1.0"
+
+
+def log(message: str) -> None:
+    print(f"mbkernels setup: {message}", file=sys.stderr)
+
+
+def _is_toolkit(path: str) -> bool:
+    return (
+        os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+        and bool(glob.glob(os.path.join(path, "lib*", "libcudart.so*")))
+    )
+
+
+def find_cuda_home():
+    """The CUDA toolkit's root, or None. A /usr/local/bin/nvcc wrapper script is not a toolkit root."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    candidates.extend(sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
+    for path in candidates:
+        if path and _is_toolkit(path):
+            return os.path.realpath(path)
+    return None
+
+
+def normalized_arch_list(spec: str) -> str:
+    """'7.5 8.0', '75,80' or '7.5;8.0+PTX' -> '7.5;8.0+PTX' (torch's TORCH_CUDA_ARCH_LIST form)."""
+    archs = []
+    for item in spec.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        ptx = item.upper().endswith("+PTX")
+        number = item[:-4] if ptx else item
+        if "." not in number:
+            number = f"{number[:-1]}.{number[-1]}"
+        archs.append(number + ("+PTX" if ptx else ""))
+    if not archs:
+        raise SystemExit(f"MBKERNELS_CUDA_ARCHS={spec!r} names no architecture")
+    return ";".join(archs)
+
+
+def default_max_jobs() -> str:
+    cores = os.cpu_count() or 1
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gb = 3 * cores
+    return str(max(1, min(cores, int(memory_gb // 3))))
+
+
+def cuda_build_plan():
+    """(cuda_home, None) to build the extension, or (None, why not)."""
+    if os.environ.get("MBKERNELS_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return None, "MBKERNELS_SKIP_CUDA_BUILD is set"
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return None, "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)"
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not importable in the build environment (install torch, use --no-build-isolation)"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build and cannot build CUDA extensions"
+    return cuda_home, None
+
+
+def cuda_extension(cuda_home: str):
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    os.environ["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + os.environ.get("PATH", "")
+    archs = normalized_arch_list(
+        os.environ.get("MBKERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    )
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    os.environ.setdefault("MAX_JOBS", default_max_jobs())
+
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    log(f"building mbkernels._C with the CUDA toolkit at {cuda_home} for archs {archs} "
+        f"(MAX_JOBS={os.environ['MAX_JOBS']}, torch {torch.__version__})")
+    defines = [
+        ("MBKERNELS_TORCH_VERSION", f'"{torch.__version__}"'),
+        ("MBKERNELS_CUDA_VERSION", f'"{torch.version.cuda}"'),
+        ("MBKERNELS_CUDA_ARCHS", f'"{archs}"'),
+    ]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
+    extension = CUDAExtension(
+        name="mbkernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=defines,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+        },
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def main():
+    cuda_home, why_not = cuda_build_plan()
+    if cuda_home is None:
+        log(f"installing the pure-Python package (Triton and reference backends only): {why_not}")
+        ext_modules, cmdclass = [], {}
+    else:
+        ext_modules, cmdclass = cuda_extension(cuda_home)
+    setup(
+        version=BASE_VERSION,
+        packages=find_packages(include=["mbkernels", "mbkernels.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
+
+
+main()

@@ -1,0 +1,75 @@
+"""Shared test settings: where the kernels run, poisoned outputs, tolerances that travel with the dtype.
+
+Without a GPU, the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here before any kernel
+module is imported) and the CUDA kernels through their host emulation (the CPU kernels of mbkernels._C).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mbkernels  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+
+# Max elementwise error allowed, relative to the element and to the largest reference value (float64 reference).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def backend_unavailable(name: str):
+    """Why `name` cannot be tested here (None: it can)."""
+    status = mbkernels.backends()[name]
+    return None if status.available else status.reason
+
+
+def backend_params(*names):
+    """pytest params for backends, skipped with the backend's own reason where it is off."""
+    params = []
+    for name in names:
+        reason = backend_unavailable(name)
+        marks = [pytest.mark.skip(reason=f"{name} backend unavailable: {reason}")] if reason else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+KERNEL_BACKENDS = backend_params("cuda", "triton")
+ALL_BACKENDS = backend_params("cuda", "triton", "reference")
+
+
+def assert_close_to_reference(out: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
+    """Every element within TOLERANCE[dtype] of the float64 reference; NaN (a poisoned, unwritten element) fails."""
+    assert out.shape == reference.shape, f"shape {tuple(out.shape)} != reference {tuple(reference.shape)}"
+    assert out.dtype == dtype, f"dtype {out.dtype} != {dtype}"
+    got = out.detach().to(torch.float64).cpu()
+    want = reference.detach().to(torch.float64).cpu()
+    assert not torch.isnan(got).any(), f"{int(torch.isnan(got).sum())} output elements are NaN (never written?)"
+    tol = TOLERANCE[dtype]
+    scale = max(want.abs().max().item(), 1e-6)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Every torch.empty in the ops fills with NaN, so elements a kernel fails to write show up."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """References on the GPU run in full float32."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
