@@ -112,8 +112,8 @@ def cuda_extension(cuda_home: str):
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=defines,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"],
         },
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -60,3 +60,36 @@ GATE_MODULES = {
     torch.nn.Sigmoid: "sigmoid",
     torch.nn.Hardsigmoid: "hardsigmoid",
 }
+
+
+_PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+
+
+def _identify(module, known: dict, math: dict):
+    name = known.get(type(module))
+    if name is not None:
+        return name
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        return None
+    # A hand-written activation (class h_swish(nn.Module) ...): recognise it by what it computes.
+    try:
+        with torch.no_grad():
+            out = module(_PROBE.clone())
+    except Exception:  # any failure means "not an activation we can stand in for"
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != _PROBE.shape:
+        return None
+    for candidate, fn in math.items():
+        if torch.allclose(out.to(torch.float64), fn(_PROBE), rtol=1e-6, atol=1e-6):
+            return candidate
+    return None
+
+
+def identify_activation(module: torch.nn.Module):
+    """The ACTIVATIONS name of a stock or hand-written activation module, or None if it computes none of them."""
+    return _identify(module, ACTIVATION_MODULES, _ACTIVATION_MATH)
+
+
+def identify_gate(module: torch.nn.Module):
+    """The GATES name of a stock or hand-written gate module, or None."""
+    return _identify(module, GATE_MODULES, _GATE_MATH)

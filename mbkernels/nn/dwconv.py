@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import activations, ops
+from ._cache import DerivedTensors
 
 
 def activation_name(act: Optional[nn.Module]) -> str:
@@ -50,8 +51,7 @@ class DWConvBNAct(nn.Module):
         self.bn = bn if bn is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
         self.backend = backend
-        self._fold_key = None
-        self._folded = None
+        self._folded = DerivedTensors()
 
     def _fold_sources(self):
         tensors = [self.conv.weight, self.conv.bias]
@@ -62,19 +62,10 @@ class DWConvBNAct(nn.Module):
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 (weight, bias) with BN folded in, refolded when any source tensor changed."""
         bn = self.bn if isinstance(self.bn, nn.BatchNorm2d) else None
-        if torch.compiler.is_compiling():
-            return ops.fold_bn(self.conv, bn)  # traced into the graph; inductor constant-folds it when frozen
-        try:
-            key = tuple((t.data_ptr(), t._version) for t in self._fold_sources())
-        except RuntimeError:  # inference tensors carry no version counter: fold every call
-            return ops.fold_bn(self.conv, bn)
-        if key != self._fold_key:
-            self._folded = ops.fold_bn(self.conv, bn)
-            self._fold_key = key
-        return self._folded
+        return self._folded.get(self._fold_sources(), lambda: ops.fold_bn(self.conv, bn))
 
     def _apply(self, fn, recurse=True):
-        self._fold_key = self._folded = None
+        self._folded.clear()
         return super()._apply(fn, recurse)
 
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
