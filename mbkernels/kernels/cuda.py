@@ -19,7 +19,10 @@ def unavailable_reason():
 
 def describe() -> str:
     C = _native.C
-    return f"mbkernels._C for torch {C.TORCH_VERSION}, CUDA {C.CUDA_VERSION}, archs {C.CUDA_ARCHS}"
+    built = f"mbkernels._C for torch {C.TORCH_VERSION}, CUDA {C.CUDA_VERSION}, archs {C.CUDA_ARCHS}"
+    if not torch.cuda.is_available():
+        built += " (no CUDA GPU here: asked for by name, it runs its kernels' host emulation on CPU tensors)"
+    return built
 
 
 @functools.lru_cache(maxsize=None)
