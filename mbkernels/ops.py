@@ -28,8 +28,11 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
 def _pair(value: IntOrPair, name: str) -> list[int]:
     if isinstance(value, int):
         return [value, value]
-    pair = list(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+    try:
+        pair = list(value)
+    except TypeError:
+        pair = None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return pair
 
@@ -109,7 +112,7 @@ def _dwconv_bn_act_op(
     backend: str,
 ) -> Tensor:
     check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-    if x.shape[0] == 0:
+    if x.numel() == 0:
         return _empty_dwconv_output(x, weight, stride, padding, dilation)
     x = x.contiguous(memory_format=memory_format_of(x))
     weight, bias = _as_float32(weight), _as_float32(bias)
@@ -138,6 +141,7 @@ def dwconv_bn_act(
     weight [C, 1, kh, kw] and bias [C] carry the folded BatchNorm (see `fold_bn`). padding=None pads by
     dilation * (k // 2), which keeps the plane's size at stride 1. The output has x's dtype and memory format.
     """
+    _check_x(x)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if padding is None:
         if not isinstance(weight, Tensor) or weight.dim() != 4:
@@ -250,6 +254,7 @@ def squeeze_excite(
     w_reduce is [R, C] and w_expand [C, R] (1x1-conv weights [R, C, 1, 1] / [C, R, 1, 1] also do); biases
     may be None. The pooled mean and the MLP run in float32; the output has x's dtype and memory format.
     """
+    _check_x(x)
     return torch.ops.mbkernels.squeeze_excite(
         x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend or ""
     )

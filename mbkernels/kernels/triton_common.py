@@ -1,5 +1,7 @@
 """The triton backend's availability and device rules (importable without triton; the math is in triton_math)."""
+import contextlib
 import os
+import threading
 
 import torch
 
@@ -32,3 +34,11 @@ def why_not_device(explicit, x):
         return None if explicit else "CPU tensors run the Triton interpreter only when triton is asked for by name"
     return f"x is on {x.device.type}; the triton backend runs CUDA tensors (or CPU ones under TRITON_INTERPRET=1)"
 
+
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_lock():
+    """Serialises kernel launches under the interpreter, which is not thread-safe; free on a GPU."""
+    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()

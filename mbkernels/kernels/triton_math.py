@@ -18,14 +18,20 @@ HARDSIGMOID: tl.constexpr = tl.constexpr(gate_code("hardsigmoid"))
 
 
 @triton.jit
+def _clamp(v, low, high):
+    # Comparisons rather than min/max: NaN passes through, as in torch.
+    return tl.where(v < low, low, tl.where(v > high, high, v))
+
+
+@triton.jit
 def apply_activation(v, ACTIVATION: tl.constexpr):
-    """v: float32. Matches torch's F.relu / relu6 / hardswish / silu."""
+    """v: float32. Matches torch's F.relu / relu6 / hardswish / silu, NaN and infinities included."""
     if ACTIVATION == RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)
     elif ACTIVATION == RELU6:
-        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+        v = _clamp(v, 0.0, 6.0)
     elif ACTIVATION == HARDSWISH:
-        v = v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
+        v = v * _clamp(v + 3.0, 0.0, 6.0) / 6.0
     elif ACTIVATION == SILU:
         v = v / (1.0 + tl.exp(-v))
     return v
@@ -33,9 +39,9 @@ def apply_activation(v, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def apply_gate(v, GATE: tl.constexpr):
-    """v: float32. Matches torch.sigmoid / F.hardsigmoid."""
+    """v: float32. Matches torch.sigmoid / F.hardsigmoid, NaN included."""
     if GATE == HARDSIGMOID:
-        v = tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
+        v = _clamp(v + 3.0, 0.0, 6.0) / 6.0
     else:
         v = 1.0 / (1.0 + tl.exp(-v))
     return v
