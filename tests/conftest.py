@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One intra-op thread: on 2 shared cores torch's thread pool spins and small float64 references take seconds.
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

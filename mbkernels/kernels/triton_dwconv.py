@@ -1,0 +1,170 @@
+"""The triton backend of dwconv_bn_act: act(depthwise_conv2d(x, weight, bias)) in one pass over memory.
+
+Three layers: `_dwconv_bn_act_kernel` (one program per tile of [channels x output pixels], the pixels of all
+images on one axis), `_launch` (allocates the output, picks the tile), and the registered op
+`mbkernels::dwconv_bn_act_triton` that the dispatcher's `dwconv_bn_act` calls.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+from .. import activations, ops
+from .triton_common import interpreting, launch_lock, why_not_device
+from .triton_math import apply_activation
+
+# Past this many elements offsets go int64 (with a margin: masked-off taps compute addresses outside x).
+INT64_ELEMENTS = 2**30
+
+
+@triton.jit
+def _dwconv_bn_act_kernel(
+    x_ptr, weight_ptr, bias_ptr, out_ptr,
+    C, H, W, OUT_W, OUT_PIXELS, OUTPUTS_PER_CHANNEL,
+    x_stride_n, x_stride_c, x_stride_h, x_stride_w,
+    out_stride_n, out_stride_c, out_stride_h, out_stride_w,
+    PAD_H, PAD_W,
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,  # the tile is [pixels, channels] (channels contiguous), else [channels, pixels]
+    INT64: tl.constexpr,  # offsets in int64 (big tensors)
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # Pixels of all images form one axis (N * OUT_H * OUT_W), so small planes still fill a tile. One flat grid
+    # axis (limit 2**31 - 1, where the others stop at 65535): pixel blocks, then channel blocks.
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    pixel_blocks = tl.cdiv(OUTPUTS_PER_CHANNEL, BLOCK_P)
+    channels = (pid // pixel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pixels = (pid % pixel_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if CHANNELS_LAST:
+        channels = channels[None, :]
+        pixels = pixels[:, None]
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    else:
+        channels = channels[:, None]
+        pixels = pixels[None, :]
+        acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    channel_mask = channels < C
+    out_mask = channel_mask & (pixels < OUTPUTS_PER_CHANNEL)
+    n = pixels // OUT_PIXELS
+    oh = (pixels % OUT_PIXELS) // OUT_W
+    ow = pixels % OUT_W
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    # What does not change from tap to tap is computed outside the tap loops: the interpreter's time grows with
+    # the number of operations, and the GPU's with the integer work beside each load.
+    x_taps = x_ptr + (n * x_stride_n + channels * x_stride_c)
+    weight_taps = weight_ptr + channels * (KH * KW)
+    for kh in range(KH):  # a loop over rows, unrolled along the row: big kernels compile quickly too
+        ih = ih0 + kh * DIL_H
+        row_ok = out_mask & (ih >= 0) & (ih < H)
+        x_row = x_taps + ih * x_stride_h
+        weight_row = weight_taps + kh * KW
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * DIL_W
+            values = tl.load(x_row + iw * x_stride_w, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
+            weights = tl.load(weight_row + kw, mask=channel_mask, other=0.0)
+            acc += values.to(tl.float32) * weights
+
+    acc += tl.load(bias_ptr + channels, mask=channel_mask, other=0.0)
+    acc = apply_activation(acc, ACTIVATION)
+    out_offsets = n * out_stride_n + channels * out_stride_c + oh * out_stride_h + ow * out_stride_w
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _tile(channels: int, pixels: int, channels_last: bool) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps) for `pixels` output pixels (all images) per channel: the contiguous
+    dimension takes what it can of the tile, the other the rest.
+
+    The interpreter's time grows with the number of programs (not elements), so it gets huge tiles. On a GPU a
+    big layer gets 8 contiguous elements per load and, in channels_last, 4 pixels per thread, so the weights a
+    thread loads per tap (one per channel it holds) serve 4 outputs each; a small layer gets small tiles, so
+    that there are programs enough to fill the GPU.
+    """
+    if interpreting():
+        tile, max_block_c, max_block_p, num_warps = 65536, 128, 65536, 4
+    elif channels * pixels >= 2**20:
+        tile, max_block_c, max_block_p, num_warps = (4096 if channels_last else 1024), 64, 256, 4
+    else:
+        tile, max_block_c, max_block_p, num_warps = 256, 32, 128, 2
+    if channels_last:
+        block_c = min(triton.next_power_of_2(channels), max_block_c)
+        block_p = min(triton.next_power_of_2(pixels), tile // block_c)
+    else:
+        block_p = min(triton.next_power_of_2(pixels), max_block_p)
+        block_c = min(triton.next_power_of_2(channels), tile // block_p)
+    return block_c, block_p, num_warps
+
+
+def _launch(x, weight, bias, stride, padding, dilation, activation) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_h, out_w = ops.dwconv_output_hw(x, weight, stride, padding, dilation)
+    memory_format = ops.memory_format_of(x)
+    out = torch.empty((batch, channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    channels_last = memory_format == torch.channels_last
+    outputs_per_channel = batch * out_h * out_w
+    block_c, block_p, num_warps = _tile(channels, outputs_per_channel, channels_last)
+    programs = triton.cdiv(channels, block_c) * triton.cdiv(outputs_per_channel, block_p)
+    # Triton launches on the current device (device_of is a no-op for CPU tensors).
+    with torch.cuda.device_of(x), launch_lock():
+        torch.library.wrap_triton(_dwconv_bn_act_kernel)[(programs,)](
+            x, weight, bias, out,
+            channels, height, width, out_w, out_h * out_w, outputs_per_channel,
+            *x.stride(), *out.stride(),
+            padding[0], padding[1],
+            KH=kh, KW=kw,
+            STRIDE_H=stride[0], STRIDE_W=stride[1],
+            DIL_H=dilation[0], DIL_W=dilation[1],
+            ACTIVATION=activations.activation_code(activation),
+            CHANNELS_LAST=channels_last,
+            INT64=max(x.numel(), out.numel()) >= INT64_ELEMENTS,
+            BLOCK_C=block_c, BLOCK_P=block_p,
+            num_warps=num_warps,
+        )
+    return out
+
+
+@torch.library.triton_op("mbkernels::dwconv_bn_act_triton", mutates_args=())
+def _dwconv_bn_act_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    activation: str,
+) -> torch.Tensor:
+    """Callable directly too: x in any strides (the kernel takes them), weight and bias of any float dtype."""
+    ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
+    return _launch(x, weight.contiguous(), bias.contiguous(), stride, padding, dilation, activation)
+
+
+if interpreting():
+    # The interpreter runs kernels eagerly on real data, so tracing through the launcher (how a triton_op gets
+    # its fake kernel and how torch.compile inlines it) would hand fake tensors to the kernel. Under the
+    # interpreter the op stays whole instead, like any custom op with a fake kernel.
+    @_dwconv_bn_act_triton.register_fake
+    def _(x, weight, bias, stride, padding, dilation, activation):
+        ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
+        return ops._empty_dwconv_output(x, weight, stride, padding, dilation)
+
+    @_dwconv_bn_act_triton.register_torch_dispatch(FunctionalTensorMode)
+    def _(mode, op, types, args, kwargs):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+# --------------------------------------------------------------------------------- the dispatcher's side
+def why_not_dwconv_bn_act(explicit, x, weight, bias, stride, padding, dilation, activation):
+    # ops.py hands over x in either layout and float32 weights; any kernel shape, stride, padding and
+    # dilation run, so only the device can rule the kernel out.
+    return why_not_device(explicit, x)
+
+
+def dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation):
+    return torch.ops.mbkernels.dwconv_bn_act_triton(x, weight, bias, stride, padding, dilation, activation)
