@@ -42,3 +42,21 @@ _INTERPRETER_LOCK = threading.Lock()
 def launch_lock():
     """Serialises kernel launches under the interpreter, which is not thread-safe; free on a GPU."""
     return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
+
+
+def keep_opaque_when_interpreting(op, fake) -> None:
+    """Under the interpreter, make a triton_op behave like a custom op with a fake kernel.
+
+    A triton_op gets its fake kernel, and torch.compile its graph, by tracing through the launcher; the interpreter
+    runs kernels eagerly on real CPU tensors and would be handed the fake tensors of tracing. So when interpreting,
+    the op stays whole: `fake` allocates its output and functionalization passes it through unchanged.
+    """
+    if not interpreting():
+        return
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    op.register_fake(fake)
+
+    @op.register_torch_dispatch(FunctionalTensorMode)
+    def _(mode, func, types, args, kwargs):
+        return mode.__torch_dispatch__(func, types, args, kwargs)

@@ -8,10 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from torch._subclasses.functional_tensor import FunctionalTensorMode
-
 from .. import activations, ops
-from .triton_common import interpreting, launch_lock, why_not_device
+from .triton_common import interpreting, keep_opaque_when_interpreting, launch_lock, why_not_device
 from .triton_math import apply_activation
 
 # Past this many elements offsets go int64 (with a margin: masked-off taps compute addresses outside x).
@@ -145,18 +143,12 @@ def _dwconv_bn_act_triton(
     return _launch(x, weight.contiguous(), bias.contiguous(), stride, padding, dilation, activation)
 
 
-if interpreting():
-    # The interpreter runs kernels eagerly on real data, so tracing through the launcher (how a triton_op gets
-    # its fake kernel and how torch.compile inlines it) would hand fake tensors to the kernel. Under the
-    # interpreter the op stays whole instead, like any custom op with a fake kernel.
-    @_dwconv_bn_act_triton.register_fake
-    def _(x, weight, bias, stride, padding, dilation, activation):
-        ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-        return ops._empty_dwconv_output(x, weight, stride, padding, dilation)
+def _fake_output(x, weight, bias, stride, padding, dilation, activation):
+    ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
+    return ops._empty_dwconv_output(x, weight, stride, padding, dilation)
 
-    @_dwconv_bn_act_triton.register_torch_dispatch(FunctionalTensorMode)
-    def _(mode, op, types, args, kwargs):
-        return mode.__torch_dispatch__(op, types, args, kwargs)
+
+keep_opaque_when_interpreting(_dwconv_bn_act_triton, _fake_output)
 
 
 # --------------------------------------------------------------------------------- the dispatcher's side

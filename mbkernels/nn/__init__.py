@@ -1,5 +1,6 @@
 """Fused drop-in modules. Each keeps the stock modules it replaces (same parameters, same state_dict entries)
 and runs them as they are when training or when gradients are needed; in inference it calls one fused op."""
 from .dwconv import DWConvBNAct
+from .squeeze_excite import SqueezeExcite
 
-__all__ = ["DWConvBNAct"]
+__all__ = ["DWConvBNAct", "SqueezeExcite"]

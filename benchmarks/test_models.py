@@ -1,0 +1,57 @@
+"""Whole-model benchmarks: MobileNetV3-Large, MobileNetV3-Small and EfficientNet-B0 (timm, random weights).
+
+GPU providers: eager, compile, patched, patched+compile; at batch 1 also compile-reduce-overhead (inductor's
+CUDA graphs) against patched-cudagraph (the patched model in one torch.cuda.CUDAGraph). Without a GPU: eager and
+the model patched onto the reference backend, MobileNetV3-Small at 64x64 (smoke test).
+"""
+import pytest
+import torch
+
+from benchmarks import cases, providers, timing
+from benchmarks.harness import case_fields, check_then_time, cpu_params, gpu_params
+from benchmarks.results import model_fields
+
+
+def _model_providers(case: cases.ModelCase) -> tuple:
+    if case.batch != 1:
+        return providers.MODEL_PROVIDERS_GPU
+    if cases.quick():  # batch 1 carries the CUDA-graph target; the plain compiled pair is a full-matrix extra
+        return ("eager", "patched") + providers.MODEL_PROVIDERS_BATCH1
+    return providers.MODEL_PROVIDERS_GPU + providers.MODEL_PROVIDERS_BATCH1
+
+
+GPU_PAIRS = [(case, p) for case in cases.model_cases() for p in _model_providers(case)]
+SMOKE_PAIRS = [(cases.SMOKE_MODEL_CASE, p) for p in providers.MODEL_PROVIDERS_CPU]
+
+
+def _run_model(case: cases.ModelCase, provider: str, benchmark, bench) -> None:
+    bench.skip_if_measured("model", case.label, provider)
+    device = bench.device
+    generator = torch.Generator().manual_seed(0)
+    stock = providers.stock_model(case.model, generator)
+    model = providers.on_device(stock, device, case.dtype, case.channels_last)
+    reference = providers.on_device(stock, device, torch.float64, channels_last=False)
+    count = timing.buffer_count(case.input_bytes, device)
+    inputs = providers.make_inputs(case.input_shape, case.dtype, case.channels_last, device, count)
+    fields = {**case_fields("model", case, provider), "model": case.model, "image_size": case.image_size}
+    timed = check_then_time(
+        benchmark, bench, fields,
+        build=lambda: providers.model_provider(provider, case, model, inputs[0]),
+        inputs=inputs,
+        reference=lambda x: reference(x.double()),
+        tolerance=providers.MODEL_TOLERANCE[case.dtype],
+    )
+    if timed is not None:
+        record = {**timed, **model_fields(case.batch, timed["median_ms"])}
+        benchmark.extra_info.update(record)
+        bench.record(record)
+
+
+@pytest.mark.parametrize("case, provider", gpu_params(GPU_PAIRS))
+def test_model(case, provider, benchmark, bench):
+    _run_model(case, provider, benchmark, bench)
+
+
+@pytest.mark.parametrize("case, provider", cpu_params(SMOKE_PAIRS))
+def test_model_smoke(case, provider, benchmark, bench):
+    _run_model(case, provider, benchmark, bench)

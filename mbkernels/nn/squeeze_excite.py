@@ -1,0 +1,238 @@
+"""SqueezeExcite: a stock squeeze-and-excite module run as one fused op in inference.
+
+Recognised sources: timm's SqueezeExcite (conv_reduce, act1, conv_expand, gate) and SEModule without its extras,
+torchvision's SqueezeExcitation (avgpool, fc1, activation, fc2, scale_activation), and hand-written SE modules
+whose layers are two nn.Linear or 1x1 nn.Conv2d with an activation and a gate module (also inside an
+nn.Sequential). Since a hand-written forward can compute anything, a match is confirmed numerically.
+"""
+import copy
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import activations, ops
+from ._cache import DerivedTensors
+
+# Modules an SE may hold around its MLP that the fused op's formula already covers (pooling, reshaping).
+_PASSTHROUGH = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Identity)
+# The stock module and the fused formula, both in float64, must agree to this relative error.
+_MATCH_TOLERANCE = 1e-9
+
+
+class _Parts(NamedTuple):
+    reduce: str  # the path of the nn.Linear [C -> R] or 1x1 nn.Conv2d inside the module
+    expand: str  # the path of the nn.Linear [R -> C] or 1x1 nn.Conv2d
+    activation: str
+    gate: str
+
+
+def _check_layer(layer: nn.Module, name: str) -> None:
+    if isinstance(layer, nn.Conv2d):
+        if layer.kernel_size != (1, 1) or layer.groups != 1 or layer.padding not in ((0, 0), "valid"):
+            raise ValueError(
+                f"{name} is {layer}; only an nn.Linear or a 1x1 nn.Conv2d with groups=1 and no padding can be fused"
+            )
+
+
+def _leaf_parts(module: nn.Module, path: str = ""):
+    """(path, module, kind) in registration order: kind 'layer' (Linear / Conv2d) or 'function' (parameter-free,
+    e.g. an activation); pooling and reshaping modules are skipped, containers opened."""
+    for name, child in module.named_children():
+        child_path = f"{path}{name}"
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            yield child_path, child, "layer"
+        elif isinstance(child, _PASSTHROUGH):
+            if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1)):
+                raise ValueError(f"{child_path} is {child}; only a global average pool (output_size=1) can be fused")
+        elif not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
+            yield child_path, child, "function"
+        elif any(True for _ in child.children()):
+            yield from _leaf_parts(child, f"{child_path}.")
+        else:
+            raise ValueError(f"{child_path} is a {type(child).__name__} with parameters; an SE holds only its two "
+                             f"linear layers, an activation and a gate")
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        raise ValueError(f"{path or 'the module'} holds parameters or buffers of its own outside its layers")
+
+
+def _find_parts(module: nn.Module) -> _Parts:
+    try:
+        parts = list(_leaf_parts(module))
+    except ValueError as error:
+        raise ValueError(f"{type(module).__name__} is not a squeeze-excite module: {error}") from None
+    layers = [(path, m) for path, m, kind in parts if kind == "layer"]
+    functions = [(path, m) for path, m, kind in parts if kind == "function"]
+    if len(layers) != 2 or len(functions) < 2:
+        found = ", ".join(f"{path} ({type(m).__name__})" for path, m, _ in parts) or "nothing"
+        raise ValueError(
+            f"{type(module).__name__} is not a squeeze-excite module: expected two linear or 1x1 conv layers, an "
+            f"activation and a gate, found {found}"
+        )
+    for path, layer in layers:
+        _check_layer(layer, path)
+    (first_path, first), (second_path, second) = layers
+    # Registration order is not forward order (torchvision registers fc1, fc2, then the activations): tell the
+    # reduce layer from the expand layer by their shapes where they differ.
+    first_in, first_out = first.weight.shape[1], first.weight.shape[0]
+    second_in, second_out = second.weight.shape[1], second.weight.shape[0]
+    if first_out != second_in or second_out != first_in:
+        raise ValueError(
+            f"{first_path} maps {first_in} -> {first_out} channels and {second_path} {second_in} -> {second_out}; "
+            f"an SE's layers map C -> R -> C"
+        )
+    reduce, expand = (second_path, first_path) if first_in < first_out else (first_path, second_path)
+
+    # Hand-written activations are recognised by what they compute (the two name sets do not overlap). Other
+    # parameter-free modules (a hand-written Flatten, Dropout) are let through: the numeric check judges them.
+    names = [(path, function, activations.identify_activation(function) or activations.identify_gate(function))
+             for path, function in functions]
+    activation = [name for _, _, name in names if name in activations.SE_ACTIVATIONS]
+    gate = [name for _, _, name in names if name in activations.GATES]
+    if len(activation) != 1 or len(gate) != 1:
+        found = ", ".join(f"{path} ({type(f).__name__}) computes {name or 'no known function'}"
+                          for path, f, name in names)
+        raise ValueError(
+            f"{type(module).__name__} needs one activation ({', '.join(activations.SE_ACTIVATIONS)}) and one gate "
+            f"({', '.join(activations.GATES)}): {found}"
+        )
+    return _Parts(reduce, expand, activation[0], gate[0])
+
+
+def _float32_matrix(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach().flatten(1).to(torch.float32).contiguous()
+
+
+def _float32_bias(layer: nn.Module) -> Optional[torch.Tensor]:
+    return None if layer.bias is None else layer.bias.detach().to(torch.float32).contiguous()
+
+
+def _fused_formula(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> torch.Tensor:
+    """The fused op's math in x's dtype (float64 for the match check)."""
+    pooled = x.mean(dim=(2, 3))
+    hidden = activations.apply_activation(activation, F.linear(pooled, w_reduce, b_reduce))
+    scale = activations.apply_gate(gate, F.linear(hidden, w_expand, b_expand))
+    return x * scale[:, :, None, None]
+
+
+@torch.no_grad()
+def _check_match(module: nn.Module, parts: _Parts) -> bool:
+    """Raises unless `module` computes the fused formula on a float64 probe; returns whether it writes into x."""
+    probe_module = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+    reduce, expand = probe_module.get_submodule(parts.reduce), probe_module.get_submodule(parts.expand)
+    channels = reduce.weight.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, channels, 5, 4, generator=generator, dtype=torch.float64) * 2
+    probe_input = probe.clone()
+    try:
+        stock = probe_module(probe_input)
+    except Exception as error:  # whatever a hand-written forward raises: it is not an SE we can stand in for
+        raise ValueError(
+            f"{type(module).__name__} failed on a probe input of shape {tuple(probe.shape)}: {error}") from error
+    writes_input = not torch.equal(probe_input, probe)
+    fused = _fused_formula(probe, reduce.weight.flatten(1), reduce.bias, expand.weight.flatten(1), expand.bias,
+                           parts.activation, parts.gate)
+    if not isinstance(stock, torch.Tensor) or stock.shape != fused.shape:
+        got = tuple(stock.shape) if isinstance(stock, torch.Tensor) else type(stock).__name__
+        raise ValueError(f"{type(module).__name__} returned {got} for an input of shape {tuple(probe.shape)}; "
+                         f"a squeeze-excite module returns x's shape")
+    error = ((stock - fused).abs().max() / fused.abs().max().clamp_min(1e-30)).item()
+    if not error <= _MATCH_TOLERANCE:
+        raise ValueError(
+            f"{type(module).__name__} has the layers of a squeeze-excite module ({parts.activation}, {parts.gate}) "
+            f"but does not compute one: its output differs from the fused formula by a relative {error:.3g} "
+            f"on a float64 probe"
+        )
+    return writes_input
+
+
+class SqueezeExcite(nn.Module):
+    """x * gate(expand(act(reduce(mean_hw(x))))) computed by `mbkernels.ops.squeeze_excite` in inference.
+
+    Build it with `SqueezeExcite.from_module(se)`. The stock module stays inside as `stock` and runs unchanged in
+    training mode or when autograd needs a graph; the state_dict has the stock module's keys, so checkpoints load
+    both ways. The float32 weights are cached and refreshed when a parameter changes.
+    """
+
+    def __init__(self, stock: nn.Module, parts: _Parts, stock_writes_input: bool, backend: Optional[str] = None):
+        super().__init__()
+        self.stock = stock
+        self.reduce_path, self.expand_path = parts.reduce, parts.expand
+        self.activation, self.gate = parts.activation, parts.gate
+        self.stock_writes_input = stock_writes_input
+        self.backend = backend
+        self.training = stock.training  # swapped into a model in eval mode, it runs fused at once
+        self._weights = DerivedTensors()
+        self.register_state_dict_post_hook(_drop_stock_prefix)
+        self.register_load_state_dict_pre_hook(_add_stock_prefix)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: Optional[str] = None) -> "SqueezeExcite":
+        """Wrap a stock or hand-written SE module; ValueError saying what did not match for anything else."""
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"expected an nn.Module, got {type(module).__name__}")
+        if isinstance(module, SqueezeExcite):
+            raise ValueError("the module is already a fused SqueezeExcite")
+        parts = _find_parts(module)
+        writes_input = _check_match(module, parts)
+        return cls(module, parts, writes_input, backend)
+
+    @property
+    def reduce_layer(self) -> nn.Module:
+        return self.stock.get_submodule(self.reduce_path)
+
+    @property
+    def expand_layer(self) -> nn.Module:
+        return self.stock.get_submodule(self.expand_path)
+
+    def fused_weights(self):
+        """The float32 (w_reduce [R, C], b_reduce, w_expand [C, R], b_expand), refreshed when a source changed."""
+        reduce, expand = self.reduce_layer, self.expand_layer
+        sources = [t for t in (reduce.weight, reduce.bias, expand.weight, expand.bias) if t is not None]
+        return self._weights.get(sources, lambda: (
+            _float32_matrix(reduce), _float32_bias(reduce), _float32_matrix(expand), _float32_bias(expand),
+        ))
+
+    def _apply(self, fn, recurse=True):
+        self._weights.clear()
+        return super()._apply(fn, recurse)
+
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
+        if self.training:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_fused_kernel(x):
+            # The stock module as it is, except that it may not scale the caller's x in place.
+            return self.stock(x.clone() if self.stock_writes_input else x)
+        w_reduce, b_reduce, w_expand, b_expand = self.fused_weights()
+        return ops.squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, self.activation, self.gate,
+                                  self.backend)
+
+    def extra_repr(self) -> str:
+        reduced_channels, channels = self.reduce_layer.weight.shape[:2]
+        return (f"channels={channels}, reduced_channels={reduced_channels}, "
+                f"activation={self.activation!r}, gate={self.gate!r}, fused=True")
+
+
+# The state_dict keys are the stock module's own: 'stock.' is dropped on save and put back on load.
+def _drop_stock_prefix(module, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + "stock."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    # The per-module version metadata is keyed by module path: 'se.stock' becomes 'se', 'se.stock.fc' 'se.fc'.
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if (k + ".").startswith(inner)]:
+            metadata[(prefix + key[len(inner):]).rstrip(".")] = metadata.pop(key)
+
+
+def _add_stock_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    inner = prefix + "stock."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
