@@ -3,10 +3,12 @@
     import mbkernels
     mbkernels.ops.dwconv_bn_act(x, weight, bias, stride=1, activation="hardswish")
     mbkernels.backends()   # which backends run here, and why the others don't
+    mbkernels.patch(model) # swap a model's depthwise conv + BN + act and squeeze-excite for fused modules
 """
 from . import _native  # noqa: F401  (loads mbkernels._C, or warns once and leaves it off)
 from . import nn, ops
 from .dispatch import backends
+from .patch import patch, patch_report, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["backends", "nn", "ops"]
+__all__ = ["backends", "nn", "ops", "patch", "patch_report", "unpatch"]

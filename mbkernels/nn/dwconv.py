@@ -1,4 +1,9 @@
-"""DWConvBNAct: a depthwise Conv2d, its BatchNorm and its activation, run as one fused op in inference."""
+"""DWConvBNAct: a depthwise Conv2d, its BatchNorm and its activation, run as one fused op in inference.
+
+`mbkernels.patch` puts a DWConvBNAct in the conv's place in its parent and a FusedInto placeholder in the
+places of the BatchNorm and the activation. The stock modules then live inside the DWConvBNAct, but their
+state_dict entries keep the names they had in the parent (see `stock_slots`), so checkpoints load both ways.
+"""
 from typing import Optional
 
 import torch
@@ -8,50 +13,140 @@ from .. import activations, ops
 from ._cache import DerivedTensors
 
 
-def activation_name(act: Optional[nn.Module]) -> str:
-    """The fused-op name of a stock activation module (None or nn.Identity: 'identity')."""
-    if act is None:
-        return "identity"
-    name = activations.ACTIVATION_MODULES.get(type(act))
-    if name is None:
-        supported = ", ".join(cls.__name__ for cls in activations.ACTIVATION_MODULES)
-        raise ValueError(f"activation {type(act).__name__} has no fused kernel; supported: {supported}")
-    return name
+def _overrides_forward(module: nn.Module, base: type) -> bool:
+    return type(module).forward is not base.forward
+
+
+def explicit_padding(conv: nn.Conv2d) -> list[int]:
+    """conv's padding as the [top/bottom, left/right] pair the op takes; ValueError when it is not symmetric."""
+    if conv.padding == "valid":
+        return [0, 0]
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError(
+                f"conv has padding='same' with kernel {tuple(conv.kernel_size)} and dilation {tuple(conv.dilation)}, "
+                "which pads one side more than the other; only symmetric padding is fused"
+            )
+        return [t // 2 for t in total]
+    return list(conv.padding)
 
 
 def check_depthwise(conv: nn.Module) -> None:
     """Raise ValueError naming what keeps `conv` from being a fusable depthwise conv."""
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups == conv.in_channels and conv.out_channels != conv.in_channels:
+        raise ValueError(
+            f"conv has depth multiplier {conv.out_channels / conv.in_channels:g} (out_channels={conv.out_channels}, "
+            f"in_channels={conv.in_channels}); only depth multiplier 1 is fused"
+        )
     if not (conv.groups == conv.in_channels == conv.out_channels):
         raise ValueError(
             f"conv is not depthwise: groups={conv.groups}, in_channels={conv.in_channels}, "
             f"out_channels={conv.out_channels} (all three must be equal)"
         )
-    if isinstance(conv.padding, str):
-        raise ValueError(f"conv has padding={conv.padding!r}; only explicit padding is fused")
+    if _overrides_forward(conv, nn.Conv2d):
+        raise ValueError(
+            f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's "
+            "(e.g. 'same' padding computed at run time); only nn.Conv2d's own forward is fused"
+        )
     if conv.padding_mode != "zeros":
         raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; only zero padding is fused")
+    explicit_padding(conv)
+
+
+def carried_activation(bn: nn.Module) -> Optional[nn.Module]:
+    """The activation a norm-plus-activation module applies after normalising (timm's BatchNormAct2d: bn.act,
+    after bn.drop, which is an identity in eval mode), or None for a plain BatchNorm2d."""
+    if isinstance(bn, nn.BatchNorm2d) and _overrides_forward(bn, nn.BatchNorm2d):
+        act = getattr(bn, "act", None)
+        return act if isinstance(act, nn.Module) else None
+    return None
+
+
+def check_norm(bn: nn.Module) -> None:
+    """Raise ValueError naming what keeps `bn` from being folded into the conv."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ValueError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{type(bn).__name__} has no running statistics (track_running_stats=False): it normalises with "
+            "batch statistics and cannot be folded"
+        )
+    if _overrides_forward(bn, nn.BatchNorm2d) and carried_activation(bn) is None:
+        raise ValueError(
+            f"{type(bn).__name__} overrides BatchNorm2d.forward without an `act` module; "
+            "what it computes after normalising is unknown"
+        )
+
+
+def activation_name(act: Optional[nn.Module]) -> str:
+    """The fused-op name of a stock or hand-written activation module (None or nn.Identity: 'identity')."""
+    if act is None:
+        return "identity"
+    name = activations.identify_activation(act)
+    if name is None:
+        raise ValueError(
+            f"activation {type(act).__name__} has no fused kernel; supported: {', '.join(activations.ACTIVATIONS)}"
+        )
+    return name
+
+
+def _fused_activation(bn: Optional[nn.Module], act: Optional[nn.Module]) -> str:
+    names = [activation_name(m) for m in (carried_activation(bn) if bn is not None else None, act)]
+    applied = [n for n in names if n != "identity"]
+    if len(applied) > 1:
+        raise ValueError(f"two activations follow the norm ({' then '.join(applied)}); only one is fused")
+    return applied[0] if applied else "identity"
+
+
+def _load_module_tree(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """What nn.Module.load_state_dict does for one subtree (its load post-hooks aside)."""
+    module._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+    child_metadata = {k: v for k, v in local_metadata.items() if k == "assign_to_params_buffers"}
+    for name, child in module._modules.items():
+        if child is not None:
+            _load_module_tree(child, state_dict, f"{prefix}{name}.", child_metadata, strict, missing, unexpected,
+                              errors)
+
+
+def _forget_keys_loaded_elsewhere(module: "DWConvBNAct", incompatible_keys) -> None:
+    # bn and act entries sit under their own slots in the parent, where their FusedInto placeholders load them.
+    moved = tuple(f"{module._load_prefix}{child}." for child in ("bn", "act"))
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(moved)]
 
 
 class DWConvBNAct(nn.Module):
     """act(bn(conv(x))) for a depthwise conv, computed by `mbkernels.ops.dwconv_bn_act` in inference.
 
-    conv: a depthwise nn.Conv2d; bn: an nn.BatchNorm2d (or None); act: a stock activation module (or None).
+    conv: a depthwise nn.Conv2d; bn: an nn.BatchNorm2d, or a BatchNorm2d subclass that carries its activation
+    (timm's BatchNormAct2d), or None; act: a stock or hand-written activation module, or None.
     In training mode, or when autograd needs a graph, the stock modules run unchanged. The folded weights are
     cached and refolded whenever a parameter or statistic changes (load_state_dict, in-place edits, .to()).
+
+    stock_slots (set by `mbkernels.patch`): the names conv, bn and act had in the parent, e.g.
+    {"conv": "3", "bn": "4", "act": "5"}; this module takes conv's name, and its state_dict entries are written
+    and read under those names, so they equal the stock model's.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, stock_slots: Optional[dict[str, str]] = None):
         super().__init__()
         check_depthwise(conv)
-        self.activation = activation_name(act)
+        if bn is not None:
+            check_norm(bn)
+        self.activation = _fused_activation(bn, act)
+        self.padding = explicit_padding(conv)
         self.conv = conv
         self.bn = bn if bn is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
         self.backend = backend
+        self.stock_slots = dict(stock_slots) if stock_slots else None
         self._folded = DerivedTensors()
+        self._load_prefix = ""
+        if self.stock_slots:
+            self.register_load_state_dict_post_hook(_forget_keys_loaded_elsewhere)
 
     def _fold_sources(self):
         tensors = [self.conv.weight, self.conv.bias]
@@ -81,10 +176,69 @@ class DWConvBNAct(nn.Module):
         weight, bias = self.folded_weights()
         conv = self.conv
         return ops.dwconv_bn_act(
-            x, weight, bias, conv.stride, conv.padding, conv.dilation, self.activation, self.backend
+            x, weight, bias, conv.stride, self.padding, conv.dilation, self.activation, self.backend
         )
+
+    # ---- state_dict entries under the stock names (only when placed by patch, i.e. stock_slots is set)
+    def _parent_prefix(self, prefix: str) -> Optional[str]:
+        if not self.stock_slots:
+            return None
+        own = self.stock_slots["conv"] + "."
+        if not (prefix == own or prefix.endswith("." + own)):
+            return None
+        return prefix[: len(prefix) - len(own)]
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        destination = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        parent = self._parent_prefix(prefix)
+        if parent is None:
+            return destination
+
+        def stock_key(key: str) -> str:  # "<prefix>bn.running_mean" -> "<parent>4.running_mean"
+            child, _, rest = key[len(prefix):].partition(".")
+            return f"{parent}{self.stock_slots[child]}" + (f".{rest}" if rest else "")
+
+        # Our entries are the last ones written: re-inserting them in order keeps the stock order.
+        for key in [k for k in destination if k.startswith(prefix)]:
+            destination[stock_key(key)] = destination.pop(key)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.pop(prefix[:-1], None)  # ours; conv's entry takes this name
+            for key in [k for k in metadata if k.startswith(prefix)]:
+                entry = metadata.pop(key)
+                if key[len(prefix):].partition(".")[0] in self.stock_slots:  # not for a stand-in Identity act
+                    metadata[stock_key(key)] = entry
+        return destination
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self._load_prefix = prefix
+        if self._parent_prefix(prefix) is not None:
+            # conv's entries carry this slot's own name (it was conv's): hand them to the conv child.
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                if key[len(prefix):].partition(".")[0] not in self._modules:
+                    state_dict[f"{prefix}conv.{key[len(prefix):]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def extra_repr(self) -> str:
         conv = self.conv
-        return (f"channels={conv.in_channels}, kernel_size={conv.kernel_size}, stride={conv.stride}, "
-                f"activation={self.activation!r}, fused=True")
+        text = f"channels={conv.in_channels}, kernel_size={conv.kernel_size}, stride={conv.stride}"
+        if tuple(conv.dilation) != (1, 1):
+            text += f", dilation={conv.dilation}"
+        return text + f", activation={self.activation!r}, fused=True"
+
+
+class FusedInto(nn.Identity):
+    """Stands in the parent's slot of a module that now runs inside the DWConvBNAct named `into`.
+
+    It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so)."""
+
+    def __init__(self, into: str, stock: nn.Module):
+        super().__init__()
+        self.into = into
+        object.__setattr__(self, "stock", stock)  # not a child: it is registered inside the DWConvBNAct
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        _load_module_tree(self.stock, state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.stock).__name__} runs fused in {self.into!r}"

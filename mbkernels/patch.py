@@ -1,0 +1,406 @@
+"""mbkernels.patch(model): swap stock depthwise conv -> BatchNorm -> activation runs and squeeze-excite modules
+for the fused modules of mbkernels.nn, in place; unpatch puts the stock modules back; patch_report says what
+was (or would be) fused and what was left alone, and why.
+
+Matching is by structure, never by model names:
+  * a depthwise nn.Conv2d followed, in its parent, by an nn.BatchNorm2d: in a plain nn.Sequential
+    (torchvision's Conv2dNormActivation, hand-written blocks) the module after the BN is taken too when it is an
+    activation with a fused kernel; a BN subclass that carries its activation (timm's BatchNormAct2d inside the
+    EfficientNet / MobileNet blocks) brings it along;
+  * a module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C) is offered to
+    mbkernels.nn.SqueezeExcite.from_module.
+Every swap is checked numerically before it is made: the stock modules in float64 against the fused ones in
+float32 with the reference backend, on a random probe, with random BatchNorm statistics; a mismatch is refused
+and reported. In a parent other than a plain Sequential the whole parent runs, so a forward that does not apply
+the BN right after the conv is caught. All swaps are made at the end, all or none.
+"""
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import activations
+from .nn.dwconv import DWConvBNAct, FusedInto, carried_activation, check_depthwise, check_norm
+
+KINDS = {"dwconv_bn_act": "dwconv+bn+act", "squeeze_excite": "squeeze-excite"}
+# Largest relative error (to the probe output's largest value) of float32 fused vs float64 stock: float32
+# rounding stays near 1e-6; a wrong activation, padding or fold is off by far more.
+VERIFY_TOLERANCE = 1e-4
+_RESTORE = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
+
+
+# ---------------------------------------------------------------------------------------------- report
+@dataclass
+class PatchEntry:
+    path: str  # the module's path in the model ("features.3.block.1.0")
+    kind: str  # "dwconv_bn_act" or "squeeze_excite"
+    shape: str  # "C=72 k=5x5 s=2" / "C=72 R=24"
+    activation: str  # "hardswish" / "relu -> hardsigmoid"; "" when unknown
+    reason: str = ""  # why it was left alone (skipped entries)
+
+
+@dataclass
+class PatchReport:
+    """fused: fused modules in the model; fusable: matches not swapped yet (patch_report of a stock model);
+    skipped: what looked close but was left alone, with the reason."""
+    fused: list = field(default_factory=list)
+    fusable: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def count(self, kind: str, status: str = "fused") -> int:
+        return sum(entry.kind == kind for entry in getattr(self, status))
+
+    def summary(self) -> str:
+        def counts(status):
+            return ", ".join(f"{self.count(kind, status)} {label}" for kind, label in KINDS.items())
+        text = f"fused: {counts('fused')}"
+        if self.fusable:
+            text += f"; fusable (not patched yet): {counts('fusable')}"
+        return text + f"; left alone: {len(self.skipped)}"
+
+    def __str__(self) -> str:
+        lines = [f"mbkernels patch report -- {self.summary()}"]
+        if not (self.fused or self.fusable or self.skipped):
+            lines.append("  nothing to fuse: no depthwise conv + BatchNorm and no squeeze-excite found")
+        for title, entries in (("fused", self.fused), ("fusable, not patched yet", self.fusable)):
+            if entries:
+                lines.append(f"{title}:")
+                lines += _table([("module", "kind", "shape", "activation")]
+                                + [(e.path, KINDS[e.kind], e.shape, e.activation) for e in entries])
+        if self.skipped:
+            lines.append("left alone:")
+            lines += _table([("module", "kind", "shape", "why")]
+                            + [(e.path, KINDS[e.kind], e.shape, e.reason) for e in self.skipped])
+        return "\n".join(lines)
+
+
+def _table(rows) -> list:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[-1]) for row in rows]
+
+
+def _conv_shape(conv: nn.Conv2d) -> str:
+    text = f"C={conv.in_channels} k={conv.kernel_size[0]}x{conv.kernel_size[1]} s={conv.stride[0]}"
+    if tuple(conv.dilation) != (1, 1):
+        text += f" d={conv.dilation[0]}"
+    return text
+
+
+def _se_layers(module: nn.Module):
+    """The two layers of an SE-like module ((in, out) of each), or None: its only weight-holding submodules are
+    two Linear / 1x1 Conv2d layers C -> R -> C with R < C."""
+    leaves = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    if len(leaves) != 2:
+        return None
+    shapes = []
+    for layer in leaves:
+        if isinstance(layer, nn.Linear):
+            shapes.append((layer.in_features, layer.out_features))
+        elif isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) and layer.groups == 1:
+            shapes.append((layer.in_channels, layer.out_channels))
+        else:
+            return None
+    (c_in, reduced), (r_in, c_out) = shapes
+    return shapes if reduced == r_in and c_in == c_out and reduced < c_in else None
+
+
+def _se_shape(module: nn.Module) -> str:
+    shapes = _se_layers(module)
+    return f"C={shapes[0][0]} R={shapes[0][1]}" if shapes else ""
+
+
+def _se_activation(fused: nn.Module) -> str:
+    act, gate = getattr(fused, "activation", None), getattr(fused, "gate", None)
+    return f"{act} -> {gate}" if act and gate else ""
+
+
+def _squeeze_excite_class():
+    """mbkernels.nn.SqueezeExcite, or None while it is not there."""
+    try:
+        from .nn.squeeze_excite import SqueezeExcite
+    except ImportError:
+        return None
+    return SqueezeExcite
+
+
+# ------------------------------------------------------------------------------------------ verification
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Random running statistics and affine parameters for every BatchNorm in `model`, in place.
+
+    Freshly initialised models in eval mode compute near-zero outputs that hide errors; tests, the probe checks
+    and the main command use this instead."""
+    def fill(t: torch.Tensor, sample: Callable) -> None:
+        t.copy_(sample(torch.empty(t.shape, dtype=torch.float64)))
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.running_mean is not None:
+                fill(m.running_mean, lambda t: t.normal_(0.0, 0.5, generator=generator))
+                fill(m.running_var, lambda t: t.uniform_(0.5, 2.0, generator=generator))
+            if m.weight is not None:
+                fill(m.weight, lambda t: t.uniform_(0.5, 1.5, generator=generator))
+            if m.bias is not None:
+                fill(m.bias, lambda t: t.normal_(0.0, 0.5, generator=generator))
+    return model
+
+
+def _probe_copy(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A CPU eval-mode copy of module, stock (any fused module in it put back), with random BN statistics."""
+    clone = unpatch(copy.deepcopy(module)).cpu().eval()
+    return randomize_batchnorm(clone, generator)
+
+
+@torch.no_grad()
+def _compare(stock64: nn.Module, fused32: nn.Module, probe: torch.Tensor) -> Optional[str]:
+    """None when the float32 fused module matches the float64 stock one on probe, else what differs."""
+    want = stock64.double().eval()(probe)
+    got = fused32.float().eval()(probe.float())
+    if got.shape != want.shape:
+        return f"fused output shape {tuple(got.shape)} differs from stock {tuple(want.shape)} on a probe"
+    scale = want.abs().max().item()
+    error = (got.double() - want).abs().max().item() / max(scale, 1e-30)
+    if not error <= VERIFY_TOLERANCE:  # also catches NaN
+        return f"fused output differs from stock on a probe (max relative error {error:.2e})"
+    return None
+
+
+def _checked(run: Callable) -> Optional[str]:
+    try:
+        return run()
+    except Exception as error:  # anything that stops the check means "not proven equal": refuse the swap
+        return f"could not be checked on a probe: {type(error).__name__}: {error}"
+
+
+def _probe(channels: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    # One small odd-shaped image: float64 depthwise convolutions are slow on CPUs.
+    return torch.randn(1, channels, height, width, dtype=torch.float64, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------ matching
+@dataclass
+class _Swap:
+    parent: nn.Module
+    assignments: list  # [(slot name, new module)], applied in order
+    entry: PatchEntry
+
+
+class _Planner:
+    def __init__(self, backend: Optional[str], dwconv: bool, se: bool):
+        self.backend, self.dwconv, self.se = backend, dwconv, se
+        self.se_class = _squeeze_excite_class()
+        self.report = PatchReport()
+        self.swaps = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    # -- walk
+    def visit(self, parent: nn.Module, path: str) -> None:
+        children = list(parent.named_children())
+        taken = self.match_dwconv_runs(parent, path, children) if self.dwconv else set()
+        for name, child in children:
+            child_path = f"{path}{name}"
+            if name in taken or isinstance(child, FusedInto):
+                continue
+            if self.record_fused(child, child_path):
+                continue
+            if self.se and _se_layers(child) is not None and self.try_squeeze_excite(parent, name, child, child_path):
+                continue
+            self.visit(child, child_path + ".")
+
+    def record_fused(self, module: nn.Module, path: str) -> bool:
+        if isinstance(module, DWConvBNAct):
+            entry = PatchEntry(path, "dwconv_bn_act", _conv_shape(module.conv), module.activation)
+        elif self.se_class is not None and isinstance(module, self.se_class):
+            entry = PatchEntry(path, "squeeze_excite", _se_shape(module), _se_activation(module))
+        else:
+            return False
+        self.report.fused.append(entry)
+        return True
+
+    def skip(self, path: str, kind: str, shape: str, reason: str) -> None:
+        self.report.skipped.append(PatchEntry(path, kind, shape, "", reason))
+
+    # -- squeeze-excite
+    def try_squeeze_excite(self, parent: nn.Module, name: str, module: nn.Module, path: str) -> bool:
+        """True when module was matched (a swap planned) or reported; False: look inside it instead."""
+        shape = _se_shape(module)
+        if self.se_class is None:
+            self.skip(path, "squeeze_excite", shape, "mbkernels.nn.SqueezeExcite is not available in this install")
+            return True
+        try:
+            fused = self.se_class.from_module(module, backend=self.backend)
+        except ValueError as error:
+            # Perhaps a wrapper around the real SE: look inside; report this module only if nothing inside matches.
+            before = len(self.report.fused) + len(self.swaps)
+            skipped = len(self.report.skipped)
+            self.visit(module, path + ".")
+            if len(self.report.fused) + len(self.swaps) == before:
+                del self.report.skipped[skipped:]
+                self.skip(path, "squeeze_excite", shape, str(error))
+            return True
+
+        def check():
+            stock = _probe_copy(module, self.generator)
+            reference = self.se_class.from_module(copy.deepcopy(stock), backend="reference")
+            return _compare(stock, reference, _probe(_se_layers(module)[0][0], 5, 7, self.generator))
+
+        entry = PatchEntry(path, "squeeze_excite", shape, _se_activation(fused))
+        return self.plan(parent, [(name, fused, module)], entry, check)
+
+    # -- depthwise conv + BN + activation
+    def match_dwconv_runs(self, parent: nn.Module, path: str, children: list) -> set:
+        """Plan the swaps of the conv -> BN (-> act) runs among parent's children; the names they take."""
+        taken = set()
+        plain_sequential = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+        for i, (name, conv) in enumerate(children):
+            if not (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels > 1) or name in taken:
+                continue
+            path_i, shape = f"{path}{name}", _conv_shape(conv)
+            run = self.dwconv_run(children, i, plain_sequential)
+            if isinstance(run, str):
+                self.skip(path_i, "dwconv_bn_act", shape, run)
+                continue
+            (bn_name, bn), act_item = run
+            slots = {"conv": name, "bn": bn_name}
+            if act_item is not None:
+                slots["act"] = act_item[0]
+            act = act_item[1] if act_item is not None else None
+            try:
+                fused = DWConvBNAct(conv, bn, act, backend=self.backend, stock_slots=slots)
+            except ValueError as error:
+                self.skip(path_i, "dwconv_bn_act", shape, str(error))
+                continue
+            if plain_sequential:
+                def check(conv=conv, bn=bn, act=act):
+                    stock = _probe_copy(nn.Sequential(conv, bn, *([act] if act is not None else [])), self.generator)
+                    reference = DWConvBNAct(*copy.deepcopy(list(stock)), backend="reference")
+                    return _compare(stock, reference, self.conv_probe(conv))
+            else:
+                def check(name=name, bn_name=bn_name):
+                    stock = _probe_copy(parent, self.generator)
+                    swapped = copy.deepcopy(stock)
+                    conv_copy, bn_copy = getattr(swapped, name), getattr(swapped, bn_name)
+                    setattr(swapped, name, DWConvBNAct(conv_copy, bn_copy, backend="reference"))
+                    setattr(swapped, bn_name, nn.Identity())
+                    first_conv = next(m for m in stock.modules() if isinstance(m, nn.Conv2d))
+                    size = 4 + max(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+                    return _compare(stock, swapped, _probe(first_conv.in_channels, size, size + 1, self.generator))
+            stock_items = [(name, fused, conv), (bn_name, FusedInto(name, bn), bn)]
+            if act_item is not None:
+                stock_items.append((act_item[0], FusedInto(name, act), act))
+            activation = fused.activation
+            if self.plan(parent, stock_items, PatchEntry(path_i, "dwconv_bn_act", shape, activation), check):
+                taken.update(item[0] for item in stock_items)
+        return taken
+
+    def dwconv_run(self, children: list, i: int, plain_sequential: bool):
+        """((bn name, bn), (act name, act) or None) for the depthwise conv children[i], or why it is left alone."""
+        conv = children[i][1]
+        try:
+            check_depthwise(conv)
+        except ValueError as error:
+            return str(error)
+        if i + 1 == len(children):
+            return "not followed by a BatchNorm2d (it is the last module of its parent)"
+        bn_name, bn = children[i + 1]
+        if not isinstance(bn, nn.BatchNorm2d):
+            return f"not followed by a BatchNorm2d (the next module is {type(bn).__name__})"
+        try:
+            check_norm(bn)
+        except ValueError as error:
+            return str(error)
+        if not plain_sequential or carried_activation(bn) is not None or i + 2 == len(children):
+            return (bn_name, bn), None
+        act_name, act = children[i + 2]
+        if activations.identify_activation(act) is not None:
+            return (bn_name, bn), (act_name, act)
+        if _is_activation_module(act):
+            return (f"activation {type(act).__name__} after the BatchNorm has no fused kernel; supported: "
+                    f"{', '.join(activations.ACTIVATIONS)}")
+        return (bn_name, bn), None  # something else follows: fuse conv + BN alone
+
+    def conv_probe(self, conv: nn.Conv2d) -> torch.Tensor:
+        reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return _probe(conv.in_channels, reach[0] + 3, reach[1] + 4, self.generator)
+
+    def plan(self, parent: nn.Module, items: list, entry: PatchEntry, check: Callable) -> bool:
+        """Plan one swap (items: (slot name, new module, stock module)) if the probe check passes."""
+        failure = _checked(check)
+        if failure is not None:
+            self.report.skipped.append(PatchEntry(entry.path, entry.kind, entry.shape, entry.activation, failure))
+            return True
+        fused = items[0][1]
+        object.__setattr__(fused, _RESTORE, tuple((slot, stock) for slot, _, stock in items))
+        for _, new, stock in items:
+            new.training = stock.training  # new modules start in training mode; take the stock one's
+        self.swaps.append(_Swap(parent, [(slot, new) for slot, new, _ in items], entry))
+        return True
+
+
+def _is_activation_module(module: nn.Module) -> bool:
+    """A parameter-free module from an activations module (torch.nn's, timm's): an activation we may lack."""
+    origin = type(module).__module__
+    stateless = next(module.parameters(), None) is None and next(module.children(), None) is None
+    return stateless and ("activation" in origin) and not isinstance(module, nn.Identity)
+
+
+def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool) -> _Planner:
+    planner = _Planner(backend, dwconv, se)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
+    try:
+        planner.visit(model, "")
+    finally:
+        torch.set_num_threads(threads)
+    return planner
+
+
+# ----------------------------------------------------------------------------------------------- public
+def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, se: bool = True,
+          verbose: bool = False) -> nn.Module:
+    """Swap, in place, every depthwise conv -> BatchNorm -> activation run for mbkernels.nn.DWConvBNAct and every
+    squeeze-excite for mbkernels.nn.SqueezeExcite; return the model.
+
+    backend: the backend the fused modules ask for (None: the best available at each call). Each swap is checked
+    on a probe first and refused when it does not match; state_dict keys and values stay those of the stock model.
+    Patching a patched model changes nothing. If a swap fails half-way, the model is left as it was.
+    verbose: print patch_report's table.
+    """
+    planner = _plan(model, backend, dwconv, se)
+    done = []  # (parent, slot, previous module), to undo
+    try:
+        for swap in planner.swaps:
+            for slot, module in swap.assignments:
+                done.append((swap.parent, slot, getattr(swap.parent, slot)))
+                setattr(swap.parent, slot, module)
+    except BaseException:
+        for parent, slot, previous in reversed(done):
+            setattr(parent, slot, previous)
+        raise
+    report = planner.report
+    report.fused += [swap.entry for swap in planner.swaps]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report.fused.sort(key=lambda entry: order.get(entry.path, -1))
+    if verbose:
+        print(report)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put back, in place, the stock modules (the very objects) that patch swapped out; return the model."""
+    for parent in list(model.modules()):
+        for _, child in list(parent.named_children()):
+            for slot, stock in getattr(child, _RESTORE, ()):
+                stock.train(child.training)
+                setattr(parent, slot, stock)
+    return model
+
+
+def patch_report(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True,
+                 se: bool = True) -> PatchReport:
+    """What is fused in model, what patch would fuse (fusable), and what was left alone and why. Changes nothing."""
+    planner = _plan(model, backend, dwconv, se)
+    planner.report.fusable = [swap.entry for swap in planner.swaps]
+    return planner.report
