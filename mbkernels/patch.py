@@ -346,7 +346,19 @@ def _is_activation_module(module: nn.Module) -> bool:
     return stateless and ("activation" in origin) and not isinstance(module, nn.Identity)
 
 
+def _refuse_meta_tensors(model: nn.Module) -> None:
+    """Weights on the meta device cannot be folded or checked: say so rather than fuse nothing quietly."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    meta = [name for name, tensor in tensors if tensor.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"cannot patch: {len(meta)} parameters/buffers are on the meta device (first: '{meta[0]}'); load the "
+            f"weights first (model.to_empty(device=...), then load_state_dict)"
+        )
+
+
 def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool) -> _Planner:
+    _refuse_meta_tensors(model)
     planner = _Planner(backend, dwconv, se)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
