@@ -34,14 +34,17 @@ inline int gate_index(std::string_view name) {
   return -1;
 }
 
+// NaN-propagating clamp (fmaxf/fminf return the other operand for a NaN; stock torch propagates NaN).
+MBK_HOST_DEVICE float clamp_propagating_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
 MBK_HOST_DEVICE float apply_activation(float v, Activation activation) {
   switch (activation) {
     case Activation::ReLU:
-      return fmaxf(v, 0.f);
+      return v < 0.f ? 0.f : v;
     case Activation::ReLU6:
-      return fminf(fmaxf(v, 0.f), 6.f);
+      return clamp_propagating_nan(v, 0.f, 6.f);
     case Activation::HardSwish:
-      return v * fminf(fmaxf(v + 3.f, 0.f), 6.f) * (1.f / 6.f);
+      return v * clamp_propagating_nan(v + 3.f, 0.f, 6.f) * (1.f / 6.f);
     case Activation::SiLU:
       return v / (1.f + expf(-v));
     case Activation::Identity:
@@ -51,7 +54,7 @@ MBK_HOST_DEVICE float apply_activation(float v, Activation activation) {
 }
 
 MBK_HOST_DEVICE float apply_gate(float v, Gate gate) {
-  if (gate == Gate::HardSigmoid) return fminf(fmaxf(v + 3.f, 0.f), 6.f) * (1.f / 6.f);
+  if (gate == Gate::HardSigmoid) return clamp_propagating_nan(v + 3.f, 0.f, 6.f) * (1.f / 6.f);
   return 1.f / (1.f + expf(-v));
 }
 
