@@ -1,7 +1,9 @@
 """Builds mbkernels, with the CUDA extension mbkernels._C when a CUDA toolkit is found.
 
 The decision rests on the toolkit (CUDA_HOME, or nvcc on PATH), never on whether a GPU is present, so GPU-less
-build machines produce full wheels. Knobs (environment variables):
+build machines produce full wheels. The extension works only with the torch it was compiled against, so such a
+build is versioned and pinned to it: 0.1.0+cu130.torch2.14 requires torch>=2.14,<2.15. A build without the
+extension is plain 0.1.0 and takes any torch from TORCH_FLOOR on. Knobs (environment variables):
   MBKERNELS_SKIP_CUDA_BUILD=1   pure-Python package: Triton and reference backends only
   MBKERNELS_CUDA_ARCHS          compute capabilities, e.g. "8.0;9.0+PTX" (default: 7.5;8.0;8.6;8.9;9.0+PTX)
   MAX_JOBS                      parallel compile jobs (default: cores, at most one per 3 GB of memory)
@@ -9,6 +11,7 @@ build machines produce full wheels. Knobs (environment variables):
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -17,6 +20,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 BASE_VERSION = "0.1.0"
+TORCH_FLOOR = "2.4"  # the oldest torch the Python code supports
 
 
 def log(message: str) -> None:
@@ -86,6 +90,26 @@ def cuda_build_plan():
     return cuda_home, None
 
 
+def torch_minor(torch_version: str) -> tuple[int, int]:
+    """'2.14.1+cu130' or '2.15.0a0+git1234' -> (2, 14)."""
+    match = re.match(r"(\d+)\.(\d+)", torch_version)
+    if match is None:
+        raise SystemExit(f"cannot read a torch version from {torch_version!r}")
+    return int(match[1]), int(match[2])
+
+
+def native_version(torch_version: str, cuda_version: str) -> str:
+    """The version of a wheel whose extension was built against this torch and CUDA: 0.1.0+cu130.torch2.14."""
+    major, minor = torch_minor(torch_version)
+    return f"{BASE_VERSION}+cu{cuda_version.replace('.', '')}.torch{major}.{minor}"
+
+
+def native_torch_requirement(torch_version: str) -> str:
+    """torch>=2.14,<2.15: the C++ ABI of torch holds within one minor version only."""
+    major, minor = torch_minor(torch_version)
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
 def cuda_extension(cuda_home: str):
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     os.environ["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + os.environ.get("PATH", "")
@@ -116,22 +140,28 @@ def cuda_extension(cuda_home: str):
             "nvcc": ["-O3", "-lineinfo"],
         },
     )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    version = native_version(torch.__version__, torch.version.cuda)
+    requirement = native_torch_requirement(torch.__version__)
+    log(f"version {version}, requiring {requirement}")
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}, version, requirement
 
 
 def main():
     cuda_home, why_not = cuda_build_plan()
     if cuda_home is None:
-        log(f"installing the pure-Python package (Triton and reference backends only): {why_not}")
-        ext_modules, cmdclass = [], {}
+        log(f"building the pure-Python package {BASE_VERSION} (Triton and reference backends only, "
+            f"no mbkernels._C): {why_not}")
+        ext_modules, cmdclass, version, requirement = [], {}, BASE_VERSION, f"torch>={TORCH_FLOOR}"
     else:
-        ext_modules, cmdclass = cuda_extension(cuda_home)
+        ext_modules, cmdclass, version, requirement = cuda_extension(cuda_home)
     setup(
-        version=BASE_VERSION,
+        version=version,
+        install_requires=[requirement],
         packages=find_packages(include=["mbkernels", "mbkernels.*"]),
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )
 
 
-main()
+if __name__ == "__main__":  # as setuptools runs it; tests import the helpers above
+    main()

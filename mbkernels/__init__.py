@@ -5,10 +5,15 @@
     mbkernels.backends()   # which backends run here, and why the others don't
     mbkernels.patch(model) # swap a model's depthwise conv + BN + act and squeeze-excite for fused modules
 """
+from importlib import metadata as _metadata
+
 from . import _native  # noqa: F401  (loads mbkernels._C, or warns once and leaves it off)
 from . import nn, ops
 from .dispatch import backends
 from .patch import patch, patch_report, unpatch
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("mbkernels")  # e.g. 0.1.0+cu130.torch2.14: names what _C was built for
+except _metadata.PackageNotFoundError:
+    __version__ = "0.1.0"
 __all__ = ["backends", "nn", "ops", "patch", "patch_report", "unpatch"]

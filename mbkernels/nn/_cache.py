@@ -1,7 +1,8 @@
-"""A value derived from module tensors (folded weights), recomputed only when one of them changes."""
+"""What the fused modules share: cached derived weights, and when to use the fused kernel at all."""
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 
 class DerivedTensors:
@@ -26,3 +27,23 @@ class DerivedTensors:
 
     def clear(self) -> None:
         self._key = self._value = None
+
+
+class FusedModule(nn.Module):
+    """Base of the fused modules: the stock layers run when training or when autograd needs a graph, the fused op
+    otherwise, with weights derived once (self.derived) and re-derived after .to() / .half() / .cuda()."""
+
+    def __init__(self):
+        super().__init__()
+        self.derived = DerivedTensors()
+
+    def _apply(self, fn, recurse=True):
+        self.derived.clear()
+        return super()._apply(fn, recurse)
+
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
+        if self.training:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return True

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import activations, ops
-from ._cache import DerivedTensors
+from ._cache import FusedModule
 
 
 def _overrides_forward(module: nn.Module, base: type) -> bool:
@@ -117,7 +117,7 @@ def _forget_keys_loaded_elsewhere(module: "DWConvBNAct", incompatible_keys) -> N
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(moved)]
 
 
-class DWConvBNAct(nn.Module):
+class DWConvBNAct(FusedModule):
     """act(bn(conv(x))) for a depthwise conv, computed by `mbkernels.ops.dwconv_bn_act` in inference.
 
     conv: a depthwise nn.Conv2d; bn: an nn.BatchNorm2d, or a BatchNorm2d subclass that carries its activation
@@ -143,7 +143,6 @@ class DWConvBNAct(nn.Module):
         self.act = act if act is not None else nn.Identity()
         self.backend = backend
         self.stock_slots = dict(stock_slots) if stock_slots else None
-        self._folded = DerivedTensors()
         self._load_prefix = ""
         if self.stock_slots:
             self.register_load_state_dict_post_hook(_forget_keys_loaded_elsewhere)
@@ -157,18 +156,7 @@ class DWConvBNAct(nn.Module):
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 (weight, bias) with BN folded in, refolded when any source tensor changed."""
         bn = self.bn if isinstance(self.bn, nn.BatchNorm2d) else None
-        return self._folded.get(self._fold_sources(), lambda: ops.fold_bn(self.conv, bn))
-
-    def _apply(self, fn, recurse=True):
-        self._folded.clear()
-        return super()._apply(fn, recurse)
-
-    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
-        if self.training:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        return True
+        return self.derived.get(self._fold_sources(), lambda: ops.fold_bn(self.conv, bn))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import activations, ops
-from ._cache import DerivedTensors
+from ._cache import FusedModule
 
 # Modules an SE may hold around its MLP that the fused op's formula already covers (pooling, reshaping).
 _PASSTHROUGH = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Identity)
@@ -147,7 +147,7 @@ def _check_match(module: nn.Module, parts: _Parts) -> bool:
     return writes_input
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(FusedModule):
     """x * gate(expand(act(reduce(mean_hw(x))))) computed by `mbkernels.ops.squeeze_excite` in inference.
 
     Build it with `SqueezeExcite.from_module(se)`. The stock module stays inside as `stock` and runs unchanged in
@@ -163,7 +163,6 @@ class SqueezeExcite(nn.Module):
         self.stock_writes_input = stock_writes_input
         self.backend = backend
         self.training = stock.training  # swapped into a model in eval mode, it runs fused at once
-        self._weights = DerivedTensors()
         self.register_state_dict_post_hook(_drop_stock_prefix)
         self.register_load_state_dict_pre_hook(_add_stock_prefix)
 
@@ -190,20 +189,9 @@ class SqueezeExcite(nn.Module):
         """The float32 (w_reduce [R, C], b_reduce, w_expand [C, R], b_expand), refreshed when a source changed."""
         reduce, expand = self.reduce_layer, self.expand_layer
         sources = [t for t in (reduce.weight, reduce.bias, expand.weight, expand.bias) if t is not None]
-        return self._weights.get(sources, lambda: (
+        return self.derived.get(sources, lambda: (
             _float32_matrix(reduce), _float32_bias(reduce), _float32_matrix(expand), _float32_bias(expand),
         ))
-
-    def _apply(self, fn, recurse=True):
-        self._weights.clear()
-        return super()._apply(fn, recurse)
-
-    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
-        if self.training:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
