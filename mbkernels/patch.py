@@ -23,6 +23,7 @@ from torch import nn
 
 from . import activations
 from .nn.dwconv import DWConvBNAct, FusedInto, carried_activation, check_depthwise, check_norm
+from .nn.squeeze_excite import SqueezeExcite
 
 KINDS = {"dwconv_bn_act": "dwconv+bn+act", "squeeze_excite": "squeeze-excite"}
 # Largest relative error (to the probe output's largest value) of float32 fused vs float64 stock: float32
@@ -116,15 +117,6 @@ def _se_activation(fused: nn.Module) -> str:
     return f"{act} -> {gate}" if act and gate else ""
 
 
-def _squeeze_excite_class():
-    """mbkernels.nn.SqueezeExcite, or None while it is not there."""
-    try:
-        from .nn.squeeze_excite import SqueezeExcite
-    except ImportError:
-        return None
-    return SqueezeExcite
-
-
 # ------------------------------------------------------------------------------------------ verification
 @torch.no_grad()
 def randomize_batchnorm(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
@@ -190,7 +182,6 @@ class _Swap:
 class _Planner:
     def __init__(self, backend: Optional[str], dwconv: bool, se: bool):
         self.backend, self.dwconv, self.se = backend, dwconv, se
-        self.se_class = _squeeze_excite_class()
         self.report = PatchReport()
         self.swaps = []
         self.generator = torch.Generator().manual_seed(0)
@@ -212,7 +203,7 @@ class _Planner:
     def record_fused(self, module: nn.Module, path: str) -> bool:
         if isinstance(module, DWConvBNAct):
             entry = PatchEntry(path, "dwconv_bn_act", _conv_shape(module.conv), module.activation)
-        elif self.se_class is not None and isinstance(module, self.se_class):
+        elif isinstance(module, SqueezeExcite):
             entry = PatchEntry(path, "squeeze_excite", _se_shape(module), _se_activation(module))
         else:
             return False
@@ -226,11 +217,8 @@ class _Planner:
     def try_squeeze_excite(self, parent: nn.Module, name: str, module: nn.Module, path: str) -> bool:
         """True when module was matched (a swap planned) or reported; False: look inside it instead."""
         shape = _se_shape(module)
-        if self.se_class is None:
-            self.skip(path, "squeeze_excite", shape, "mbkernels.nn.SqueezeExcite is not available in this install")
-            return True
         try:
-            fused = self.se_class.from_module(module, backend=self.backend)
+            fused = SqueezeExcite.from_module(module, backend=self.backend)
         except ValueError as error:
             # Perhaps a wrapper around the real SE: look inside; report this module only if nothing inside matches.
             before = len(self.report.fused) + len(self.swaps)
@@ -243,7 +231,7 @@ class _Planner:
 
         def check():
             stock = _probe_copy(module, self.generator)
-            reference = self.se_class.from_module(copy.deepcopy(stock), backend="reference")
+            reference = SqueezeExcite.from_module(copy.deepcopy(stock), backend="reference")
             return _compare(stock, reference, _probe(_se_layers(module)[0][0], 5, 7, self.generator))
 
         entry = PatchEntry(path, "squeeze_excite", shape, _se_activation(fused))

@@ -11,7 +11,6 @@ from torch import nn
 
 import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, HAS_GPU
-from kernel_status import require_api, skip_unless_landed
 from mbkernels import activations, ops
 
 C, R = 5, 3
@@ -164,7 +163,6 @@ def test_dw_stride_float():
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_dw_zero_channels(backend):
     """Row dw-zero-channels: C = 0 gives an empty output, as N = 0 does."""
-    skip_unless_landed(backend, "dwconv_bn_act")
     x = torch.randn(2, 0, 7, 9, device=DEVICE)
     y = ops.dwconv_bn_act(x, torch.randn(0, 1, 3, 3, device=DEVICE), torch.randn(0, device=DEVICE), backend=backend)
     assert y.shape == (2, 0, 7, 9)
@@ -233,7 +231,6 @@ def assert_same_non_finite(out: torch.Tensor, reference: torch.Tensor) -> None:
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_dw_non_finite_propagate_like_stock(backend, activation):
     """Row dw-nan-inf: NaN and Inf propagate as in stock conv + activation (never hidden by relu/clamps)."""
-    skip_unless_landed(backend, "dwconv_bn_act")
     x = with_non_finite(x_())
     weight, bias = w_(), b_()
     y = ops.dwconv_bn_act(x, weight, bias, activation=activation, backend=backend)
@@ -247,7 +244,6 @@ def test_dw_non_finite_propagate_like_stock(backend, activation):
 def test_se_non_finite_propagate_like_stock(backend, activation, gate):
     """Row se-nan-inf: a NaN pixel makes its image's pooled mean NaN and, through the MLP, the whole image NaN,
     as in stock; an Inf likewise; a clean image stays finite."""
-    skip_unless_landed(backend, "squeeze_excite")
     x = torch.cat([with_non_finite(x_()), x_()])  # images 0 (NaN) and 1 (Inf) poisoned, 2 and 3 clean
     w_reduce, b_reduce = torch.randn(R, C, device=DEVICE), b_(R)
     w_expand, b_expand = torch.randn(C, R, device=DEVICE), b_()
@@ -276,7 +272,7 @@ def module_tree(model: nn.Module):
 
 def test_patch_meta_model_refused_untouched():
     """Row patch-meta: a model built on the meta device has no weights to fold: a clear error, model untouched."""
-    patch = require_api("patch")
+    patch = mbkernels.patch
     with torch.device("meta"):
         model = small_model()
     before = module_tree(model)
@@ -290,7 +286,7 @@ def test_patch_meta_model_refused_untouched():
 def test_patch_half_loaded_model_refused_untouched():
     """Row patch-half-loaded: some tensors still on meta (a load that stopped half-way): a clear error naming the
     first of them, model untouched."""
-    patch = require_api("patch")
+    patch = mbkernels.patch
     model = small_model()
     model[2].to_empty(device="meta")  # the BatchNorm's parameters and statistics never loaded
     before = module_tree(model)
@@ -304,11 +300,11 @@ def test_patch_half_loaded_model_refused_untouched():
 def test_unpatch_never_patched_is_a_no_op():
     """Row unpatch-unpatched: nothing to restore is not an error: unpatch returns the model unchanged (modules,
     state), and patch_report says nothing is fused."""
-    unpatch = require_api("unpatch")
+    unpatch = mbkernels.unpatch
     model = small_model()
     before, state = module_tree(model), copy.deepcopy(model.state_dict())
     assert unpatch(model) is model
     assert module_tree(model) == before
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
-    assert "fused: 0 dwconv+bn+act, 0 squeeze-excite" in str(require_api("patch_report")(model))
+    assert "fused: 0 dwconv+bn+act, 0 squeeze-excite" in str(mbkernels.patch_report(model))

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE, KERNEL_BACKENDS, assert_close_to_reference
-from kernel_status import skip_unless_landed
 from mbkernels import activations, ops
 
 
@@ -92,13 +91,11 @@ def make_weight(shape, weight_dtype, transposed: bool, generator: torch.Generato
 
 @pytest.fixture
 def dwconv_backend(backend):
-    skip_unless_landed(backend, "dwconv_bn_act")  # before hypothesis starts: a skip, not a failing example
     return backend
 
 
 @pytest.fixture
 def se_backend(backend):
-    skip_unless_landed(backend, "squeeze_excite")
     return backend
 
 

@@ -15,7 +15,6 @@ from torch import nn
 
 import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, KERNEL_BACKENDS, assert_close_to_reference
-from kernel_status import require_api, skip_unless_landed
 from mbkernels import activations, ops
 
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -66,7 +65,7 @@ def mobilenet():
     """(stock, patched) timm mobilenetv3_small_100 on the CPU, float32, random BN; patched once (it takes
     seconds). Tests move copies where they need them; the backend comes from MBKERNELS_BACKEND at each call."""
     timm = pytest.importorskip("timm")
-    patch = require_api("patch")
+    patch = mbkernels.patch
     stock = randomize_batchnorms(timm.create_model("mobilenetv3_small_100", pretrained=False)).eval()
     patched = patch(copy.deepcopy(stock))
     fused = sum(isinstance(m, mbkernels.nn.DWConvBNAct) for m in patched.modules())
@@ -100,8 +99,6 @@ def run_in_threads(work, count: int = THREADS):
 def test_ops_from_many_threads(backend):
     """THREADS threads call both ops at once, each with its own shapes; on a GPU the first call of a new kernel
     configuration (a 5x3 dilated relu6 conv, used nowhere else) compiles while the other threads wait on it."""
-    skip_unless_landed(backend, "dwconv_bn_act")
-    skip_unless_landed(backend, "squeeze_excite")
 
     def work(i):
         generator = torch.Generator().manual_seed(100 + i)
@@ -134,7 +131,6 @@ def fused_block(channels: int, seed: int) -> nn.Module:
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_fused_modules_from_many_threads(backend, monkeypatch):
     """One module shared by THREADS threads: its folded-weight cache is filled by whichever thread comes first."""
-    skip_unless_landed(backend, "dwconv_bn_act")
     monkeypatch.setenv("MBKERNELS_BACKEND", backend)
     model = fused_block(12, seed=1).to(DEVICE)
     reference_model = nn.Sequential(*[nn.Sequential(m.conv, m.bn, m.act) for m in model]).double()
@@ -153,8 +149,6 @@ def test_fused_modules_from_many_threads(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_patched_model_from_many_threads(backend, mobilenet, monkeypatch):
     """A patched timm mobilenetv3_small_100 called by THREADS threads at once: right answers, no crash."""
-    skip_unless_landed(backend, "dwconv_bn_act")
-    skip_unless_landed(backend, "squeeze_excite")
     stock, patched = mobilenet
     model = copy.deepcopy(patched).to(DEVICE)
     reference_model = copy.deepcopy(stock).double()
@@ -179,7 +173,6 @@ def test_patched_model_from_many_threads(backend, mobilenet, monkeypatch):
 def test_ops_run_on_the_current_stream(backend, op, poisoned_outputs):
     """On a side stream that is still busy writing x, the op must queue behind that write: a kernel launched on
     another stream would read x's NaN poison. Only the side stream's own event orders the check after it."""
-    skip_unless_landed(backend, op)
     source = torch.randn(8, 48, 56, 56, device="cuda")
     weight, bias = dwconv_args(source)
     se = se_args(source, 12)
@@ -207,8 +200,6 @@ def test_ops_run_on_the_current_stream(backend, op, poisoned_outputs):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_ops_follow_the_input_device(backend, poisoned_outputs):
     """Inputs on cuda:1 while cuda:0 is current: the kernels run there and the output stays there."""
-    skip_unless_landed(backend, "dwconv_bn_act")
-    skip_unless_landed(backend, "squeeze_excite")
     with torch.cuda.device(0):
         x = torch.randn(3, 24, 17, 19, device="cuda:1")
         weight, bias = dwconv_args(x)
@@ -227,8 +218,6 @@ def test_ops_follow_the_input_device(backend, poisoned_outputs):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_patched_model_captures_into_a_cuda_graph(backend, mobilenet, monkeypatch):
     """Captured once, replayed with new inputs copied into the static input: each replay matches stock."""
-    skip_unless_landed(backend, "dwconv_bn_act")
-    skip_unless_landed(backend, "squeeze_excite")
     monkeypatch.setenv("MBKERNELS_BACKEND", backend)
     stock, model = (copy.deepcopy(m).cuda() for m in mobilenet)
     static_input = torch.randn(4, 3, 96, 96, device="cuda")
@@ -253,8 +242,6 @@ def test_patched_model_captures_into_a_cuda_graph(backend, mobilenet, monkeypatc
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_patched_model_under_reduce_overhead_compile(backend, mobilenet, monkeypatch):
     """torch.compile(mode="reduce-overhead") (CUDA graphs through inductor): new inputs, outputs match stock."""
-    skip_unless_landed(backend, "dwconv_bn_act")
-    skip_unless_landed(backend, "squeeze_excite")
     monkeypatch.setenv("MBKERNELS_BACKEND", backend)
     torch._dynamo.reset()
     stock, model = (copy.deepcopy(m).cuda() for m in mobilenet)
@@ -299,7 +286,6 @@ def check_huge_output(out: torch.Tensor, reference_of) -> None:
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dwconv_beyond_int32_indexing(backend, memory_format, poisoned_outputs):
-    skip_unless_landed(backend, "dwconv_bn_act")
     x = huge_input(memory_format)
     assert x.numel() > 2**31
     weight, bias = dwconv_args(x)
@@ -312,7 +298,6 @@ def test_dwconv_beyond_int32_indexing(backend, memory_format, poisoned_outputs):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_squeeze_excite_beyond_int32_indexing(backend, memory_format, poisoned_outputs):
-    skip_unless_landed(backend, "squeeze_excite")
     x = huge_input(memory_format)
     se = se_args(x, 24)
     out = ops.squeeze_excite(x, *se, "relu", "hardsigmoid", backend)

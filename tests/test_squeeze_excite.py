@@ -10,7 +10,6 @@ from mbkernels import ops
 from mbkernels.kernels import triton_se
 from mbkernels.nn import SqueezeExcite
 from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference
-from kernel_status import skip_unless_landed
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
 timm_layers = pytest.importorskip("timm.layers")
@@ -51,7 +50,6 @@ def reference64(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
 
 @pytest.fixture
 def backend(request):
-    skip_unless_landed(request.param, "squeeze_excite")
     return request.param
 
 
