@@ -5,6 +5,7 @@ Each (backend, op) pair is served by a module under mbkernels.kernels that provi
 for by name), `<op>(*args) -> Tensor`, and `unavailable_reason()` / `describe()` for the whole backend. `select` asks them in priority order
 (or only the one named by the caller or MBKERNELS_BACKEND) and raises with every backend's reason when none fits.
 """
+import functools
 import importlib
 import os
 from typing import Callable, NamedTuple, Optional
@@ -29,10 +30,12 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
+@functools.lru_cache(maxsize=None)
 def _module(name: str, op: str):
     return importlib.import_module(f"mbkernels.kernels.{_MODULES[name, op]}")
 
 
+@functools.lru_cache(maxsize=None)
 def _status_module(name: str):
     return importlib.import_module(f"mbkernels.kernels.{_STATUS_MODULES[name]}")
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import activations, dispatch
 
@@ -57,6 +58,19 @@ def _check_x(x) -> None:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
+    """True for a call on plain tensors outside any tracing, compiling or autograd recording: the public functions
+    then run the op's implementation directly, skipping the custom-op dispatch (tens of microseconds a call, which
+    matters at batch 1). Every other call goes through the registered op, so it is traced as one node (and refuses
+    backward, which the op does not implement)."""
+    present = [t for t in tensors if t is not None]
+    if not all(type(t) is Tensor for t in present) or torch.compiler.is_compiling():
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
 def _as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.to(torch.float32).contiguous()
 
@@ -100,6 +114,16 @@ def _empty_dwconv_output(x, weight, stride, padding, dilation) -> Tensor:
     )
 
 
+def _run_dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation, backend) -> Tensor:
+    check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
+    if x.numel() == 0:
+        return _empty_dwconv_output(x, weight, stride, padding, dilation)
+    x = x.contiguous(memory_format=memory_format_of(x))
+    weight, bias = _as_float32(weight), _as_float32(bias)
+    run = dispatch.select("dwconv_bn_act", backend, x, weight, bias, stride, padding, dilation, activation)
+    return run(x, weight, bias, stride, padding, dilation, activation)
+
+
 @torch.library.custom_op("mbkernels::dwconv_bn_act", mutates_args=())
 def _dwconv_bn_act_op(
     x: Tensor,
@@ -111,13 +135,7 @@ def _dwconv_bn_act_op(
     activation: str,
     backend: str,
 ) -> Tensor:
-    check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-    if x.numel() == 0:
-        return _empty_dwconv_output(x, weight, stride, padding, dilation)
-    x = x.contiguous(memory_format=memory_format_of(x))
-    weight, bias = _as_float32(weight), _as_float32(bias)
-    run = dispatch.select("dwconv_bn_act", backend, x, weight, bias, stride, padding, dilation, activation)
-    return run(x, weight, bias, stride, padding, dilation, activation)
+    return _run_dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation, backend)
 
 
 @_dwconv_bn_act_op.register_fake
@@ -148,7 +166,10 @@ def dwconv_bn_act(
             check_dwconv_bn_act_args(x, weight, bias, stride, [0, 0], dilation, activation)
         padding = [dilation[0] * (weight.shape[2] // 2), dilation[1] * (weight.shape[3] // 2)]
     padding = _pair(padding, "padding")
-    return torch.ops.mbkernels.dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation, backend or "")
+    args = (x, weight, bias, stride, padding, dilation, activation, backend or "")
+    if _plain_eager_call(x, weight, bias):
+        return _run_dwconv_bn_act(*args)
+    return torch.ops.mbkernels.dwconv_bn_act(*args)
 
 
 @torch.no_grad()
@@ -212,6 +233,17 @@ def check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activat
     activations.gate_code(gate)
 
 
+def _run_squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend) -> Tensor:
+    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=memory_format_of(x))
+    x = x.contiguous(memory_format=memory_format_of(x))
+    w_reduce, w_expand = _as_float32(w_reduce.flatten(1)), _as_float32(w_expand.flatten(1))
+    b_reduce, b_expand = _as_float32(b_reduce), _as_float32(b_expand)
+    args = (x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+    return dispatch.select("squeeze_excite", backend, *args)(*args)
+
+
 @torch.library.custom_op("mbkernels::squeeze_excite", mutates_args=())
 def _squeeze_excite_op(
     x: Tensor,
@@ -223,14 +255,7 @@ def _squeeze_excite_op(
     gate: str,
     backend: str,
 ) -> Tensor:
-    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=memory_format_of(x))
-    x = x.contiguous(memory_format=memory_format_of(x))
-    w_reduce, w_expand = _as_float32(w_reduce.flatten(1)), _as_float32(w_expand.flatten(1))
-    b_reduce, b_expand = _as_float32(b_reduce), _as_float32(b_expand)
-    args = (x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-    return dispatch.select("squeeze_excite", backend, *args)(*args)
+    return _run_squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend)
 
 
 @_squeeze_excite_op.register_fake
@@ -255,6 +280,7 @@ def squeeze_excite(
     may be None. The pooled mean and the MLP run in float32; the output has x's dtype and memory format.
     """
     _check_x(x)
-    return torch.ops.mbkernels.squeeze_excite(
-        x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend or ""
-    )
+    args = (x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend or "")
+    if _plain_eager_call(x, w_reduce, b_reduce, w_expand, b_expand):
+        return _run_squeeze_excite(*args)
+    return torch.ops.mbkernels.squeeze_excite(*args)

@@ -159,4 +159,6 @@ def why_not_dwconv_bn_act(explicit, x, weight, bias, stride, padding, dilation, 
 
 
 def dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation):
-    return torch.ops.mbkernels.dwconv_bn_act_triton(x, weight, bias, stride, padding, dilation, activation)
+    # Called from inside mbkernels::dwconv_bn_act (or its eager shortcut) on checked arguments: launch directly,
+    # without a second trip through the dispatcher.
+    return _launch(x, weight, bias, stride, padding, dilation, activation)

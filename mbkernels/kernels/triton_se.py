@@ -272,4 +272,6 @@ def why_not_squeeze_excite(explicit, x, w_reduce, b_reduce, w_expand, b_expand, 
 
 
 def squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-    return torch.ops.mbkernels.squeeze_excite_triton(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+    # Called from inside mbkernels::squeeze_excite (or its eager shortcut) on checked arguments: launch directly,
+    # without a second trip through the dispatcher.
+    return _launch(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
