@@ -20,7 +20,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 BASE_VERSION = "0.1.0"
-TORCH_FLOOR = "2.4"  # the oldest torch the Python code supports
+TORCH_FLOOR = "2.6"  # the oldest torch the Python code supports
 
 
 def log(message: str) -> None:

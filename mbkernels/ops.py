@@ -2,7 +2,8 @@
 
 Each public op is one registered custom op (`torch.ops.mbkernels.<name>`) whose fake kernel lets
 torch.compile(fullgraph=True) trace it; its real kernel normalises the arguments once and hands them to the
-backend that `dispatch.select` picks. Backends then receive:
+backend that `dispatch.select` picks. Plain eager calls of the public functions run that same implementation
+without the custom-op dispatch (see _plain_eager_call). Backends then receive:
   x       contiguous in its own layout (NCHW or channels_last), float32/float16/bfloat16, N > 0;
   weights contiguous float32 on x's device.
 """
@@ -64,7 +65,9 @@ def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
     matters at batch 1). Every other call goes through the registered op, so it is traced as one node (and refuses
     backward, which the op does not implement)."""
     present = [t for t in tensors if t is not None]
-    if not all(type(t) is Tensor for t in present) or torch.compiler.is_compiling():
+    if not all(type(t) in (Tensor, torch.nn.Parameter) for t in present):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if _get_current_dispatch_mode() is not None:
         return False

@@ -326,3 +326,17 @@ def test_squeeze_excite_gpu_large(poisoned_outputs):
     weights = se_weights(240, 61, True, device="cuda")
     out = ops.squeeze_excite(x, *weights, "relu", "hardsigmoid", backend="cuda")
     assert_close_to_reference(out, se_reference(x, *weights, "relu", "hardsigmoid"), torch.float16)
+
+
+@pytest.mark.parametrize("capability, archs, expected", [
+    ((9, 0), "7.5;8.0;8.6;8.9;9.0+PTX", True),
+    ((8, 6), "8.0", True),            # sm_80 machine code runs on 8.6
+    ((8, 0), "8.6", False),           # but not the other way round
+    ((10, 0), "7.5;9.0+PTX", True),   # PTX for 9.0 is compiled by the driver for newer GPUs
+    ((10, 0), "7.5;9.0", False),
+    ((7, 0), "7.5;8.0+PTX", False),
+])
+def test_cuda_backend_knows_which_gpus_its_archs_cover(capability, archs, expected):
+    from mbkernels.kernels.cuda import runs_on
+
+    assert runs_on(capability, archs) is expected

@@ -557,3 +557,16 @@ def test_plain_eager_calls_skip_the_dispatcher_and_match_the_registered_op():
     direct = ops.dwconv_bn_act(x, weight, bias, stride=2, activation="silu", backend="reference")
     registered = torch.ops.mbkernels.dwconv_bn_act(x, weight, bias, [2, 2], [1, 1], [1, 1], "silu", "reference")
     torch.testing.assert_close(direct, registered, rtol=0, atol=0)
+
+
+def test_fused_module_leaves_inputs_the_op_does_not_take_to_the_stock_layers():
+    """float64 input to a patched model: the stock layers run, as before patching."""
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6).double()
+    bn = nn.BatchNorm2d(6).double()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    stock = nn.Sequential(conv, bn, nn.ReLU6()).eval()
+    fused = mbkernels.nn.DWConvBNAct(conv, bn, nn.ReLU6()).eval()
+    with torch.inference_mode():
+        x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), stock(x), rtol=0, atol=0)

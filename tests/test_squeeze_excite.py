@@ -183,7 +183,9 @@ def test_triton_backend_declines_what_it_cannot_run():
     weights = make_weights(12, 5)
     # CPU tensors: never picked automatically (the interpreter is for tests), nor at all without it.
     assert triton_se.why_not_squeeze_excite(False, x.cpu(), *[w.cpu() for w in weights], "relu", "sigmoid")
-    assert "float32" in triton_se.why_not_squeeze_excite(True, x, weights[0].half(), *weights[1:], "relu", "sigmoid")
+    reduced = triton_se.MAX_REDUCED_CHANNELS + 1
+    too_wide = (torch.randn(reduced, 12), None, torch.randn(12, reduced), None)
+    assert "reduced channels" in triton_se.why_not_squeeze_excite(True, x, *too_wide, "relu", "sigmoid")
 
 
 # ------------------------------------------------------------------------------------- stock modules

@@ -10,7 +10,19 @@ import torch
 
 from .. import _native, ops
 
-MIN_CAPABILITY = (7, 5)
+
+
+def runs_on(capability: tuple, arch_list: str) -> bool:
+    """Whether a library built for arch_list ("7.5;8.0;9.0+PTX") has code for a GPU of this compute capability:
+    machine code for the same major version and a minor at or below it, or PTX for an older or equal one."""
+    for entry in arch_list.replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        ptx = entry.upper().endswith("+PTX")
+        major, minor = (int(part) for part in entry.upper().removesuffix("+PTX").split("."))
+        if (major == capability[0] and minor <= capability[1]) or (ptx and (major, minor) <= tuple(capability)):
+            return True
+    return False
 
 
 def unavailable_reason():
@@ -28,8 +40,9 @@ def describe() -> str:
 @functools.lru_cache(maxsize=None)
 def _device_reason(index: int):
     capability = torch.cuda.get_device_capability(index)
-    if capability < MIN_CAPABILITY:
-        return f"cuda:{index} has compute capability {capability}; mbkernels._C needs {MIN_CAPABILITY} or newer"
+    archs = _native.C.CUDA_ARCHS
+    if not runs_on(capability, archs):
+        return f"cuda:{index} has compute capability {capability[0]}.{capability[1]}; mbkernels._C was built for {archs}"
     return None
 
 

@@ -15,6 +15,8 @@ def unavailable_reason():
         import triton  # noqa: F401
     except ImportError as error:
         return f"triton is not importable ({error})"
+    if not (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")):
+        return f"torch {torch.__version__} has no torch.library.triton_op (torch 2.6 or newer has)"
     if not interpreting() and not torch.cuda.is_available():
         return "no CUDA GPU (set TRITON_INTERPRET=1 before importing mbkernels to run the Triton kernels on the CPU)"
     return None

@@ -2,7 +2,8 @@
 
 Three layers: `_dwconv_bn_act_kernel` (one program per tile of [channels x output pixels], the pixels of all
 images on one axis), `_launch` (allocates the output, picks the tile), and the registered op
-`mbkernels::dwconv_bn_act_triton` that the dispatcher's `dwconv_bn_act` calls.
+`mbkernels::dwconv_bn_act_triton` (for direct calls and graphs that name this kernel; the dispatcher, already inside
+mbkernels::dwconv_bn_act, calls `_launch` itself).
 """
 import torch
 import triton
@@ -105,6 +106,8 @@ def _launch(x, weight, bias, stride, padding, dilation, activation) -> torch.Ten
     out_h, out_w = ops.dwconv_output_hw(x, weight, stride, padding, dilation)
     memory_format = ops.memory_format_of(x)
     out = torch.empty((batch, channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    if out.numel() == 0:
+        return out  # no program to launch (and no tile fits a zero-sized axis)
     channels_last = memory_format == torch.channels_last
     outputs_per_channel = batch * out_h * out_w
     block_c, block_p, num_warps = _tile(channels, outputs_per_channel, channels_last)

@@ -6,7 +6,8 @@ Three launches, the memory floor of a standalone op (x read twice, written once)
   `_mlp_kernel`    once per sample (a program takes a block of samples): adds the partial sums in a fixed
                    order, then both linear layers, the activation and the gate: the float32 per-channel scale;
   `_scale_kernel`  x * scale, broadcast over the plane, in x's dtype and layout.
-`_launch` allocates and picks the tiles; the registered op is `mbkernels::squeeze_excite_triton`.
+`_launch` allocates and picks the tiles; the registered op `mbkernels::squeeze_excite_triton` serves direct calls
+and graphs that name this kernel (the dispatcher, already inside mbkernels::squeeze_excite, calls `_launch`).
 """
 import functools
 from typing import Optional
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import activations
-from ..ops import memory_format_of
+from ..ops import check_squeeze_excite_args, memory_format_of
 from .triton_common import interpreting, keep_opaque_when_interpreting, launch_lock, why_not_device
 from .triton_math import apply_activation, apply_gate
 
@@ -244,10 +245,18 @@ def _squeeze_excite_triton(
     activation: str,
     gate: str,
 ) -> torch.Tensor:
-    return _launch(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+    """Callable directly too: checks its arguments as mbkernels::squeeze_excite does."""
+    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=memory_format_of(x))
+    return _launch(x.contiguous(memory_format=memory_format_of(x)), w_reduce.flatten(1).float().contiguous(),
+                   None if b_reduce is None else b_reduce.float().contiguous(),
+                   w_expand.flatten(1).float().contiguous(),
+                   None if b_expand is None else b_expand.float().contiguous(), activation, gate)
 
 
 def _fake_output(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
@@ -256,16 +265,10 @@ keep_opaque_when_interpreting(_squeeze_excite_triton, _fake_output)
 
 # --------------------------------------------------------------------------------- the dispatcher's side
 def why_not_squeeze_excite(explicit, x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+    # ops.py hands over x contiguous in either layout and float32 contiguous weights.
     reason = why_not_device(explicit, x)
     if reason is not None:
         return reason
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"x is {x.dtype}; the Triton kernels read float32, float16 or bfloat16"
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return "x is neither NCHW- nor channels_last-contiguous"
-    weights = [t for t in (w_reduce, b_reduce, w_expand, b_expand) if t is not None]
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in weights):
-        return "the weights and biases must be contiguous float32 for the Triton kernels"
     if w_reduce.shape[0] > MAX_REDUCED_CHANNELS:
         return f"R = {w_reduce.shape[0]} reduced channels; the Triton MLP holds at most {MAX_REDUCED_CHANNELS}"
     return None

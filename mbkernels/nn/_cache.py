@@ -13,11 +13,12 @@ class DerivedTensors:
         self._key = None
         self._value = None
 
-    def get(self, sources: Sequence[torch.Tensor], compute: Callable):
+    def get(self, sources: Sequence[torch.Tensor], compute: Callable, settings: tuple = ()):
+        """settings: plain values the result also depends on (BatchNorm's eps)."""
         if torch.compiler.is_compiling():
             return compute()  # traced into the graph; inductor constant-folds it when frozen
         try:
-            key = tuple((t.data_ptr(), t._version) for t in sources)
+            key = tuple((t.data_ptr(), t._version) for t in sources) + tuple(settings)
         except RuntimeError:  # inference tensors carry no version counter: recompute every call
             return compute()
         if key != self._key:
@@ -44,6 +45,8 @@ class FusedModule(nn.Module):
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
         if self.training:
             return False
+        if x.dim() != 4 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False  # what the stock layers take beyond the op (float64, unbatched 3-D input) they still get
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         return True

@@ -155,7 +155,8 @@ class DWConvBNAct(FusedModule):
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 (weight, bias) with BN folded in, refolded when any source tensor changed."""
         bn = self.bn if isinstance(self.bn, nn.BatchNorm2d) else None
-        return self.derived.get(self._fold_sources(), lambda: ops.fold_bn(self.conv, bn))
+        settings = (bn.eps,) if bn is not None else ()
+        return self.derived.get(self._fold_sources(), lambda: ops.fold_bn(self.conv, bn), settings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
@@ -223,6 +224,7 @@ class FusedInto(nn.Identity):
         super().__init__()
         self.into = into
         object.__setattr__(self, "stock", stock)  # not a child: it is registered inside the DWConvBNAct
+        self._version = getattr(type(stock), "_version", 1)  # state_dict metadata as the stock module writes it
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         _load_module_tree(self.stock, state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
