@@ -340,3 +340,19 @@ def test_cuda_backend_knows_which_gpus_its_archs_cover(capability, archs, expect
     from mbkernels.kernels.cuda import runs_on
 
     assert runs_on(capability, archs) is expected
+
+
+def test_cuda_backend_declines_what_its_launcher_refuses():
+    """The launcher's limits are declared up front, so automatic dispatch falls through to another backend."""
+    from mbkernels.kernels import cuda
+
+    x = torch.randn(1, 2, 300, 300)
+    weight, bias = torch.randn(2, 1, 3, 3), torch.randn(2)
+    wide = ([1, 1], [120, 120], [120, 120])  # stride, padding, dilation: a 241x241 halo per NCHW tile
+    assert "shared memory" in cuda.why_not_dwconv_bn_act(True, x, weight, bias, *wide, "relu")
+    channels_last = x.to(memory_format=torch.channels_last)
+    assert cuda.why_not_dwconv_bn_act(True, channels_last, weight, bias, *wide, "relu") is None
+    huge = torch.empty(1, 2, 2**15, 2**15, device="meta")  # 2^31 elements in one sample
+    assert "32-bit" in cuda.dwconv_limit_reason(huge, weight, [1, 1], [1, 1], [1, 1])
+    assert "32-bit" in cuda.squeeze_excite_limit_reason(huge, torch.randn(1, 2))
+    assert cuda.squeeze_excite_limit_reason(x, torch.randn(1, 2)) is None

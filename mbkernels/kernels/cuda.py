@@ -54,16 +54,44 @@ def _why_not_device(explicit, x):
     return f"x is on {x.device.type}; the cuda backend runs CUDA tensors"
 
 
-def why_not_dwconv_bn_act(explicit, x, *args):
-    return _why_not_device(explicit, x)
+# What csrc's launchers refuse (TORCH_CHECK), declined here so that dispatch picks another backend instead.
+_INT32 = 2**31
+_NCHW_TILE_SMEM_BYTES = 48 * 1024
+
+
+def why_not_dwconv_bn_act(explicit, x, weight, bias, stride, padding, dilation, activation):
+    return _why_not_device(explicit, x) or dwconv_limit_reason(x, weight, stride, padding, dilation)
+
+
+def dwconv_limit_reason(x, weight, stride, padding, dilation):
+    batch, channels, height, width = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_h, out_w = ops.dwconv_output_hw(x, weight, stride, padding, dilation)
+    sizes = (height * width * channels, out_h * out_w * channels, channels * kh * kw, batch * channels,
+             stride[0] * out_h, stride[1] * out_w, 4 * padding[0], 4 * padding[1])
+    if max(sizes) >= _INT32:
+        return f"one sample of x {tuple(x.shape)} is too large for the kernels' 32-bit offsets within a sample"
+    if ops.memory_format_of(x) == torch.contiguous_format:
+        halo_bytes = 4 * ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)  # one output pixel's tile
+        if halo_bytes > _NCHW_TILE_SMEM_BYTES:
+            return (f"kernel {kh}x{kw} with dilation {list(dilation)} needs {halo_bytes} bytes of shared memory per "
+                    f"NCHW tile, over {_NCHW_TILE_SMEM_BYTES}; channels_last input runs")
+    return None
 
 
 def dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation):
     return torch.ops.mbkernels.dwconv_bn_act_cuda(x, weight, bias, stride, padding, dilation, activation)
 
 
-def why_not_squeeze_excite(explicit, x, *args):
-    return _why_not_device(explicit, x)
+def why_not_squeeze_excite(explicit, x, w_reduce, *args):
+    return _why_not_device(explicit, x) or squeeze_excite_limit_reason(x, w_reduce)
+
+
+def squeeze_excite_limit_reason(x, w_reduce):
+    batch, channels, height, width = x.shape
+    if max(height * width * channels, channels * w_reduce.shape[0], batch * channels) >= _INT32:
+        return f"one sample of x {tuple(x.shape)} is too large for the kernels' 32-bit offsets within a sample"
+    return None
 
 
 def squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
