@@ -64,7 +64,7 @@ struct DwconvParams {
 
 // ------------------------------------------------------------------------------------- channels_last kernels
 template <class T, int K, int S>
-MBK_HD void dwconv_cl_fast_thread(const DwconvParams& p, int64_t block, int thread) {
+MBK_HOST_DEVICE void dwconv_cl_fast_thread(const DwconvParams& p, int64_t block, int thread) {
   constexpr int VEC = kVec16<T>;
   constexpr int PIX = kPixelsPerThread;
   constexpr int COLUMNS = (PIX - 1) * S + K;  // input columns feeding PIX consecutive output pixels
@@ -126,7 +126,7 @@ MBK_HD void dwconv_cl_fast_thread(const DwconvParams& p, int64_t block, int thre
 }
 
 template <class T, int VEC>
-MBK_HD void dwconv_cl_generic_thread(const DwconvParams& p, int64_t block, int thread) {
+MBK_HOST_DEVICE void dwconv_cl_generic_thread(const DwconvParams& p, int64_t block, int thread) {
   const int64_t item = block * kChannelsLastThreads + thread;
   if (item >= p.items) return;
   const int vectors = p.C / VEC;
@@ -176,7 +176,7 @@ struct TileOrigin {
   int oh0, ow0;    // first output row / column of the tile
 };
 
-MBK_HD TileOrigin tile_origin(const DwconvParams& p, int64_t block, int rows_per_thread) {
+MBK_HOST_DEVICE TileOrigin tile_origin(const DwconvParams& p, int64_t block, int rows_per_thread) {
   const int tw = static_cast<int>(block % p.tiles_w);
   const int64_t rest = block / p.tiles_w;
   const int th = static_cast<int>(rest % p.tiles_h);
@@ -185,7 +185,7 @@ MBK_HD TileOrigin tile_origin(const DwconvParams& p, int64_t block, int rows_per
 
 // Phase 1: the block's input tiles (halo included, zeros outside the plane) into smem[plane][row][column].
 template <class T>
-MBK_HD void dwconv_nchw_stage_thread(const DwconvParams& p, int64_t block, int thread, int threads, float* smem,
+MBK_HOST_DEVICE void dwconv_nchw_stage_thread(const DwconvParams& p, int64_t block, int thread, int threads, float* smem,
                                      int rows_per_thread) {
   const TileOrigin origin = tile_origin(p, block, rows_per_thread);
   const int columns = p.in_tile_w;
@@ -227,7 +227,7 @@ struct TileThread {
   int tile_plane;  // the plane's index in the block's shared memory
 };
 
-MBK_HD TileThread tile_thread(const DwconvParams& p, int64_t block, int thread, int rows_per_thread) {
+MBK_HOST_DEVICE TileThread tile_thread(const DwconvParams& p, int64_t block, int thread, int rows_per_thread) {
   const TileOrigin origin = tile_origin(p, block, rows_per_thread);
   const int tx = thread % p.tile_x;
   const int ty = thread / p.tile_x % p.tile_y;
@@ -243,7 +243,7 @@ MBK_HD TileThread tile_thread(const DwconvParams& p, int64_t block, int thread, 
 
 // Phase 2, fast path: kRowsPerThread output rows of one column from the staged tile.
 template <class T, int K, int S>
-MBK_HD void dwconv_nchw_fast_compute_thread(const DwconvParams& p, int64_t block, int thread, const float* smem) {
+MBK_HOST_DEVICE void dwconv_nchw_fast_compute_thread(const DwconvParams& p, int64_t block, int thread, const float* smem) {
   constexpr int ROWS = kRowsPerThread;
   constexpr int IN_ROWS = (ROWS - 1) * S + K;
   const TileThread t = tile_thread(p, block, thread, ROWS);
@@ -281,7 +281,7 @@ MBK_HD void dwconv_nchw_fast_compute_thread(const DwconvParams& p, int64_t block
 
 // Phase 2, generic path: one output element from the staged tile.
 template <class T>
-MBK_HD void dwconv_nchw_generic_compute_thread(const DwconvParams& p, int64_t block, int thread, const float* smem) {
+MBK_HOST_DEVICE void dwconv_nchw_generic_compute_thread(const DwconvParams& p, int64_t block, int thread, const float* smem) {
   const TileThread t = tile_thread(p, block, thread, 1);
   if (t.plane < 0) return;
   const float* s = smem + (t.tile_plane * p.in_tile_h + t.ty * p.SH) * p.in_tile_w + t.tx * p.SW;

@@ -10,6 +10,8 @@
 // as NaN, so reading a slot nobody wrote shows up in the output.
 #pragma once
 
+#include "activations.cuh"  // MBK_HOST_DEVICE
+
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
@@ -22,22 +24,20 @@
 #include <limits>
 #include <vector>
 
-#define MBK_HD __host__ __device__ __forceinline__
-
 namespace mbkernels {
 
-MBK_HD float to_float(float v) { return v; }
-MBK_HD float to_float(__half v) { return __half2float(v); }
-MBK_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+MBK_HOST_DEVICE float to_float(float v) { return v; }
+MBK_HOST_DEVICE float to_float(__half v) { return __half2float(v); }
+MBK_HOST_DEVICE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <class T>
-MBK_HD T from_float(float v);
+MBK_HOST_DEVICE T from_float(float v);
 template <>
-MBK_HD float from_float<float>(float v) { return v; }
+MBK_HOST_DEVICE float from_float<float>(float v) { return v; }
 template <>
-MBK_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
+MBK_HOST_DEVICE __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
-MBK_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+MBK_HOST_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Elements of T in one 16-byte load.
 template <class T>
@@ -50,7 +50,7 @@ struct alignas(sizeof(T) * N) Pack {
 
 // N consecutive elements (one vector load when N * sizeof(T) is 16) as floats; p must be aligned to the pack.
 template <class T, int N>
-MBK_HD void load_floats(const T* p, float (&out)[N]) {
+MBK_HOST_DEVICE void load_floats(const T* p, float (&out)[N]) {
   Pack<T, N> pack;
 #ifdef __CUDA_ARCH__
   pack = *reinterpret_cast<const Pack<T, N>*>(p);
@@ -62,7 +62,7 @@ MBK_HD void load_floats(const T* p, float (&out)[N]) {
 }
 
 template <class T, int N>
-MBK_HD void store_floats(T* p, const float (&in)[N]) {
+MBK_HOST_DEVICE void store_floats(T* p, const float (&in)[N]) {
   Pack<T, N> pack;
 #pragma unroll
   for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
@@ -74,7 +74,7 @@ MBK_HD void store_floats(T* p, const float (&in)[N]) {
 }
 
 // A float that every thread of a block reads (weights, biases): the read-only cache path on the GPU.
-MBK_HD float load_ro(const float* p) {
+MBK_HOST_DEVICE float load_ro(const float* p) {
 #ifdef __CUDA_ARCH__
   return __ldg(p);
 #else
@@ -85,12 +85,12 @@ MBK_HD float load_ro(const float* p) {
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 template <class I>
-MBK_HD I ceil_div(I a, I b) {
+MBK_HOST_DEVICE I ceil_div(I a, I b) {
   return (a + b - 1) / b;
 }
 
 // std::min is constexpr-only on the device (needs --expt-relaxed-constexpr, which not every build passes).
-MBK_HD int min_int(int a, int b) { return a < b ? a : b; }
+MBK_HOST_DEVICE int min_int(int a, int b) { return a < b ? a : b; }
 
 // f(T{}) with T the CUDA storage type of float32/float16/bfloat16 tensors.
 template <class F>

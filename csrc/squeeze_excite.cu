@@ -69,7 +69,7 @@ struct SeParams {
 
 // --------------------------------------------------------------------------------------------------- pool
 template <class T, int VEC>
-MBK_HD void pool_nchw_sum_thread(const SeParams& p, int64_t block, int thread, float* smem) {
+MBK_HOST_DEVICE void pool_nchw_sum_thread(const SeParams& p, int64_t block, int thread, float* smem) {
   const int split = static_cast<int>(block % p.splits);
   const int64_t plane = block / p.splits * p.groups + thread / p.group_threads;
   const int lane = thread % p.group_threads;
@@ -89,11 +89,11 @@ MBK_HD void pool_nchw_sum_thread(const SeParams& p, int64_t block, int thread, f
 }
 
 // One step of the tree over each plane's group_threads slots.
-MBK_HD void pool_nchw_tree_thread(const SeParams& p, int thread, int stride, float* smem) {
+MBK_HOST_DEVICE void pool_nchw_tree_thread(const SeParams& p, int thread, int stride, float* smem) {
   if (thread % p.group_threads < stride) smem[thread] += smem[thread + stride];
 }
 
-MBK_HD void pool_nchw_store_thread(const SeParams& p, int64_t block, int thread, const float* smem) {
+MBK_HOST_DEVICE void pool_nchw_store_thread(const SeParams& p, int64_t block, int thread, const float* smem) {
   const int64_t plane = block / p.splits * p.groups + thread / p.group_threads;
   if (thread % p.group_threads != 0 || plane >= int64_t(p.N) * p.C) return;
   const int64_t n = plane / p.C;
@@ -106,7 +106,7 @@ struct ClPoolThread {
   int split, vector, row_thread, channel_thread;
 };
 
-MBK_HD ClPoolThread cl_pool_thread(const SeParams& p, int64_t block, int thread) {
+MBK_HOST_DEVICE ClPoolThread cl_pool_thread(const SeParams& p, int64_t block, int thread) {
   const int split = static_cast<int>(block % p.splits);
   const int64_t rest = block / p.splits;
   const int channel_block = static_cast<int>(rest % p.channel_blocks);
@@ -117,7 +117,7 @@ MBK_HD ClPoolThread cl_pool_thread(const SeParams& p, int64_t block, int thread)
 
 // smem[VEC][row_threads][channel_threads]: consecutive threads touch consecutive words.
 template <class T, int VEC>
-MBK_HD void pool_cl_sum_thread(const SeParams& p, int64_t block, int thread, float* smem) {
+MBK_HOST_DEVICE void pool_cl_sum_thread(const SeParams& p, int64_t block, int thread, float* smem) {
   const ClPoolThread t = cl_pool_thread(p, block, thread);
   if (t.row_thread >= p.groups) return;
   float acc[VEC];
@@ -139,7 +139,7 @@ MBK_HD void pool_cl_sum_thread(const SeParams& p, int64_t block, int thread, flo
 }
 
 template <int VEC>
-MBK_HD void pool_cl_tree_thread(const SeParams& p, int thread, int stride, float* smem) {
+MBK_HOST_DEVICE void pool_cl_tree_thread(const SeParams& p, int thread, int stride, float* smem) {
   const int row_thread = thread / p.group_threads;
   if (row_thread >= stride) return;
   const int channel_thread = thread % p.group_threads;
@@ -150,7 +150,7 @@ MBK_HD void pool_cl_tree_thread(const SeParams& p, int thread, int stride, float
 }
 
 template <int VEC>
-MBK_HD void pool_cl_store_thread(const SeParams& p, int64_t block, int thread, const float* smem) {
+MBK_HOST_DEVICE void pool_cl_store_thread(const SeParams& p, int64_t block, int thread, const float* smem) {
   const ClPoolThread t = cl_pool_thread(p, block, thread);
   if (t.row_thread != 0 || t.vector >= p.C / VEC) return;
   float* out = p.partial + (t.n * p.splits + t.split) * p.C + t.vector * VEC;
@@ -190,9 +190,9 @@ struct MlpSmem {
   float* partial;
 };
 
-MBK_HD MlpSmem mlp_smem(const SeParams& p, float* smem) { return {smem, smem + p.C, smem + p.C + p.R}; }
+MBK_HOST_DEVICE MlpSmem mlp_smem(const SeParams& p, float* smem) { return {smem, smem + p.C, smem + p.C + p.R}; }
 
-MBK_HD void mlp_pool_thread(const SeParams& p, int64_t n, int thread, float* smem) {
+MBK_HOST_DEVICE void mlp_pool_thread(const SeParams& p, int64_t n, int thread, float* smem) {
   const MlpSmem s = mlp_smem(p, smem);
   for (int c = thread; c < p.C; c += kMlpThreads) {
     float sum = 0.f;
@@ -202,7 +202,7 @@ MBK_HD void mlp_pool_thread(const SeParams& p, int64_t n, int thread, float* sme
 }
 
 // `lanes` threads per row of m [rows, cols]: partial[row][lane] = sum over cols = lane (mod lanes).
-MBK_HD void matvec_partial_thread(const float* m, const float* v, int rows, int cols, int lanes, float* partial,
+MBK_HOST_DEVICE void matvec_partial_thread(const float* m, const float* v, int rows, int cols, int lanes, float* partial,
                                   int thread) {
   const int lane = thread % lanes;
   for (int row = thread / lanes; row < rows; row += kMlpThreads / lanes) {
@@ -213,18 +213,18 @@ MBK_HD void matvec_partial_thread(const float* m, const float* v, int rows, int 
   }
 }
 
-MBK_HD float matvec_row(const float* partial, int row, int lanes) {
+MBK_HOST_DEVICE float matvec_row(const float* partial, int row, int lanes) {
   float sum = 0.f;
   for (int lane = 0; lane < lanes; ++lane) sum += partial[row * (lanes + 1) + lane];
   return sum;
 }
 
-MBK_HD void mlp_reduce_thread(const SeParams& p, int thread, float* smem) {
+MBK_HOST_DEVICE void mlp_reduce_thread(const SeParams& p, int thread, float* smem) {
   const MlpSmem s = mlp_smem(p, smem);
   matvec_partial_thread(p.w_reduce, s.pooled, p.R, p.C, p.reduce_lanes, s.partial, thread);
 }
 
-MBK_HD void mlp_hidden_thread(const SeParams& p, int thread, float* smem) {
+MBK_HOST_DEVICE void mlp_hidden_thread(const SeParams& p, int thread, float* smem) {
   const MlpSmem s = mlp_smem(p, smem);
   for (int r = thread; r < p.R; r += kMlpThreads) {
     const float bias = p.b_reduce ? load_ro(p.b_reduce + r) : 0.f;
@@ -232,12 +232,12 @@ MBK_HD void mlp_hidden_thread(const SeParams& p, int thread, float* smem) {
   }
 }
 
-MBK_HD void mlp_expand_thread(const SeParams& p, int thread, float* smem) {
+MBK_HOST_DEVICE void mlp_expand_thread(const SeParams& p, int thread, float* smem) {
   const MlpSmem s = mlp_smem(p, smem);
   matvec_partial_thread(p.w_expand, s.hidden, p.C, p.R, p.expand_lanes, s.partial, thread);
 }
 
-MBK_HD void mlp_gate_thread(const SeParams& p, int64_t n, int thread, float* smem) {
+MBK_HOST_DEVICE void mlp_gate_thread(const SeParams& p, int64_t n, int thread, float* smem) {
   const MlpSmem s = mlp_smem(p, smem);
   for (int c = thread; c < p.C; c += kMlpThreads) {
     const float bias = p.b_expand ? load_ro(p.b_expand + c) : 0.f;
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kMlpThreads) mlp_kernel(const SeParams p) {
 
 // -------------------------------------------------------------------------------------------------- scale
 template <class T, int VEC, bool CHANNELS_LAST>
-MBK_HD void scale_thread(const SeParams& p, int64_t block, int thread) {
+MBK_HOST_DEVICE void scale_thread(const SeParams& p, int64_t block, int thread) {
 #pragma unroll
   for (int k = 0; k < kScaleVectorsPerThread; ++k) {
     const int64_t vector = (block * kScaleVectorsPerThread + k) * kScaleThreads + thread;
