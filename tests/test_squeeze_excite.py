@@ -9,6 +9,7 @@ from torch import nn
 from mbkernels import ops
 from mbkernels.kernels import triton_se
 from mbkernels.nn import SqueezeExcite
+from models.mobilenetv3 import h_sigmoid, make_divisible
 from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
@@ -189,22 +190,6 @@ def test_triton_backend_declines_what_it_cannot_run():
 
 
 # ------------------------------------------------------------------------------------- stock modules
-def _make_divisible(v, divisor, min_value=None):
-    """As in common MobileNetV3 code: round to a multiple of divisor, going down by at most 10%."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < 0.9 * v else new_v
-
-
-class h_sigmoid(nn.Module):  # noqa: N801 (named as in the tutorial code it copies)
-    def __init__(self, inplace=True):
-        super().__init__()
-        self.relu = nn.ReLU6(inplace=inplace)
-
-    def forward(self, x):
-        return self.relu(x + 3) / 6
-
-
 class LinearSE(nn.Module):
     """Hand-written: pool, view, Linear, ReLU, Linear, Hardsigmoid, multiply."""
 
@@ -224,15 +209,15 @@ class LinearSE(nn.Module):
 
 
 class SequentialSE(nn.Module):
-    """Hand-written with the Linears in an nn.Sequential `fc`, a hand-written h_sigmoid and _make_divisible."""
+    """Hand-written with the Linears in an nn.Sequential `fc`, a hand-written h_sigmoid and make_divisible."""
 
     def __init__(self, channel, reduction=4):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(
-            nn.Linear(channel, _make_divisible(channel // reduction, 8)),
+            nn.Linear(channel, make_divisible(channel // reduction, 8)),
             nn.ReLU(inplace=True),
-            nn.Linear(_make_divisible(channel // reduction, 8), channel),
+            nn.Linear(make_divisible(channel // reduction, 8), channel),
             h_sigmoid(),
         )
 
