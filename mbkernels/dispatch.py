@@ -1,6 +1,6 @@
 """The choice of backend, made here and nowhere else.
 
-Each (backend, op) pair is served by a module under mbkernels.kernels that provides
+Each (backend, op) pair is served by a module under mbkernels.backends that provides
 `why_not_<op>(explicit, *args) -> str | None` (None: it can run this case; `explicit`: the backend was asked
 for by name), `<op>(*args) -> Tensor`, and `unavailable_reason()` / `describe()` for the whole backend. `select` asks them in priority order
 (or only the one named by the caller or MBKERNELS_BACKEND) and raises with every backend's reason when none fits.
@@ -32,12 +32,12 @@ class BackendStatus(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _module(name: str, op: str):
-    return importlib.import_module(f"mbkernels.kernels.{_MODULES[name, op]}")
+    return importlib.import_module(f"mbkernels.backends.{_MODULES[name, op]}")
 
 
 @functools.lru_cache(maxsize=None)
 def _status_module(name: str):
-    return importlib.import_module(f"mbkernels.kernels.{_STATUS_MODULES[name]}")
+    return importlib.import_module(f"mbkernels.backends.{_STATUS_MODULES[name]}")
 
 
 def requested_backend(backend: Optional[str]) -> Optional[str]:

@@ -337,14 +337,14 @@ def test_squeeze_excite_gpu_large(poisoned_outputs):
     ((7, 0), "7.5;8.0+PTX", False),
 ])
 def test_cuda_backend_knows_which_gpus_its_archs_cover(capability, archs, expected):
-    from mbkernels.kernels.cuda import runs_on
+    from mbkernels.backends.cuda import runs_on
 
     assert runs_on(capability, archs) is expected
 
 
 def test_cuda_backend_declines_what_its_launcher_refuses():
     """The launcher's limits are declared up front, so automatic dispatch falls through to another backend."""
-    from mbkernels.kernels import cuda
+    from mbkernels.backends import cuda
 
     x = torch.randn(1, 2, 300, 300)
     weight, bias = torch.randn(2, 1, 3, 3), torch.randn(2)

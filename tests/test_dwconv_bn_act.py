@@ -16,7 +16,7 @@ from torch import nn
 import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, KERNEL_BACKENDS, assert_close_to_reference
 from mbkernels import _native, activations, dispatch, ops
-from mbkernels.kernels import reference
+from mbkernels.backends import reference
 from mbkernels.nn import DWConvBNAct
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -185,7 +185,7 @@ def test_kernel_generic_shapes(backend, name, layout, poisoned_outputs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_triton_int64_offsets(layout, monkeypatch, poisoned_outputs):
     """The int64 offset path that tensors of 2**30 elements and more take, forced on a small case."""
-    from mbkernels.kernels import triton_dwconv
+    from mbkernels.backends import triton_dwconv
 
     if not mbkernels.backends()["triton"].available:
         pytest.skip(f"triton backend unavailable: {mbkernels.backends()['triton'].reason}")
@@ -251,7 +251,7 @@ def test_opcheck_backend_op(backend, layout):
 
 def _backend_op(backend):
     if backend == "triton":
-        import mbkernels.kernels.triton_dwconv  # noqa: F401  (registers the op)
+        import mbkernels.backends.triton_dwconv  # noqa: F401  (registers the op)
 
         return torch.ops.mbkernels.dwconv_bn_act_triton
     return torch.ops.mbkernels.dwconv_bn_act_cuda
@@ -528,7 +528,7 @@ def test_explicit_backend_that_cannot_run_raises(monkeypatch):
 
 
 def test_triton_serves_cpu_tensors_only_when_asked_by_name():
-    from mbkernels.kernels import triton_common, triton_dwconv
+    from mbkernels.backends import triton_common, triton_dwconv
 
     if HAS_GPU:
         pytest.skip("the rule for CPU tensors under the interpreter; a GPU machine does not interpret")

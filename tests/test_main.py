@@ -6,7 +6,7 @@ import pytest
 
 import mbkernels
 from mbkernels import __main__ as command
-from mbkernels.kernels import reference
+from mbkernels.backends import reference
 
 pytest.importorskip("torchvision")
 QUICK = ["--model", "tv:mobilenet_v3_small", "--size", "40", "--batch", "2", "--iters", "1", "--backend", "reference"]

@@ -76,7 +76,7 @@ def set_backend(model: nn.Module, backend: str) -> None:
 
 @pytest.fixture
 def ran_on(monkeypatch):
-    """The kernel modules the fused ops ran in: {'mbkernels.kernels.reference', ...}."""
+    """The kernel modules the fused ops ran in: {'mbkernels.backends.reference', ...}."""
     modules = set()
     select = dispatch.select
 
@@ -145,7 +145,7 @@ def test_outputs_match_stock(name, backend, dtype, ran_on):
             want = stock.to(device, torch.float64)(x.to(device, torch.float64))
             stock_error = relative_error(stock.to(dtype)(x.to(device, dtype)), want)
             assert relative_error(got, want) <= 2 * stock_error + 1e-3
-    assert ran_on == {f"mbkernels.kernels.{dispatch._MODULES[backend, op]}" for op in ops_in(patched)}
+    assert ran_on == {f"mbkernels.backends.{dispatch._MODULES[backend, op]}" for op in ops_in(patched)}
 
 
 def ops_in(model: nn.Module) -> set:

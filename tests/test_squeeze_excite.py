@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbkernels import ops
-from mbkernels.kernels import triton_se
+from mbkernels.backends import triton_se
 from mbkernels.nn import SqueezeExcite
 from models.mobilenetv3 import h_sigmoid, make_divisible
 from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference

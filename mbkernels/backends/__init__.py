@@ -1,0 +1,1 @@
+"""Backends: one module per backend (see mbkernels.dispatch for the contract)."""

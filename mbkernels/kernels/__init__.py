@@ -1,1 +1,0 @@
-"""Backends: one module per backend and op (see mbkernels.dispatch for the contract)."""
