@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mbkernels
-from mbkernels import activations, ops
+from mbkernels import _contract, activations, ops
 
 from .cases import LayerCase, ModelCase, compile_mode
 
@@ -193,7 +193,7 @@ def check_output(out: torch.Tensor, expected: torch.Tensor, like: torch.Tensor, 
     assert isinstance(out, torch.Tensor), f"the provider returned {type(out).__name__}, not a Tensor"
     assert out.shape == expected.shape, f"shape {tuple(out.shape)} != reference {tuple(expected.shape)}"
     assert out.dtype == like.dtype, f"dtype {out.dtype} != input dtype {like.dtype}"
-    if like.dim() == 4 and ops.memory_format_of(like) == torch.channels_last and out.dim() == 4:
+    if like.dim() == 4 and _contract.memory_format_of(like) == torch.channels_last and out.dim() == 4:
         assert out.is_contiguous(memory_format=torch.channels_last), "output is not channels_last like x"
     got = out.detach().to(torch.float64)
     assert torch.isfinite(got).all(), f"{int((~torch.isfinite(got)).sum())} output elements are not finite"

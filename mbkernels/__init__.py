@@ -8,8 +8,7 @@
 from importlib import metadata as _metadata
 
 from . import _native  # noqa: F401  (loads mbkernels._C, or warns once and leaves it off)
-from . import nn, ops
-from .dispatch import backends
+from . import backends, nn, ops  # backends: the package of backend modules, callable as backends()
 from .patch import patch, patch_report, unpatch
 
 try:

@@ -1,22 +1,28 @@
 """The one table of activation and gate names and their math.
 
-The position of a name in ACTIVATIONS / GATES is the integer code that the Triton kernels take as a
-constexpr; the CUDA kernels parse the same names (csrc/activations.cuh) and a test checks both tables agree.
+An activation spec is a name, or a name and its parameter: "relu", "leaky_relu:0.2" (the negative slope; 0.01
+when left out). The position of a name in ACTIVATIONS / GATES is the integer code that the Triton kernels take as
+a constexpr; the CUDA kernels parse the same specs (csrc/activations.cuh) and a test checks both tables agree.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "relu", "relu6", "hardswish", "silu")
+ACTIVATIONS = ("identity", "relu", "relu6", "hardswish", "silu", "gelu", "gelu_tanh", "leaky_relu")
 GATES = ("sigmoid", "hardsigmoid")
-# The squeeze-excite hidden activation is a subset of ACTIVATIONS.
-SE_ACTIVATIONS = ("relu", "silu")
+# Activations that take a parameter, and its value when the spec leaves it out (nn.LeakyReLU's default).
+PARAMETER_DEFAULTS = {"leaky_relu": 0.01}
 
 _ACTIVATION_MATH = {
-    "identity": lambda t: t,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "hardswish": F.hardswish,
-    "silu": F.silu,
+    "identity": lambda t, _: t,
+    "relu": lambda t, _: F.relu(t),
+    "relu6": lambda t, _: F.relu6(t),
+    "hardswish": lambda t, _: F.hardswish(t),
+    "silu": lambda t, _: F.silu(t),
+    "gelu": lambda t, _: F.gelu(t),
+    "gelu_tanh": lambda t, _: F.gelu(t, approximate="tanh"),
+    "leaky_relu": lambda t, slope: F.leaky_relu(t, slope),
 }
 _GATE_MATH = {
     "sigmoid": torch.sigmoid,
@@ -30,17 +36,40 @@ def _code(name: str, table: tuple, what: str) -> int:
     return table.index(name)
 
 
-def activation_code(name: str) -> int:
-    return _code(name, ACTIVATIONS, "activation")
+def parse_activation(spec: str) -> tuple[str, float]:
+    """(name, parameter) of an activation spec; ValueError for an unknown name or a bad parameter."""
+    if not isinstance(spec, str):
+        raise ValueError(f"an activation is named by a string, got {type(spec).__name__}")
+    name, _, text = spec.partition(":")
+    _code(name, ACTIVATIONS, "activation")
+    if not text:
+        return name, PARAMETER_DEFAULTS.get(name, 0.0)
+    if name not in PARAMETER_DEFAULTS:
+        raise ValueError(f"activation {name!r} takes no parameter, got {spec!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"activation {spec!r}: the parameter must be a finite number")
+    return name, value
+
+
+def activation_code(spec: str) -> int:
+    return ACTIVATIONS.index(parse_activation(spec)[0])
+
+
+def activation_parameter(spec: str) -> float:
+    return parse_activation(spec)[1]
 
 
 def gate_code(name: str) -> int:
     return _code(name, GATES, "gate")
 
 
-def apply_activation(name: str, t: torch.Tensor) -> torch.Tensor:
-    activation_code(name)
-    return _ACTIVATION_MATH[name](t)
+def apply_activation(spec: str, t: torch.Tensor) -> torch.Tensor:
+    name, parameter = parse_activation(spec)
+    return _ACTIVATION_MATH[name](t, parameter)
 
 
 def apply_gate(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -48,30 +77,35 @@ def apply_gate(name: str, t: torch.Tensor) -> torch.Tensor:
     return _GATE_MATH[name](t)
 
 
-# Stock modules that correspond to each name, for matching models.
-ACTIVATION_MODULES = {
-    torch.nn.Identity: "identity",
-    torch.nn.ReLU: "relu",
-    torch.nn.ReLU6: "relu6",
-    torch.nn.Hardswish: "hardswish",
-    torch.nn.SiLU: "silu",
-}
+def _spec(name: str, parameter: float) -> str:
+    return f"{name}:{parameter!r}" if name in PARAMETER_DEFAULTS else name
+
+
+def _module_activation(module) -> "str | None":
+    """The spec of a stock activation module, read from its type and settings."""
+    simple = {torch.nn.Identity: "identity", torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu6",
+              torch.nn.Hardswish: "hardswish", torch.nn.SiLU: "silu"}
+    if type(module) in simple:
+        return simple[type(module)]
+    if type(module) is torch.nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if type(module) is torch.nn.LeakyReLU:
+        return _spec("leaky_relu", float(module.negative_slope))
+    return None
+
+
 GATE_MODULES = {
     torch.nn.Sigmoid: "sigmoid",
     torch.nn.Hardsigmoid: "hardsigmoid",
 }
 
-
 _PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
 
 
-def _identify(module, known: dict, math: dict):
-    name = known.get(type(module))
-    if name is not None:
-        return name
+def _probe_output(module):
+    """What a parameter-free module computes on _PROBE, or None when it is not an elementwise function of it."""
     if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
         return None
-    # A hand-written activation (class h_swish(nn.Module) ...): recognise it by what it computes.
     try:
         with torch.no_grad():
             out = module(_PROBE.clone())
@@ -79,17 +113,37 @@ def _identify(module, known: dict, math: dict):
         return None
     if not isinstance(out, torch.Tensor) or out.shape != _PROBE.shape:
         return None
-    for candidate, fn in math.items():
-        if torch.allclose(out.to(torch.float64), fn(_PROBE), rtol=1e-6, atol=1e-6):
-            return candidate
-    return None
+    return out.to(torch.float64)
+
+
+def _matches(out: torch.Tensor, want: torch.Tensor) -> bool:
+    return torch.allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
 def identify_activation(module: torch.nn.Module):
-    """The ACTIVATIONS name of a stock or hand-written activation module, or None if it computes none of them."""
-    return _identify(module, ACTIVATION_MODULES, _ACTIVATION_MATH)
+    """The spec of a stock or hand-written activation module, or None if it computes none of the table's."""
+    spec = _module_activation(module)
+    if spec is not None:
+        return spec
+    out = _probe_output(module)
+    if out is None:
+        return None
+    # A hand-written activation (class h_swish(nn.Module) ...): recognise it by what it computes.
+    negative = _PROBE < 0
+    slope = (out[negative] / _PROBE[negative]).mean().item()
+    for name, fn in _ACTIVATION_MATH.items():
+        parameter = slope if name in PARAMETER_DEFAULTS else 0.0
+        if _matches(out, fn(_PROBE, parameter)):
+            return _spec(name, parameter)
+    return None
 
 
 def identify_gate(module: torch.nn.Module):
     """The GATES name of a stock or hand-written gate module, or None."""
-    return _identify(module, GATE_MODULES, _GATE_MATH)
+    name = GATE_MODULES.get(type(module))
+    if name is not None:
+        return name
+    out = _probe_output(module)
+    if out is None:
+        return None
+    return next((name for name, fn in _GATE_MATH.items() if _matches(out, fn(_PROBE))), None)

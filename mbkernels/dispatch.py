@@ -1,28 +1,15 @@
 """The choice of backend, made here and nowhere else.
 
-Each (backend, op) pair is served by a module under mbkernels.backends that provides
-`why_not_<op>(explicit, *args) -> str | None` (None: it can run this case; `explicit`: the backend was asked
-for by name), `<op>(*args) -> Tensor`, and `unavailable_reason()` / `describe()` for the whole backend. `select` asks them in priority order
+Each backend declares itself (mbkernels.backends.Backend): the devices it serves, those it serves only when asked
+for by name, whether it can run here, and per op its run function and limits. `select` asks them in priority order
 (or only the one named by the caller or MBKERNELS_BACKEND) and raises with every backend's reason when none fits.
 """
-import functools
-import importlib
 import os
 from typing import Callable, NamedTuple, Optional
 
-BACKENDS = ("cuda", "triton", "reference")  # priority order
-ENV_VAR = "MBKERNELS_BACKEND"
+from . import backends as _backends
 
-_MODULES = {
-    ("cuda", "dwconv_bn_act"): "cuda",
-    ("cuda", "squeeze_excite"): "cuda",
-    ("triton", "dwconv_bn_act"): "triton_dwconv",
-    ("triton", "squeeze_excite"): "triton_se",
-    ("reference", "dwconv_bn_act"): "reference",
-    ("reference", "squeeze_excite"): "reference",
-}
-# What backends() asks about availability: the module that holds the backend's shared checks.
-_STATUS_MODULES = {"cuda": "cuda", "triton": "triton_common", "reference": "reference"}
+ENV_VAR = "MBKERNELS_BACKEND"
 
 
 class BackendStatus(NamedTuple):
@@ -30,54 +17,56 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
-@functools.lru_cache(maxsize=None)
-def _module(name: str, op: str):
-    return importlib.import_module(f"mbkernels.backends.{_MODULES[name, op]}")
-
-
-@functools.lru_cache(maxsize=None)
-def _status_module(name: str):
-    return importlib.import_module(f"mbkernels.backends.{_STATUS_MODULES[name]}")
-
-
 def requested_backend(backend: Optional[str]) -> Optional[str]:
     """The backend asked for by the caller, else by MBKERNELS_BACKEND, else None (pick automatically)."""
     name = backend or os.environ.get(ENV_VAR) or None
-    if name is not None and name not in BACKENDS:
+    names = _backends.names()
+    if name is not None and name not in names:
         source = "backend" if backend else ENV_VAR
-        raise ValueError(f"unknown {source} {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown {source} {name!r}; expected one of {', '.join(names)}")
     return name
 
 
-def _why_not(name: str, op: str, explicit: bool, args) -> Optional[str]:
-    reason = _status_module(name).unavailable_reason()
-    if reason is None:
-        reason = getattr(_module(name, op), f"why_not_{op}")(explicit, *args)
-    return reason
+def _device_reason(backend, device, explicit: bool) -> Optional[str]:
+    served = device.type in backend.devices or _backends.ANY_DEVICE in backend.devices
+    if served or (explicit and device.type in backend.opt_in_devices):
+        return backend.device_limit(device)
+    if device.type in backend.opt_in_devices:
+        return f"{device.type} tensors run the {backend.name} backend only when it is asked for by name"
+    served = list(backend.devices) + [f"{d} (when asked for by name)" for d in backend.opt_in_devices]
+    return f"x is on {device.type}; the {backend.name} backend runs {' or '.join(served) or 'nothing here'} tensors"
 
 
-def select(op: str, backend: Optional[str], *args) -> Callable:
-    """The kernel of the first backend that can run `op` on these (already checked) arguments."""
+def why_not(backend, op: str, args, explicit: bool) -> Optional[str]:
+    """Why `backend` cannot run `op` on these (checked, normalised) arguments; None when it can."""
+    support = backend.ops.get(op)
+    if support is None:
+        return f"it has no {op} kernel"
+    return backend.unavailable_reason() or _device_reason(backend, args.x.device, explicit) or support.limit(args)
+
+
+def select(op: str, backend: Optional[str], args) -> Callable:
+    """The run function of the first backend that can run `op` on args."""
     name = requested_backend(backend)
     if name is not None:
-        reason = _why_not(name, op, True, args)
+        chosen = _backends.get(name)
+        reason = why_not(chosen, op, args, explicit=True)
         if reason is not None:
             raise RuntimeError(f"the {name} backend cannot run {op} here: {reason}")
-        return getattr(_module(name, op), op)
+        return chosen.ops[op].run
     reasons = []
-    for candidate in BACKENDS:
-        reason = _why_not(candidate, op, False, args)
+    for candidate in _backends.declared():
+        reason = why_not(candidate, op, args, explicit=False)
         if reason is None:
-            return getattr(_module(candidate, op), op)
-        reasons.append(f"{candidate}: {reason}")
+            return candidate.ops[op].run
+        reasons.append(f"{candidate.name}: {reason}")
     raise RuntimeError(f"no backend can run {op} on these inputs ({'; '.join(reasons)})")
 
 
 def backends() -> dict[str, BackendStatus]:
     """Each backend's availability on this machine and, where it is off, why."""
     status = {}
-    for name in BACKENDS:
-        module = _status_module(name)
-        reason = module.unavailable_reason()
-        status[name] = BackendStatus(reason is None, reason or module.describe())
+    for backend in _backends.declared():
+        reason = backend.unavailable_reason()
+        status[backend.name] = BackendStatus(reason is None, reason or backend.describe())
     return status

@@ -1,11 +1,9 @@
-"""The public ops: argument checks, schemas, fake kernels and the functions users call.
+"""The public ops: the functions users call and their registered custom ops (`torch.ops.mbkernels.<name>`).
 
-Each public op is one registered custom op (`torch.ops.mbkernels.<name>`) whose fake kernel lets
-torch.compile(fullgraph=True) trace it; its real kernel normalises the arguments once and hands them to the
-backend that `dispatch.select` picks. Plain eager calls of the public functions run that same implementation
-without the custom-op dispatch (see _plain_eager_call). Backends then receive:
-  x       contiguous in its own layout (NCHW or channels_last), float32/float16/bfloat16, N > 0;
-  weights contiguous float32 on x's device.
+Each public op is one custom op whose fake kernel (the contract's output allocation) lets
+torch.compile(fullgraph=True) trace it; its real kernel checks and normalises the arguments once (mbkernels._contract)
+and hands the bundle to the backend that `dispatch.select` picks. Plain eager calls of the public functions run that
+same implementation without the custom-op dispatch (see _plain_eager_call).
 """
 from typing import Optional, Sequence, Union
 
@@ -13,50 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import activations, dispatch
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IntOrPair = Union[int, Sequence[int]]
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """channels_last when x is laid out (or viewed) with channels innermost, else NCHW."""
-    if x.dim() == 4 and not x.is_contiguous() and x.stride(1) == 1 and x.shape[1] > 1:
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _pair(value: IntOrPair, name: str) -> list[int]:
-    if isinstance(value, int):
-        return [value, value]
-    try:
-        pair = list(value)
-    except TypeError:
-        pair = None
-    if pair is None or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
-
-
-def _check_tensor(t, name: str, dims: int, device: torch.device) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must be a {dims}-D tensor, got shape {tuple(t.shape)}")
-    if not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}; put them on one device")
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+from . import dispatch
+from ._contract import CONTRACTS, DWConvArgs, IntOrPair, SEArgs, check_x, pair, padding4
 
 
 def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
@@ -74,77 +30,36 @@ def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
 
-def _as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.to(torch.float32).contiguous()
+def _run(op: str, args, backend: str) -> Tensor:
+    """Check, normalise, dispatch: the one implementation behind every public op."""
+    contract = CONTRACTS[op]
+    contract.check(args)
+    if args.x.numel() == 0:
+        return contract.output(args)
+    args = contract.normalise(args)
+    return dispatch.select(op, backend, args)(args)
+
+
+def _register(op: str, function) -> None:
+    """Register function as torch.ops.mbkernels.<op> with the contract's output as its fake kernel."""
+    contract = CONTRACTS[op]
+    registered = torch.library.custom_op(f"mbkernels::{op}", function, mutates_args=())
+
+    @registered.register_fake
+    def _(*values):
+        args = contract.bundle(*values[:-1])
+        contract.check(args)
+        return contract.output(args)
 
 
 # ----------------------------------------------------------------------------- depthwise conv + BN + act
-def dwconv_output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
-    kh, kw = weight.shape[2], weight.shape[3]
-    out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return out_h, out_w
+def _dwconv_bn_act_op(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
+                      dilation: list[int], activation: str, backend: str) -> Tensor:
+    args = CONTRACTS["dwconv_bn_act"].bundle(x, weight, bias, stride, padding, dilation, activation)
+    return _run("dwconv_bn_act", args, backend)
 
 
-def check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation) -> None:
-    _check_x(x)
-    channels = x.shape[1]
-    _check_tensor(weight, "weight", 4, x.device)
-    if weight.shape[0] != channels or weight.shape[1] != 1:
-        raise ValueError(
-            f"weight must be [C, 1, kh, kw] with C = {channels} (x's channels) for a depthwise conv, got "
-            f"{tuple(weight.shape)}; a conv that is not depthwise (groups != channels) cannot be fused"
-        )
-    _check_tensor(bias, "bias", 1, x.device)
-    if bias.shape[0] != channels:
-        raise ValueError(f"bias must be [C] = [{channels}], got {tuple(bias.shape)}")
-    for name, pair, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        if len(pair) != 2 or min(pair) < low:
-            raise ValueError(f"{name} must be two ints >= {low}, got {list(pair)}")
-    activations.activation_code(activation)
-    out_h, out_w = dwconv_output_hw(x, weight, stride, padding, dilation)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"the output would be empty ({out_h}x{out_w}): kernel {tuple(weight.shape[2:])} with dilation "
-            f"{list(dilation)} does not fit x's {x.shape[2]}x{x.shape[3]} plane padded by {list(padding)}"
-        )
-
-
-def _empty_dwconv_output(x, weight, stride, padding, dilation) -> Tensor:
-    out_h, out_w = dwconv_output_hw(x, weight, stride, padding, dilation)
-    return torch.empty(
-        (x.shape[0], x.shape[1], out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x)
-    )
-
-
-def _run_dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation, backend) -> Tensor:
-    check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-    if x.numel() == 0:
-        return _empty_dwconv_output(x, weight, stride, padding, dilation)
-    x = x.contiguous(memory_format=memory_format_of(x))
-    weight, bias = _as_float32(weight), _as_float32(bias)
-    run = dispatch.select("dwconv_bn_act", backend, x, weight, bias, stride, padding, dilation, activation)
-    return run(x, weight, bias, stride, padding, dilation, activation)
-
-
-@torch.library.custom_op("mbkernels::dwconv_bn_act", mutates_args=())
-def _dwconv_bn_act_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    activation: str,
-    backend: str,
-) -> Tensor:
-    return _run_dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation, backend)
-
-
-@_dwconv_bn_act_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, activation, backend):
-    check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-    return _empty_dwconv_output(x, weight, stride, padding, dilation)
+_register("dwconv_bn_act", _dwconv_bn_act_op)
 
 
 def dwconv_bn_act(
@@ -152,26 +67,27 @@ def dwconv_bn_act(
     weight: Tensor,
     bias: Tensor,
     stride: IntOrPair = 1,
-    padding: Optional[IntOrPair] = None,
+    padding: Optional[Union[int, Sequence[int]]] = None,
     dilation: IntOrPair = 1,
     activation: str = "hardswish",
     backend: Optional[str] = None,
 ) -> Tensor:
     """act(conv2d(x, weight, bias, stride, padding, dilation, groups=C)) in one pass over memory.
 
-    weight [C, 1, kh, kw] and bias [C] carry the folded BatchNorm (see `fold_bn`). padding=None pads by
-    dilation * (k // 2), which keeps the plane's size at stride 1. The output has x's dtype and memory format.
+    weight [C * M, 1, kh, kw] (M: the depth multiplier, usually 1) and bias [C * M] carry the folded BatchNorm (see
+    `fold_bn`). padding: an int, [h, w], or [top, bottom, left, right]; None pads by dilation * (k // 2), which
+    keeps the plane's size at stride 1. activation: a name of mbkernels.activations.ACTIVATIONS, with a parameter
+    where it takes one ("leaky_relu:0.2"). The output has x's dtype and memory format.
     """
-    _check_x(x)
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    check_x(x)
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     if padding is None:
         if not isinstance(weight, Tensor) or weight.dim() != 4:
-            check_dwconv_bn_act_args(x, weight, bias, stride, [0, 0], dilation, activation)
+            CONTRACTS["dwconv_bn_act"].check(DWConvArgs(x, weight, bias, stride, [0] * 4, dilation, activation))
         padding = [dilation[0] * (weight.shape[2] // 2), dilation[1] * (weight.shape[3] // 2)]
-    padding = _pair(padding, "padding")
-    args = (x, weight, bias, stride, padding, dilation, activation, backend or "")
+    args = (x, weight, bias, stride, padding4(padding), dilation, activation, backend or "")
     if _plain_eager_call(x, weight, bias):
-        return _run_dwconv_bn_act(*args)
+        return _dwconv_bn_act_op(*args)
     return torch.ops.mbkernels.dwconv_bn_act(*args)
 
 
@@ -205,66 +121,12 @@ def fold_bn(conv: torch.nn.Conv2d, bn: Optional[torch.nn.BatchNorm2d]) -> tuple[
 
 
 # -------------------------------------------------------------------------------------- squeeze-excite
-def _as_matrix(w, name: str, rows: int, cols: int, device) -> None:
-    if not isinstance(w, Tensor):
-        raise ValueError(f"{name} must be a Tensor, got {type(w).__name__}")
-    if w.dim() == 4 and w.shape[2:] == (1, 1):
-        w = w.flatten(1)
-    _check_tensor(w, name, 2, device)
-    if tuple(w.shape) != (rows, cols):
-        raise ValueError(f"{name} must be [{rows}, {cols}] (or [{rows}, {cols}, 1, 1]), got {tuple(w.shape)}")
+def _squeeze_excite_op(x: Tensor, w_reduce: Tensor, b_reduce: Optional[Tensor], w_expand: Tensor,
+                       b_expand: Optional[Tensor], activation: str, gate: str, backend: str) -> Tensor:
+    return _run("squeeze_excite", SEArgs(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate), backend)
 
 
-def check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> None:
-    _check_x(x)
-    channels = x.shape[1]
-    if not isinstance(w_reduce, Tensor) or w_reduce.dim() not in (2, 4):
-        got = tuple(w_reduce.shape) if isinstance(w_reduce, Tensor) else type(w_reduce).__name__
-        raise ValueError(f"w_reduce must be [R, C] (or [R, C, 1, 1]), got {got}")
-    reduced = w_reduce.shape[0]
-    _as_matrix(w_reduce, "w_reduce", reduced, channels, x.device)
-    _as_matrix(w_expand, "w_expand", channels, reduced, x.device)
-    for name, b, size in (("b_reduce", b_reduce, reduced), ("b_expand", b_expand, channels)):
-        if b is not None:
-            _check_tensor(b, name, 1, x.device)
-            if b.shape[0] != size:
-                raise ValueError(f"{name} must be [{size}], got {tuple(b.shape)}")
-    if activation not in activations.SE_ACTIVATIONS:
-        raise ValueError(
-            f"unknown squeeze-excite activation {activation!r}; expected one of {', '.join(activations.SE_ACTIVATIONS)}"
-        )
-    activations.gate_code(gate)
-
-
-def _run_squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend) -> Tensor:
-    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=memory_format_of(x))
-    x = x.contiguous(memory_format=memory_format_of(x))
-    w_reduce, w_expand = _as_float32(w_reduce.flatten(1)), _as_float32(w_expand.flatten(1))
-    b_reduce, b_expand = _as_float32(b_reduce), _as_float32(b_expand)
-    args = (x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-    return dispatch.select("squeeze_excite", backend, *args)(*args)
-
-
-@torch.library.custom_op("mbkernels::squeeze_excite", mutates_args=())
-def _squeeze_excite_op(
-    x: Tensor,
-    w_reduce: Tensor,
-    b_reduce: Optional[Tensor],
-    w_expand: Tensor,
-    b_expand: Optional[Tensor],
-    activation: str,
-    gate: str,
-    backend: str,
-) -> Tensor:
-    return _run_squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend)
-
-
-@_squeeze_excite_op.register_fake
-def _(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend):
-    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-    return torch.empty_like(x, memory_format=memory_format_of(x))
+_register("squeeze_excite", _squeeze_excite_op)
 
 
 def squeeze_excite(
@@ -282,8 +144,8 @@ def squeeze_excite(
     w_reduce is [R, C] and w_expand [C, R] (1x1-conv weights [R, C, 1, 1] / [C, R, 1, 1] also do); biases
     may be None. The pooled mean and the MLP run in float32; the output has x's dtype and memory format.
     """
-    _check_x(x)
+    check_x(x)
     args = (x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend or "")
     if _plain_eager_call(x, w_reduce, b_reduce, w_expand, b_expand):
-        return _run_squeeze_excite(*args)
+        return _squeeze_excite_op(*args)
     return torch.ops.mbkernels.squeeze_excite(*args)

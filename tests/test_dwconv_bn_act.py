@@ -14,17 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import mbkernels
-from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, KERNEL_BACKENDS, assert_close_to_reference
-from mbkernels import _native, activations, dispatch, ops
-from mbkernels.backends import reference
+from oracle import dwconv64, stock_activation
+from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, KERNEL_BACKENDS, assert_close_to_reference, backend_unavailable
+from mbkernels import _contract, _native, activations, dispatch, ops
+from mbkernels._contract import DWConvArgs
+from mbkernels.backends import OpSupport, declared as declared_backends, reference
 from mbkernels.nn import DWConvBNAct
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-# The oracle's activations: stock modules, not the package's table.
-STOCK_ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish,
-                     "silu": nn.SiLU}
-
 
 @pytest.fixture(autouse=True)
 def _seed(request):
@@ -61,19 +59,14 @@ def random_weights(channels, kh, kw, device=DEVICE) -> tuple[torch.Tensor, torch
     return weight, torch.randn(channels, device=device) * 0.5
 
 
-def reference_float64(x, weight, bias, stride, padding, dilation, activation) -> torch.Tensor:
-    y = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation, groups=x.shape[1])
-    return STOCK_ACTIVATIONS[activation]()(y)
-
-
 def check_against_reference(backend, x, weight, bias, stride, padding, dilation, activation):
     """Run the op and hold it to the float64 reference; the inputs keep their values, the output x's layout."""
     inputs_before = [t.clone() for t in (x, weight, bias)]
     out = ops.dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation, backend=backend)
     for name, tensor, before in zip(("x", "weight", "bias"), (x, weight, bias), inputs_before):
         assert torch.equal(tensor, before), f"the op modified {name}"
-    assert_close_to_reference(out, reference_float64(x, weight, bias, stride, padding, dilation, activation), x.dtype)
-    assert out.is_contiguous(memory_format=ops.memory_format_of(x)), f"output strides {out.stride()}"
+    assert_close_to_reference(out, dwconv64(x, weight, bias, stride, padding, dilation, activation), x.dtype)
+    assert out.is_contiguous(memory_format=_contract.memory_format_of(x)), f"output strides {out.stride()}"
 
 
 # ------------------------------------------------------------------------- the reference vs stock modules
@@ -82,7 +75,7 @@ def check_against_reference(backend, x, weight, bias, stride, padding, dilation,
 def test_reference_matches_stock_modules(activation, layout):
     channels, kernel_size, stride = 24, 5, 2
     conv, bn = depthwise_conv(channels, kernel_size, stride).to(DEVICE), random_bn(channels).to(DEVICE)
-    stock = nn.Sequential(conv, bn, STOCK_ACTIVATIONS[activation]()).double()
+    stock = nn.Sequential(conv, bn, stock_activation(activation)).double()
     x = random_x((2, channels, 15, 17), layout=layout)
     weight, bias = ops.fold_bn(conv, bn)
     out = ops.dwconv_bn_act(x, weight, bias, stride, activation=activation, backend="reference")
@@ -185,11 +178,11 @@ def test_kernel_generic_shapes(backend, name, layout, poisoned_outputs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_triton_int64_offsets(layout, monkeypatch, poisoned_outputs):
     """The int64 offset path that tensors of 2**30 elements and more take, forced on a small case."""
-    from mbkernels.backends import triton_dwconv
-
     if not mbkernels.backends()["triton"].available:
         pytest.skip(f"triton backend unavailable: {mbkernels.backends()['triton'].reason}")
-    monkeypatch.setattr(triton_dwconv, "INT64_ELEMENTS", 0)
+    from mbkernels.backends.triton import dwconv
+
+    monkeypatch.setattr(dwconv, "INT64_ELEMENTS", 0)
     x = random_x((2, 24, 15, 17), torch.float16, layout)
     weight, bias = random_weights(24, 5, 5)
     check_against_reference("triton", x, weight, bias, [2, 2], [2, 2], [1, 1], "silu")
@@ -244,45 +237,12 @@ def test_opcheck_public_op(backend, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_opcheck_backend_op(backend, layout):
-    torch.library.opcheck(_backend_op(backend), _op_args(layout, torch.float16))
-
-
-def _backend_op(backend):
-    if backend == "triton":
-        import mbkernels.backends.triton_dwconv  # noqa: F401  (registers the op)
-
-        return torch.ops.mbkernels.dwconv_bn_act_triton
-    return torch.ops.mbkernels.dwconv_bn_act_cuda
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backend_op_checks_its_arguments(backend):
-    x, weight, bias, *rest = _op_args("nchw")
-    with pytest.raises((ValueError, RuntimeError), match=r"bias must be \[(C\] = \[)?8\]"):
-        _backend_op(backend)(x, weight, bias[:7], *rest)
-
-
-def test_triton_op_reads_any_strides(poisoned_outputs):
-    """Called directly (not through the public op, which hands over contiguous x), the Triton op reads x's strides."""
-    if not mbkernels.backends()["triton"].available:
-        pytest.skip(f"triton backend unavailable: {mbkernels.backends()['triton'].reason}")
-    x = torch.randn(2, 20, 13, 22, device=DEVICE)[:, 3:14, :, ::2]
-    weight, bias = random_weights(11, 3, 3)
-    args = (weight, bias, [1, 2], [1, 1], [1, 1], "relu")
-    out = _backend_op("triton")(x, *args)
-    assert_close_to_reference(out, reference_float64(x, *args), torch.float32)
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_compile_backend_op(backend, poisoned_outputs):
-    """The backend's own op under torch.compile: on a GPU, inductor launches the Triton kernel itself."""
-    op = _backend_op(backend)
-    args = _op_args("channels_last", torch.bfloat16)
-    compiled = torch.compile(lambda x: op(x, *args[1:]), fullgraph=True,
-                             backend="inductor" if HAS_GPU else "aot_eager")
-    assert_close_to_reference(compiled(args[0]), reference_float64(*args), torch.bfloat16)
+def test_opcheck_cuda_op(layout):
+    if backend_unavailable("cuda"):
+        pytest.skip(f"cuda backend unavailable: {backend_unavailable('cuda')}")
+    x, weight, bias, stride, padding, dilation, activation = _op_args(layout, torch.float16)
+    torch.library.opcheck(torch.ops.mbkernels.dwconv_bn_act_cuda,
+                          (x, weight, bias, stride, padding * 2, dilation, activation))
 
 
 class TwoDepthwiseLayers(nn.Module):
@@ -314,7 +274,7 @@ def test_compile_fullgraph(backend, poisoned_outputs):
 # ----------------------------------------------------------------------------------------- DWConvBNAct
 def _stock_and_fused(channels=24, kernel_size=5, stride=2, activation="silu", backend=None):
     conv = depthwise_conv(channels, kernel_size, stride, bias=True)
-    stock = nn.Sequential(conv, random_bn(channels), STOCK_ACTIVATIONS[activation]()).to(DEVICE).eval()
+    stock = nn.Sequential(conv, random_bn(channels), stock_activation(activation)).to(DEVICE).eval()
     fused = DWConvBNAct(*copy.deepcopy(stock), backend=backend).eval()
     return stock, fused
 
@@ -404,8 +364,8 @@ def test_module_rejects_bn_without_running_stats():
 
 
 def test_module_rejects_unsupported_activation():
-    with pytest.raises(ValueError, match="activation GELU has no fused kernel"):
-        DWConvBNAct(depthwise_conv(8, 3), random_bn(8), nn.GELU())
+    with pytest.raises(ValueError, match="activation Mish has no fused kernel"):
+        DWConvBNAct(depthwise_conv(8, 3), random_bn(8), nn.Mish())
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -421,16 +381,16 @@ BAD_INPUT = {
     "x_float64": (lambda a: dict(a, x=a["x"].double()), ValueError, "x must be float32, float16 or bfloat16"),
     "weight_rank": (lambda a: dict(a, weight=a["weight"][:, 0]), ValueError, "weight must be a 4-D tensor"),
     "weight_channels": (lambda a: dict(a, weight=torch.randn(9, 1, 3, 3, device=DEVICE)), ValueError,
-                        r"weight must be \[C, 1, kh, kw\] with C = 8"),
+                        r"weight must be \[C \* M, 1, kh, kw\] with C = 8"),
     "weight_not_depthwise": (lambda a: dict(a, weight=torch.randn(8, 2, 3, 3, device=DEVICE)), ValueError,
                              "weight must be .* depthwise"),
     "weight_integer": (lambda a: dict(a, weight=a["weight"].to(torch.int64)), ValueError,
                        "weight must be a floating-point tensor"),
-    "bias_size": (lambda a: dict(a, bias=a["bias"][:7]), ValueError, r"bias must be \[C\] = \[8\], got \(7,\)"),
+    "bias_size": (lambda a: dict(a, bias=a["bias"][:7]), ValueError, r"bias must be \[C \* M\] = \[8\], got \(7,\)"),
     "bias_rank": (lambda a: dict(a, bias=a["bias"][None]), ValueError, "bias must be a 1-D tensor"),
     "weight_other_device": (lambda a: dict(a, weight=a["weight"].to("meta")), ValueError, "weight is on meta"),
     "bias_other_device": (lambda a: dict(a, bias=a["bias"].to("meta")), ValueError, "bias is on meta"),
-    "activation": (lambda a: dict(a, activation="gelu"), ValueError, "unknown activation 'gelu'"),
+    "activation": (lambda a: dict(a, activation="mish"), ValueError, "unknown activation 'mish'"),
     "negative_padding": (lambda a: dict(a, padding=(1, -1)), ValueError, r"padding must be two ints >= 0"),
     "zero_stride": (lambda a: dict(a, stride=0), ValueError, r"stride must be two ints >= 1"),
     "zero_dilation": (lambda a: dict(a, dilation=(0, 1)), ValueError, r"dilation must be two ints >= 1"),
@@ -456,33 +416,33 @@ def test_bad_input_raises_under_compile():
     def run(x):
         return ops.dwconv_bn_act(x, args["weight"][:, :, :2], args["bias"][:7], activation="relu")
 
-    with pytest.raises(Exception, match=r"bias must be \[C\] = \[8\]"):
+    with pytest.raises(Exception, match=r"bias must be \[C \* M\] = \[8\]"):
         torch.compile(run, fullgraph=True, backend="eager")(args["x"])
 
 
 # ------------------------------------------------------------------------------------- choice of backend
 def test_environment_variable_picks_the_backend(monkeypatch):
     args = tuple(_op_args("nchw"))
-    for name in dispatch.BACKENDS:
-        if not mbkernels.backends()[name].available:
+    args = normalised_args(args)
+    for backend in declared_backends():
+        if not mbkernels.backends()[backend.name].available:
             continue
-        monkeypatch.setenv(dispatch.ENV_VAR, name)
-        module = dispatch._module(name, "dwconv_bn_act")
-        assert dispatch.select("dwconv_bn_act", None, *args) is module.dwconv_bn_act
+        monkeypatch.setenv(dispatch.ENV_VAR, backend.name)
+        assert dispatch.select("dwconv_bn_act", None, args) is backend.ops["dwconv_bn_act"].run
     # The caller's explicit choice wins over the variable.
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
-    assert dispatch.select("dwconv_bn_act", "reference", *args) is reference.dwconv_bn_act
+    assert dispatch.select("dwconv_bn_act", "reference", args) is reference.dwconv_bn_act
 
 
 def test_environment_variable_reaches_the_op(monkeypatch):
     calls = []
     run_reference = reference.dwconv_bn_act
 
-    def spy(*args):
-        calls.append(args[0].shape)
-        return run_reference(*args)
+    def spy(args):
+        calls.append(args.x.shape)
+        return run_reference(args)
 
-    monkeypatch.setattr(reference, "dwconv_bn_act", spy)
+    monkeypatch.setitem(reference.BACKEND.ops, "dwconv_bn_act", OpSupport(spy))
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     ops.dwconv_bn_act(**_good_args())
     assert calls == [(2, 8, 9, 10)]
@@ -496,7 +456,7 @@ def test_unknown_backend_in_environment_raises(monkeypatch):
 
 def test_backends_report_a_reason_for_each(monkeypatch):
     status = mbkernels.backends()
-    assert set(status) == set(dispatch.BACKENDS)
+    assert list(status) == ["cuda", "triton", "reference"]
     assert status["reference"].available
     for name, (available, reason) in status.items():
         assert isinstance(reason, str) and reason, f"{name} gives no reason"
@@ -509,35 +469,48 @@ def test_backends_report_a_reason_for_each(monkeypatch):
 
 
 def test_dispatch_failure_lists_every_backend(monkeypatch):
-    monkeypatch.setattr(reference, "why_not_dwconv_bn_act", lambda explicit, *args: "switched off by a test")
+    switch_off_reference(monkeypatch)
     args = _good_args()
     args = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(RuntimeError, match="no backend can run dwconv_bn_act") as error:
         ops.dwconv_bn_act(**args)
     message = str(error.value)
-    for name in dispatch.BACKENDS:
+    for name in ("cuda", "triton", "reference"):
         assert f"{name}: " in message
     assert "reference: switched off by a test" in message
     assert "cuda: " in message and "triton: " in message
 
 
 def test_explicit_backend_that_cannot_run_raises(monkeypatch):
-    monkeypatch.setattr(reference, "why_not_dwconv_bn_act", lambda explicit, *args: "switched off by a test")
+    switch_off_reference(monkeypatch)
     with pytest.raises(RuntimeError, match="the reference backend cannot run dwconv_bn_act here: switched off"):
         ops.dwconv_bn_act(**_good_args(), backend="reference")
 
 
 def test_triton_serves_cpu_tensors_only_when_asked_by_name():
-    from mbkernels.backends import triton_common, triton_dwconv
+    from mbkernels.backends import triton
 
     if HAS_GPU:
         pytest.skip("the rule for CPU tensors under the interpreter; a GPU machine does not interpret")
-    args = tuple(_op_args("nchw"))
-    assert triton_dwconv.why_not_dwconv_bn_act(True, *args) is None
-    assert "asked for by name" in triton_dwconv.why_not_dwconv_bn_act(False, *args)
-    meta_x = args[0].to("meta")
-    assert "x is on meta" in triton_dwconv.why_not_dwconv_bn_act(True, meta_x, *args[1:])
-    assert triton_common.interpreting()
+    args = normalised_args(_op_args("nchw"))
+    assert dispatch.why_not(triton.BACKEND, "dwconv_bn_act", args, explicit=True) is None
+    assert "asked for by name" in dispatch.why_not(triton.BACKEND, "dwconv_bn_act", args, explicit=False)
+    meta_args = args._replace(x=args.x.to("meta"))
+    assert "x is on meta" in dispatch.why_not(triton.BACKEND, "dwconv_bn_act", meta_args, explicit=True)
+    assert triton.interpreting()
+
+
+def normalised_args(args):
+    """The bundle a backend receives for these public-op arguments."""
+    x, weight, bias, stride, padding, dilation, activation = args
+    bundle = DWConvArgs(x, weight, bias, stride, _contract.padding4(padding), dilation, activation)
+    return _contract.normalise_dwconv_bn_act(bundle)
+
+
+def switch_off_reference(monkeypatch):
+    support = reference.BACKEND.ops["dwconv_bn_act"]
+    monkeypatch.setitem(reference.BACKEND.ops, "dwconv_bn_act",
+                        OpSupport(support.run, lambda args: "switched off by a test"))
 
 
 # ----------------------------------------------------------------------------------- the eager shortcut

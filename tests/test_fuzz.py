@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE, KERNEL_BACKENDS, assert_close_to_reference
-from mbkernels import activations, ops
+from mbkernels import _contract, activations, ops
 
 
 class Profile(NamedTuple):
@@ -101,7 +101,7 @@ def se_backend(backend):
 
 def check_output(out: torch.Tensor, reference: torch.Tensor, x: torch.Tensor, x_before: torch.Tensor) -> None:
     assert_close_to_reference(out, reference, x.dtype)
-    memory_format = ops.memory_format_of(x)
+    memory_format = _contract.memory_format_of(x)
     assert out.is_contiguous(memory_format=memory_format), f"output strides {out.stride()} are not {memory_format}"
     assert torch.equal(x, x_before), "the op wrote into its input"
 
@@ -217,7 +217,7 @@ def se_cases(draw) -> SECase:
         width=draw(st.integers(1, p.max_side)),
         dtype=draw(st.sampled_from(DTYPES)),
         layout=draw(st.sampled_from(LAYOUTS)),
-        activation=draw(st.sampled_from(activations.SE_ACTIVATIONS)),
+        activation=draw(st.sampled_from(activations.ACTIVATIONS)),
         gate=draw(st.sampled_from(activations.GATES)),
         reduce_bias=draw(st.booleans()),
         expand_bias=draw(st.booleans()),

@@ -3,13 +3,15 @@
 The native ops `mbkernels::dwconv_bn_act_cuda` and `mbkernels::squeeze_excite_cuda` are defined in
 csrc/registration.cpp. Their CPU kernels run the same CUDA kernel code on the host (an emulation, slow, for
 testing the kernels' logic without a GPU): dispatch uses them only when the cuda backend is asked for by name.
+What the launchers cannot run is stated once, in C++, and asked here (`_C.*_limit_reason`).
 """
 import functools
 
 import torch
 
-from .. import _native, ops
-
+from .. import _native
+from .._contract import DWConvArgs, SEArgs, dwconv_bn_act_output, memory_format_of, squeeze_excite_output
+from . import Backend, OpSupport
 
 
 def runs_on(capability: tuple, arch_list: str) -> bool:
@@ -25,10 +27,6 @@ def runs_on(capability: tuple, arch_list: str) -> bool:
     return False
 
 
-def unavailable_reason():
-    return _native.unavailable_reason
-
-
 def describe() -> str:
     C = _native.C
     built = f"mbkernels._C for torch {C.TORCH_VERSION}, CUDA {C.CUDA_VERSION}, archs {C.CUDA_ARCHS}"
@@ -38,7 +36,7 @@ def describe() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_reason(index: int):
+def _device_limit_on(index: int):
     capability = torch.cuda.get_device_capability(index)
     archs = _native.C.CUDA_ARCHS
     if not runs_on(capability, archs):
@@ -46,66 +44,53 @@ def _device_reason(index: int):
     return None
 
 
-def _why_not_device(explicit, x):
-    if x.is_cuda:
-        return _device_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    if x.device.type == "cpu" and explicit:
-        return None  # the host emulation of the CUDA kernels
-    return f"x is on {x.device.type}; the cuda backend runs CUDA tensors"
+def device_limit(device: torch.device):
+    if device.type != "cuda":
+        return None
+    return _device_limit_on(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# What csrc's launchers refuse (TORCH_CHECK), declined here so that dispatch picks another backend instead.
-_INT32 = 2**31
-_NCHW_TILE_SMEM_BYTES = 48 * 1024
+def _channels_last(x) -> bool:
+    return memory_format_of(x) == torch.channels_last
 
 
-def why_not_dwconv_bn_act(explicit, x, weight, bias, stride, padding, dilation, activation):
-    return _why_not_device(explicit, x) or dwconv_limit_reason(x, weight, stride, padding, dilation)
+def dwconv_bn_act_limit(args: DWConvArgs):
+    kh, kw = args.weight.shape[2], args.weight.shape[3]
+    return _native.C.dwconv_bn_act_limit_reason(
+        *args.x.shape, _channels_last(args.x), args.out_channels, kh, kw, args.stride, args.padding, args.dilation,
+    ) or None
 
 
-def dwconv_limit_reason(x, weight, stride, padding, dilation):
-    batch, channels, height, width = x.shape
-    kh, kw = weight.shape[2], weight.shape[3]
-    out_h, out_w = ops.dwconv_output_hw(x, weight, stride, padding, dilation)
-    sizes = (height * width * channels, out_h * out_w * channels, channels * kh * kw, batch * channels,
-             stride[0] * out_h, stride[1] * out_w, 4 * padding[0], 4 * padding[1])
-    if max(sizes) >= _INT32:
-        return f"one sample of x {tuple(x.shape)} is too large for the kernels' 32-bit offsets within a sample"
-    if ops.memory_format_of(x) == torch.contiguous_format:
-        halo_bytes = 4 * ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)  # one output pixel's tile
-        if halo_bytes > _NCHW_TILE_SMEM_BYTES:
-            return (f"kernel {kh}x{kw} with dilation {list(dilation)} needs {halo_bytes} bytes of shared memory per "
-                    f"NCHW tile, over {_NCHW_TILE_SMEM_BYTES}; channels_last input runs")
-    return None
+def dwconv_bn_act(args: DWConvArgs):
+    return torch.ops.mbkernels.dwconv_bn_act_cuda(*args)
 
 
-def dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation):
-    return torch.ops.mbkernels.dwconv_bn_act_cuda(x, weight, bias, stride, padding, dilation, activation)
+def squeeze_excite_limit(args: SEArgs):
+    return _native.C.squeeze_excite_limit_reason(*args.x.shape, _channels_last(args.x), args.w_reduce.shape[0]) or None
 
 
-def why_not_squeeze_excite(explicit, x, w_reduce, *args):
-    return _why_not_device(explicit, x) or squeeze_excite_limit_reason(x, w_reduce)
+def squeeze_excite(args: SEArgs):
+    return torch.ops.mbkernels.squeeze_excite_cuda(*args)
 
 
-def squeeze_excite_limit_reason(x, w_reduce):
-    batch, channels, height, width = x.shape
-    if max(height * width * channels, channels * w_reduce.shape[0], batch * channels) >= _INT32:
-        return f"one sample of x {tuple(x.shape)} is too large for the kernels' 32-bit offsets within a sample"
-    return None
-
-
-def squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-    return torch.ops.mbkernels.squeeze_excite_cuda(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-
+BACKEND = Backend(
+    name="cuda",
+    priority=10,
+    devices=("cuda",),
+    opt_in_devices=("cpu",),  # the host emulation
+    unavailable_reason=lambda: _native.unavailable_reason,
+    describe=describe,
+    ops={"dwconv_bn_act": OpSupport(dwconv_bn_act, dwconv_bn_act_limit),
+         "squeeze_excite": OpSupport(squeeze_excite, squeeze_excite_limit)},
+    device_limit=device_limit,
+)
 
 if _native.C is not None:
 
     @torch.library.register_fake("mbkernels::dwconv_bn_act_cuda")
-    def _(x, weight, bias, stride, padding, dilation, activation):
-        ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-        return ops._empty_dwconv_output(x, weight, stride, padding, dilation)
+    def _(*args):
+        return dwconv_bn_act_output(DWConvArgs(*args))
 
     @torch.library.register_fake("mbkernels::squeeze_excite_cuda")
-    def _(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-        ops.check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-        return torch.empty_like(x, memory_format=ops.memory_format_of(x))
+    def _(*args):
+        return squeeze_excite_output(SEArgs(*args))

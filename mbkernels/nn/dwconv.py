@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import activations, ops
+from .._contract import tap_major
 from ._cache import FusedModule
 
 
@@ -156,7 +157,11 @@ class DWConvBNAct(FusedModule):
         """The float32 (weight, bias) with BN folded in, refolded when any source tensor changed."""
         bn = self.bn if isinstance(self.bn, nn.BatchNorm2d) else None
         settings = (bn.eps,) if bn is not None else ()
-        return self.derived.get(self._fold_sources(), lambda: ops.fold_bn(self.conv, bn), settings)
+        def fold():
+            weight, bias = ops.fold_bn(self.conv, bn)
+            return tap_major(weight), bias  # the layout the kernels read, made once here rather than per call
+
+        return self.derived.get(self._fold_sources(), fold, settings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):

@@ -88,13 +88,15 @@ def _find_parts(module: nn.Module) -> _Parts:
     # parameter-free modules (a hand-written Flatten, Dropout) are let through: the numeric check judges them.
     names = [(path, function, activations.identify_activation(function) or activations.identify_gate(function))
              for path, function in functions]
-    activation = [name for _, _, name in names if name in activations.SE_ACTIVATIONS]
+    # An identity (a hand-written Dropout in eval) is no activation here: the numeric check judges it.
+    activation = [name for _, _, name in names if name is not None and name != "identity" and name not in
+                  activations.GATES]
     gate = [name for _, _, name in names if name in activations.GATES]
     if len(activation) != 1 or len(gate) != 1:
         found = ", ".join(f"{path} ({type(f).__name__}) computes {name or 'no known function'}"
                           for path, f, name in names)
         raise ValueError(
-            f"{type(module).__name__} needs one activation ({', '.join(activations.SE_ACTIVATIONS)}) and one gate "
+            f"{type(module).__name__} needs one activation ({', '.join(activations.ACTIVATIONS[1:])}) and one gate "
             f"({', '.join(activations.GATES)}): {found}"
         )
     return _Parts(reduce, expand, activation[0], gate[0])

@@ -6,8 +6,7 @@ Three launches, the memory floor of a standalone op (x read twice, written once)
   `_mlp_kernel`    once per sample (a program takes a block of samples): adds the partial sums in a fixed
                    order, then both linear layers, the activation and the gate: the float32 per-channel scale;
   `_scale_kernel`  x * scale, broadcast over the plane, in x's dtype and layout.
-`_launch` allocates and picks the tiles; the registered op `mbkernels::squeeze_excite_triton` serves direct calls
-and graphs that name this kernel (the dispatcher, already inside mbkernels::squeeze_excite, calls `_launch`).
+`launch` allocates and picks the tiles; the triton backend runs it on the contract's checked, normalised bundle.
 """
 import functools
 from typing import Optional
@@ -16,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import activations
-from ..ops import check_squeeze_excite_args, memory_format_of
-from .triton_common import interpreting, keep_opaque_when_interpreting, launch_lock, why_not_device
-from .triton_math import apply_activation, apply_gate
+from ... import activations
+from ..._contract import SEArgs, memory_format_of, squeeze_excite_output
+from . import interpreting, launch_lock
+from .activation_math import apply_activation, apply_gate
 
 INT32_LIMIT = 2**31
 # The hidden vector of one sample lives in one program's registers.
@@ -76,7 +75,7 @@ def _pool_kernel(
 @triton.jit
 def _mlp_kernel(
     partial_ptr, w_reduce_ptr, b_reduce_ptr, w_expand_ptr, b_expand_ptr, scale_ptr,
-    N, C, R, HW, SPLITS,
+    N, C, R, HW, SPLITS, ACT_PARAM,
     ACTIVATION: tl.constexpr, GATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -103,7 +102,7 @@ def _mlp_kernel(
         hidden += tl.sum(w[None, :, :] * pooled[:, None, :], axis=2)
     if b_reduce_ptr is not None:
         hidden += tl.load(b_reduce_ptr + rows, mask=row_mask, other=0.0)[None, :]
-    hidden = tl.where(row_mask[None, :], apply_activation(hidden, ACTIVATION), 0.0)
+    hidden = tl.where(row_mask[None, :], apply_activation(hidden, ACTIVATION, ACT_PARAM), 0.0)
 
     # scale = gate(hidden @ w_expand.T + b_expand), w_expand [C, R] read transposed into [BLOCK_R x BLOCK_C] tiles.
     for first_channel in range(0, C, BLOCK_C):
@@ -194,15 +193,15 @@ def _pool_splits(sample_blocks: int, channel_blocks: int, pixels: int, block_p: 
     return pixels_per_split, triton.cdiv(pixels, pixels_per_split)
 
 
-def _launch(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> torch.Tensor:
+def launch(args: SEArgs) -> torch.Tensor:
+    x, w_reduce, b_reduce, w_expand, b_expand = args.x, args.w_reduce, args.b_reduce, args.w_expand, args.b_expand
     # Plain ints: the tiles are picked per shape (when traced with dynamic shapes, this specialises them).
     batch, channels, height, width = (int(size) for size in x.shape)
     pixels = height * width
     reduced = int(w_reduce.shape[0])
-    memory_format = memory_format_of(x)
-    channels_last = memory_format == torch.channels_last
+    channels_last = memory_format_of(x) == torch.channels_last
     int64 = x.numel() >= INT32_LIMIT
-    out = torch.empty_like(x, memory_format=memory_format)
+    out = squeeze_excite_output(args)
     block_n, block_c, block_p = _tile(batch, channels, pixels, channels_last)
     sample_blocks = triton.cdiv(batch, block_n)
     channel_blocks = triton.cdiv(channels, block_c)
@@ -212,6 +211,7 @@ def _launch(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> torc
     partial_sums = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
     scale = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     mlp_block_n, block_r, mlp_block_c = _mlp_tile(batch, channels, reduced)
+    name, parameter = activations.parse_activation(args.activation)
     # Triton launches on the current device (device_of is a no-op for CPU tensors).
     with torch.cuda.device_of(x), launch_lock():
         torch.library.wrap_triton(_pool_kernel)[(sample_blocks * channel_blocks * splits,)](
@@ -222,8 +222,8 @@ def _launch(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> torc
         )
         torch.library.wrap_triton(_mlp_kernel)[(triton.cdiv(batch, mlp_block_n),)](
             partial_sums, w_reduce, b_reduce, w_expand, b_expand, scale,
-            batch, channels, reduced, pixels, splits,
-            ACTIVATION=activations.activation_code(activation), GATE=activations.gate_code(gate),
+            batch, channels, reduced, pixels, splits, parameter,
+            ACTIVATION=activations.ACTIVATIONS.index(name), GATE=activations.gate_code(args.gate),
             BLOCK_N=mlp_block_n, BLOCK_R=block_r, BLOCK_C=mlp_block_c,
         )
         torch.library.wrap_triton(_scale_kernel)[(sample_blocks * channel_blocks * pixel_blocks,)](
@@ -235,46 +235,7 @@ def _launch(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> torc
     return out
 
 
-@torch.library.triton_op("mbkernels::squeeze_excite_triton", mutates_args=())
-def _squeeze_excite_triton(
-    x: torch.Tensor,
-    w_reduce: torch.Tensor,
-    b_reduce: Optional[torch.Tensor],
-    w_expand: torch.Tensor,
-    b_expand: Optional[torch.Tensor],
-    activation: str,
-    gate: str,
-) -> torch.Tensor:
-    """Callable directly too: checks its arguments as mbkernels::squeeze_excite does."""
-    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=memory_format_of(x))
-    return _launch(x.contiguous(memory_format=memory_format_of(x)), w_reduce.flatten(1).float().contiguous(),
-                   None if b_reduce is None else b_reduce.float().contiguous(),
-                   w_expand.flatten(1).float().contiguous(),
-                   None if b_expand is None else b_expand.float().contiguous(), activation, gate)
-
-
-def _fake_output(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-    check_squeeze_excite_args(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
-    return torch.empty_like(x, memory_format=memory_format_of(x))
-
-
-keep_opaque_when_interpreting(_squeeze_excite_triton, _fake_output)
-
-
-# --------------------------------------------------------------------------------- the dispatcher's side
-def why_not_squeeze_excite(explicit, x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-    # ops.py hands over x contiguous in either layout and float32 contiguous weights.
-    reason = why_not_device(explicit, x)
-    if reason is not None:
-        return reason
-    if w_reduce.shape[0] > MAX_REDUCED_CHANNELS:
-        return f"R = {w_reduce.shape[0]} reduced channels; the Triton MLP holds at most {MAX_REDUCED_CHANNELS}"
+def limit(args: SEArgs):
+    if args.w_reduce.shape[0] > MAX_REDUCED_CHANNELS:
+        return f"R = {args.w_reduce.shape[0]} reduced channels; the Triton MLP holds at most {MAX_REDUCED_CHANNELS}"
     return None
-
-
-def squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-    # Called from inside mbkernels::squeeze_excite (or its eager shortcut) on checked arguments: launch directly,
-    # without a second trip through the dispatcher.
-    return _launch(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)

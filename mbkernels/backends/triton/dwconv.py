@@ -1,17 +1,17 @@
 """The triton backend of dwconv_bn_act: act(depthwise_conv2d(x, weight, bias)) in one pass over memory.
 
-Three layers: `_dwconv_bn_act_kernel` (one program per tile of [channels x output pixels], the pixels of all
-images on one axis), `_launch` (allocates the output, picks the tile), and the registered op
-`mbkernels::dwconv_bn_act_triton` (for direct calls and graphs that name this kernel; the dispatcher, already inside
-mbkernels::dwconv_bn_act, calls `_launch` itself).
+Two layers: `_dwconv_bn_act_kernel` (one program per tile of [channels x output pixels], the pixels of all images
+on one axis) and `launch` (allocates the output, picks the tile), which the triton backend runs on the contract's
+checked, normalised argument bundle.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .. import activations, ops
-from .triton_common import interpreting, keep_opaque_when_interpreting, launch_lock, why_not_device
-from .triton_math import apply_activation
+from ... import activations
+from ..._contract import DWConvArgs, dwconv_bn_act_output, memory_format_of
+from . import interpreting, launch_lock
+from .activation_math import apply_activation
 
 # Past this many elements offsets go int64 (with a margin: masked-off taps compute addresses outside x).
 INT64_ELEMENTS = 2**30
@@ -23,11 +23,12 @@ def _dwconv_bn_act_kernel(
     C, H, W, OUT_W, OUT_PIXELS, OUTPUTS_PER_CHANNEL,
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
     out_stride_n, out_stride_c, out_stride_h, out_stride_w,
-    PAD_H, PAD_W,
+    PAD_H, PAD_W, ACT_PARAM,
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    MULTIPLIER: tl.constexpr,  # depth multiplier: output channel o reads input channel o // MULTIPLIER
     CHANNELS_LAST: tl.constexpr,  # the tile is [pixels, channels] (channels contiguous), else [channels, pixels]
     INT64: tl.constexpr,  # offsets in int64 (big tensors)
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -57,21 +58,22 @@ def _dwconv_bn_act_kernel(
     iw0 = ow * STRIDE_W - PAD_W
     # What does not change from tap to tap is computed outside the tap loops: the interpreter's time grows with
     # the number of operations, and the GPU's with the integer work beside each load.
-    x_taps = x_ptr + (n * x_stride_n + channels * x_stride_c)
-    weight_taps = weight_ptr + channels * (KH * KW)
+    x_taps = x_ptr + (n * x_stride_n + (channels // MULTIPLIER) * x_stride_c)
+    # Tap-major weights (tap * C + c): one tap's weights for the tile's channels are contiguous.
+    weight_taps = weight_ptr + channels
     for kh in range(KH):  # a loop over rows, unrolled along the row: big kernels compile quickly too
         ih = ih0 + kh * DIL_H
         row_ok = out_mask & (ih >= 0) & (ih < H)
         x_row = x_taps + ih * x_stride_h
-        weight_row = weight_taps + kh * KW
+        weight_row = weight_taps + kh * KW * C
         for kw in tl.static_range(KW):
             iw = iw0 + kw * DIL_W
             values = tl.load(x_row + iw * x_stride_w, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
-            weights = tl.load(weight_row + kw, mask=channel_mask, other=0.0)
+            weights = tl.load(weight_row + kw * C, mask=channel_mask, other=0.0)
             acc += values.to(tl.float32) * weights
 
     acc += tl.load(bias_ptr + channels, mask=channel_mask, other=0.0)
-    acc = apply_activation(acc, ACTIVATION)
+    acc = apply_activation(acc, ACTIVATION, ACT_PARAM)
     out_offsets = n * out_stride_n + channels * out_stride_c + oh * out_stride_h + ow * out_stride_w
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -100,68 +102,35 @@ def _tile(channels: int, pixels: int, channels_last: bool) -> tuple[int, int, in
     return block_c, block_p, num_warps
 
 
-def _launch(x, weight, bias, stride, padding, dilation, activation) -> torch.Tensor:
-    batch, channels, height, width = x.shape
+def launch(args: DWConvArgs) -> torch.Tensor:
+    x, weight = args.x, args.weight
+    batch, _, height, width = x.shape
+    channels = args.out_channels
     kh, kw = weight.shape[2], weight.shape[3]
-    out_h, out_w = ops.dwconv_output_hw(x, weight, stride, padding, dilation)
-    memory_format = ops.memory_format_of(x)
-    out = torch.empty((batch, channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    out = dwconv_bn_act_output(args)
+    out_h, out_w = out.shape[2], out.shape[3]
     if out.numel() == 0:
         return out  # no program to launch (and no tile fits a zero-sized axis)
-    channels_last = memory_format == torch.channels_last
+    channels_last = memory_format_of(x) == torch.channels_last
     outputs_per_channel = batch * out_h * out_w
     block_c, block_p, num_warps = _tile(channels, outputs_per_channel, channels_last)
     programs = triton.cdiv(channels, block_c) * triton.cdiv(outputs_per_channel, block_p)
+    name, parameter = activations.parse_activation(args.activation)
     # Triton launches on the current device (device_of is a no-op for CPU tensors).
     with torch.cuda.device_of(x), launch_lock():
         torch.library.wrap_triton(_dwconv_bn_act_kernel)[(programs,)](
-            x, weight, bias, out,
+            x, weight, args.bias, out,
             channels, height, width, out_w, out_h * out_w, outputs_per_channel,
             *x.stride(), *out.stride(),
-            padding[0], padding[1],
+            args.padding[0], args.padding[2], parameter,
             KH=kh, KW=kw,
-            STRIDE_H=stride[0], STRIDE_W=stride[1],
-            DIL_H=dilation[0], DIL_W=dilation[1],
-            ACTIVATION=activations.activation_code(activation),
+            STRIDE_H=args.stride[0], STRIDE_W=args.stride[1],
+            DIL_H=args.dilation[0], DIL_W=args.dilation[1],
+            ACTIVATION=activations.ACTIVATIONS.index(name),
+            MULTIPLIER=args.multiplier,
             CHANNELS_LAST=channels_last,
             INT64=max(x.numel(), out.numel()) >= INT64_ELEMENTS,
             BLOCK_C=block_c, BLOCK_P=block_p,
             num_warps=num_warps,
         )
     return out
-
-
-@torch.library.triton_op("mbkernels::dwconv_bn_act_triton", mutates_args=())
-def _dwconv_bn_act_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    activation: str,
-) -> torch.Tensor:
-    """Callable directly too: x in any strides (the kernel takes them), weight and bias of any float dtype."""
-    ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-    return _launch(x, weight.contiguous(), bias.contiguous(), stride, padding, dilation, activation)
-
-
-def _fake_output(x, weight, bias, stride, padding, dilation, activation):
-    ops.check_dwconv_bn_act_args(x, weight, bias, stride, padding, dilation, activation)
-    return ops._empty_dwconv_output(x, weight, stride, padding, dilation)
-
-
-keep_opaque_when_interpreting(_dwconv_bn_act_triton, _fake_output)
-
-
-# --------------------------------------------------------------------------------- the dispatcher's side
-def why_not_dwconv_bn_act(explicit, x, weight, bias, stride, padding, dilation, activation):
-    # ops.py hands over x in either layout and float32 weights; any kernel shape, stride, padding and
-    # dilation run, so only the device can rule the kernel out.
-    return why_not_device(explicit, x)
-
-
-def dwconv_bn_act(x, weight, bias, stride, padding, dilation, activation):
-    # Called from inside mbkernels::dwconv_bn_act (or its eager shortcut) on checked arguments: launch directly,
-    # without a second trip through the dispatcher.
-    return _launch(x, weight, bias, stride, padding, dilation, activation)

@@ -1,0 +1,234 @@
+"""What every layer agrees on, op by op: the argument bundle, its checks, the output's shape and layout, the fake.
+
+ops.py (the public functions and registered ops), dispatch, every backend and the fused modules import this module
+and nothing above it. A backend's run function receives one checked, normalised bundle:
+  x        contiguous in its own layout (NCHW or channels_last), float32/float16/bfloat16, non-empty;
+  weights  float32 on x's device; the depthwise weight [C*M, 1, kh, kw] in any strides (tap-major when it comes
+           from a fused module, see `tap_major`), every other weight contiguous;
+  padding  four ints [top, bottom, left, right]; activation an activation spec ("relu", "leaky_relu:0.2").
+"""
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import activations
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IntOrPair = Union[int, Sequence[int]]
+
+
+# ------------------------------------------------------------------------------------------- shared checks
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last when x is laid out (or viewed) with channels innermost, else NCHW."""
+    if x.dim() == 4 and not x.is_contiguous() and x.stride(1) == 1 and x.shape[1] > 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def pair(value: IntOrPair, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value, value]
+    try:
+        values = list(value)
+    except TypeError:
+        values = None
+    if values is None or len(values) != 2 or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def padding4(value: Union[int, Sequence[int]]) -> list[int]:
+    """An int, a symmetric pair [h, w] or [top, bottom, left, right] -> [top, bottom, left, right]."""
+    if isinstance(value, int):
+        value = [value, value]
+    try:
+        values = list(value)
+    except TypeError:
+        values = None
+    if values is None or len(values) not in (2, 4) or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"padding must be an int, a pair of ints or four ints [top, bottom, left, right], "
+                         f"got {value!r}")
+    if min(values) < 0:
+        count = "two" if len(values) == 2 else "four"
+        raise ValueError(f"padding must be {count} ints >= 0, got {values}")
+    return [values[0], values[0], values[1], values[1]] if len(values) == 2 else values
+
+
+def check_x(x) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def check_tensor(t, name: str, dims: int, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be a {dims}-D tensor, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; put them on one device")
+
+
+def as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def tap_major(weight: Tensor) -> Tensor:
+    """The depthwise weight [C, 1, kh, kw] as float32 with the channel innermost (element (c, 0, i, j) at
+    (i * kw + j) * C + c): one tap's weights for neighbouring channels are one vector load in channels_last kernels.
+    A no-op for a weight already laid out so; the fused modules fold into this layout once."""
+    weight = weight.to(torch.float32)
+    if weight.permute(2, 3, 1, 0).is_contiguous():
+        return weight
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+# ------------------------------------------------------------------------------ depthwise conv + BN + act
+class DWConvArgs(NamedTuple):
+    """act(conv2d(x, weight, bias, stride, padding, dilation, groups=C)): weight [C * M, 1, kh, kw], M the depth
+    multiplier (output channel o reads input channel o // M)."""
+    x: Tensor
+    weight: Tensor
+    bias: Tensor
+    stride: list  # [h, w]
+    padding: list  # [top, bottom, left, right]
+    dilation: list  # [h, w]
+    activation: str
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def multiplier(self) -> int:
+        return self.weight.shape[0] // self.x.shape[1]
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        kh, kw = self.weight.shape[2], self.weight.shape[3]
+        top, bottom, left, right = self.padding
+        out_h = (self.x.shape[2] + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (self.x.shape[3] + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return out_h, out_w
+
+
+def check_dwconv_bn_act(args: DWConvArgs) -> None:
+    x, weight, bias = args.x, args.weight, args.bias
+    check_x(x)
+    channels = x.shape[1]
+    check_tensor(weight, "weight", 4, x.device)
+    out_channels = weight.shape[0]
+    depthwise = weight.shape[1] == 1 and (out_channels == channels or (channels > 0 and out_channels % channels == 0))
+    if not depthwise:
+        raise ValueError(
+            f"weight must be [C * M, 1, kh, kw] with C = {channels} (x's channels) and M >= 1 for a depthwise conv, "
+            f"got {tuple(weight.shape)}; a conv that is not depthwise (groups != channels) cannot be fused"
+        )
+    check_tensor(bias, "bias", 1, x.device)
+    if bias.shape[0] != out_channels:
+        raise ValueError(f"bias must be [C * M] = [{out_channels}], got {tuple(bias.shape)}")
+    for name, values, low in (("stride", args.stride, 1), ("dilation", args.dilation, 1)):
+        if len(values) != 2 or min(values) < low:
+            raise ValueError(f"{name} must be two ints >= {low}, got {list(values)}")
+    if len(args.padding) != 4 or min(args.padding) < 0:
+        raise ValueError(f"padding must be four ints >= 0 [top, bottom, left, right], got {list(args.padding)}")
+    activations.parse_activation(args.activation)
+    out_h, out_w = args.out_hw
+    if out_h < 1 or out_w < 1:
+        top, bottom, left, right = args.padding
+        padded = [top, left] if (top, left) == (bottom, right) else list(args.padding)
+        raise ValueError(
+            f"the output would be empty ({out_h}x{out_w}): kernel {tuple(weight.shape[2:])} with dilation "
+            f"{list(args.dilation)} does not fit x's {x.shape[2]}x{x.shape[3]} plane padded by {padded}"
+        )
+
+
+def dwconv_bn_act_output(args: DWConvArgs) -> Tensor:
+    """The op's output, allocated (the fake kernel, and every backend's output)."""
+    x = args.x
+    out_h, out_w = args.out_hw
+    return torch.empty((x.shape[0], args.out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format_of(x))
+
+
+def normalise_dwconv_bn_act(args: DWConvArgs) -> DWConvArgs:
+    """The bundle backends receive: x contiguous in its layout, weights float32 (the weight tap-major)."""
+    return args._replace(x=args.x.contiguous(memory_format=memory_format_of(args.x)), weight=tap_major(args.weight),
+                         bias=as_float32(args.bias))
+
+
+# -------------------------------------------------------------------------------------- squeeze-excite
+class SEArgs(NamedTuple):
+    """x * gate(w_expand @ act(w_reduce @ mean_hw(x) + b_reduce) + b_expand), broadcast over H, W."""
+    x: Tensor
+    w_reduce: Tensor  # [R, C]
+    b_reduce: Optional[Tensor]
+    w_expand: Tensor  # [C, R]
+    b_expand: Optional[Tensor]
+    activation: str
+    gate: str
+
+
+def _check_matrix(w, name: str, rows: int, cols: int, device) -> None:
+    if not isinstance(w, Tensor):
+        raise ValueError(f"{name} must be a Tensor, got {type(w).__name__}")
+    if w.dim() == 4 and w.shape[2:] == (1, 1):
+        w = w.flatten(1)
+    check_tensor(w, name, 2, device)
+    if tuple(w.shape) != (rows, cols):
+        raise ValueError(f"{name} must be [{rows}, {cols}] (or [{rows}, {cols}, 1, 1]), got {tuple(w.shape)}")
+
+
+def check_squeeze_excite(args: SEArgs) -> None:
+    x, w_reduce = args.x, args.w_reduce
+    check_x(x)
+    channels = x.shape[1]
+    if not isinstance(w_reduce, Tensor) or w_reduce.dim() not in (2, 4):
+        got = tuple(w_reduce.shape) if isinstance(w_reduce, Tensor) else type(w_reduce).__name__
+        raise ValueError(f"w_reduce must be [R, C] (or [R, C, 1, 1]), got {got}")
+    reduced = w_reduce.shape[0]
+    _check_matrix(w_reduce, "w_reduce", reduced, channels, x.device)
+    _check_matrix(args.w_expand, "w_expand", channels, reduced, x.device)
+    for name, b, size in (("b_reduce", args.b_reduce, reduced), ("b_expand", args.b_expand, channels)):
+        if b is not None:
+            check_tensor(b, name, 1, x.device)
+            if b.shape[0] != size:
+                raise ValueError(f"{name} must be [{size}], got {tuple(b.shape)}")
+    activations.parse_activation(args.activation)
+    activations.gate_code(args.gate)
+
+
+def squeeze_excite_output(args: SEArgs) -> Tensor:
+    return torch.empty_like(args.x, memory_format=memory_format_of(args.x))
+
+
+def normalise_squeeze_excite(args: SEArgs) -> SEArgs:
+    return args._replace(
+        x=args.x.contiguous(memory_format=memory_format_of(args.x)),
+        w_reduce=as_float32(args.w_reduce.flatten(1)), b_reduce=as_float32(args.b_reduce),
+        w_expand=as_float32(args.w_expand.flatten(1)), b_expand=as_float32(args.b_expand),
+    )
+
+
+def dwconv_bn_act_bundle(x, weight, bias, stride, padding, dilation, activation) -> DWConvArgs:
+    """The bundle of the registered op's arguments (padding given as [h, w] or [top, bottom, left, right])."""
+    return DWConvArgs(x, weight, bias, list(stride), padding4(list(padding)), list(dilation), activation)
+
+
+class OpContract(NamedTuple):
+    bundle: callable  # the registered op's arguments (its backend name aside) -> the bundle
+    check: callable
+    output: callable  # allocates the output: the fake kernel, and what an empty input returns
+    normalise: callable
+
+
+CONTRACTS = {
+    "dwconv_bn_act": OpContract(dwconv_bn_act_bundle, check_dwconv_bn_act, dwconv_bn_act_output, normalise_dwconv_bn_act),
+    "squeeze_excite": OpContract(SEArgs, check_squeeze_excite, squeeze_excite_output, normalise_squeeze_excite),
+}
