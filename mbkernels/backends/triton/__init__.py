@@ -3,6 +3,7 @@ in dwconv.py and squeeze_excite.py, imported on first use)."""
 import contextlib
 import os
 import threading
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,6 +39,22 @@ _INTERPRETER_LOCK = threading.Lock()
 def launch_lock():
     """Serialises kernel launches under the interpreter, which is not thread-safe; free on a GPU."""
     return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
+
+
+class Launch(NamedTuple):
+    """One kernel launch as a launcher plans it: what runs it (run_launches) and what the static sm_90 report
+    compiles (benchmarks/static.py), so that both see exactly the same configuration."""
+    kernel: Any  # a @triton.jit function
+    grid: tuple
+    args: tuple  # tensors and scalars, in the kernel's order
+    constexprs: dict  # constexpr arguments and launch options (num_warps, num_stages)
+
+
+def run_launches(launches, device) -> None:
+    # Triton launches on the current device (device_of is a no-op for CPU tensors).
+    with torch.cuda.device_of(device), launch_lock():
+        for launch in launches:
+            torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.constexprs)
 
 
 def _dwconv_bn_act(args):

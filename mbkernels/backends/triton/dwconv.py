@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ... import activations
 from ..._contract import DWConvArgs, dwconv_bn_act_output, memory_format_of
-from . import interpreting, launch_lock
+from . import Launch, interpreting, run_launches
 from .activation_math import apply_activation
 
 # Past this many elements offsets go int64 (with a margin: masked-off taps compute addresses outside x).
@@ -102,7 +102,8 @@ def _tile(channels: int, pixels: int, channels_last: bool) -> tuple[int, int, in
     return block_c, block_p, num_warps
 
 
-def launch(args: DWConvArgs) -> torch.Tensor:
+def plan(args: DWConvArgs) -> tuple[torch.Tensor, list]:
+    """The output (allocated) and the launches that fill it."""
     x, weight = args.x, args.weight
     batch, _, height, width = x.shape
     channels = args.out_channels
@@ -110,27 +111,32 @@ def launch(args: DWConvArgs) -> torch.Tensor:
     out = dwconv_bn_act_output(args)
     out_h, out_w = out.shape[2], out.shape[3]
     if out.numel() == 0:
-        return out  # no program to launch (and no tile fits a zero-sized axis)
+        return out, []  # no program to launch (and no tile fits a zero-sized axis)
     channels_last = memory_format_of(x) == torch.channels_last
     outputs_per_channel = batch * out_h * out_w
     block_c, block_p, num_warps = _tile(channels, outputs_per_channel, channels_last)
     programs = triton.cdiv(channels, block_c) * triton.cdiv(outputs_per_channel, block_p)
     name, parameter = activations.parse_activation(args.activation)
-    # Triton launches on the current device (device_of is a no-op for CPU tensors).
-    with torch.cuda.device_of(x), launch_lock():
-        torch.library.wrap_triton(_dwconv_bn_act_kernel)[(programs,)](
-            x, weight, args.bias, out,
-            channels, height, width, out_w, out_h * out_w, outputs_per_channel,
-            *x.stride(), *out.stride(),
-            args.padding[0], args.padding[2], parameter,
-            KH=kh, KW=kw,
-            STRIDE_H=args.stride[0], STRIDE_W=args.stride[1],
-            DIL_H=args.dilation[0], DIL_W=args.dilation[1],
-            ACTIVATION=activations.ACTIVATIONS.index(name),
-            MULTIPLIER=args.multiplier,
-            CHANNELS_LAST=channels_last,
-            INT64=max(x.numel(), out.numel()) >= INT64_ELEMENTS,
-            BLOCK_C=block_c, BLOCK_P=block_p,
-            num_warps=num_warps,
-        )
+    launch = Launch(
+        _dwconv_bn_act_kernel, (programs,),
+        (x, weight, args.bias, out,
+         channels, height, width, out_w, out_h * out_w, outputs_per_channel,
+         *x.stride(), *out.stride(),
+         args.padding[0], args.padding[2], parameter),
+        dict(KH=kh, KW=kw,
+             STRIDE_H=args.stride[0], STRIDE_W=args.stride[1],
+             DIL_H=args.dilation[0], DIL_W=args.dilation[1],
+             ACTIVATION=activations.ACTIVATIONS.index(name),
+             MULTIPLIER=args.multiplier,
+             CHANNELS_LAST=channels_last,
+             INT64=max(x.numel(), out.numel()) >= INT64_ELEMENTS,
+             BLOCK_C=block_c, BLOCK_P=block_p,
+             num_warps=num_warps),
+    )
+    return out, [launch]
+
+
+def launch(args: DWConvArgs) -> torch.Tensor:
+    out, launches = plan(args)
+    run_launches(launches, args.x)
     return out

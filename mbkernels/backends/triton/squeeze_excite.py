@@ -9,7 +9,6 @@ Three launches, the memory floor of a standalone op (x read twice, written once)
 `launch` allocates and picks the tiles; the triton backend runs it on the contract's checked, normalised bundle.
 """
 import functools
-from typing import Optional
 
 import torch
 import triton
@@ -17,7 +16,7 @@ import triton.language as tl
 
 from ... import activations
 from ..._contract import SEArgs, memory_format_of, squeeze_excite_output
-from . import interpreting, launch_lock
+from . import Launch, interpreting, run_launches
 from .activation_math import apply_activation, apply_gate
 
 INT32_LIMIT = 2**31
@@ -193,7 +192,8 @@ def _pool_splits(sample_blocks: int, channel_blocks: int, pixels: int, block_p: 
     return pixels_per_split, triton.cdiv(pixels, pixels_per_split)
 
 
-def launch(args: SEArgs) -> torch.Tensor:
+def plan(args: SEArgs) -> tuple[torch.Tensor, list]:
+    """The output (allocated) and the launches that fill it: pool, MLP, scale."""
     x, w_reduce, b_reduce, w_expand, b_expand = args.x, args.w_reduce, args.b_reduce, args.w_expand, args.b_expand
     # Plain ints: the tiles are picked per shape (when traced with dynamic shapes, this specialises them).
     batch, channels, height, width = (int(size) for size in x.shape)
@@ -212,26 +212,23 @@ def launch(args: SEArgs) -> torch.Tensor:
     scale = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     mlp_block_n, block_r, mlp_block_c = _mlp_tile(batch, channels, reduced)
     name, parameter = activations.parse_activation(args.activation)
-    # Triton launches on the current device (device_of is a no-op for CPU tensors).
-    with torch.cuda.device_of(x), launch_lock():
-        torch.library.wrap_triton(_pool_kernel)[(sample_blocks * channel_blocks * splits,)](
-            x, partial_sums,
-            batch, channels, pixels, pixels_per_split, splits,
-            CHANNELS_LAST=channels_last, INT64=int64,
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_P=block_p,
-        )
-        torch.library.wrap_triton(_mlp_kernel)[(triton.cdiv(batch, mlp_block_n),)](
-            partial_sums, w_reduce, b_reduce, w_expand, b_expand, scale,
-            batch, channels, reduced, pixels, splits, parameter,
-            ACTIVATION=activations.ACTIVATIONS.index(name), GATE=activations.gate_code(args.gate),
-            BLOCK_N=mlp_block_n, BLOCK_R=block_r, BLOCK_C=mlp_block_c,
-        )
-        torch.library.wrap_triton(_scale_kernel)[(sample_blocks * channel_blocks * pixel_blocks,)](
-            x, scale, out,
-            batch, channels, pixels,
-            CHANNELS_LAST=channels_last, INT64=int64,
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_P=block_p,
-        )
+    tiles = dict(CHANNELS_LAST=channels_last, INT64=int64, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_P=block_p)
+    return out, [
+        Launch(_pool_kernel, (sample_blocks * channel_blocks * splits,),
+               (x, partial_sums, batch, channels, pixels, pixels_per_split, splits), tiles),
+        Launch(_mlp_kernel, (triton.cdiv(batch, mlp_block_n),),
+               (partial_sums, w_reduce, b_reduce, w_expand, b_expand, scale,
+                batch, channels, reduced, pixels, splits, parameter),
+               dict(ACTIVATION=activations.ACTIVATIONS.index(name), GATE=activations.gate_code(args.gate),
+                    BLOCK_N=mlp_block_n, BLOCK_R=block_r, BLOCK_C=mlp_block_c)),
+        Launch(_scale_kernel, (sample_blocks * channel_blocks * pixel_blocks,), (x, scale, out, batch, channels, pixels),
+               tiles),
+    ]
+
+
+def launch(args: SEArgs) -> torch.Tensor:
+    out, launches = plan(args)
+    run_launches(launches, args.x)
     return out
 
 
