@@ -275,9 +275,9 @@ class _Planner:
                     first_conv = next(m for m in stock.modules() if isinstance(m, nn.Conv2d))
                     size = 4 + max(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
                     return _compare(stock, swapped, _probe(first_conv.in_channels, size, size + 1, self.generator))
-            stock_items = [(name, fused, conv), (bn_name, FusedInto(name, bn), bn)]
+            stock_items = [(name, fused, conv), (bn_name, FusedInto(name, bn, fused), bn)]
             if act_item is not None:
-                stock_items.append((act_item[0], FusedInto(name, act), act))
+                stock_items.append((act_item[0], FusedInto(name, act, fused), act))
             activation = fused.activation
             if self.plan(parent, stock_items, PatchEntry(path_i, "dwconv_bn_act", shape, activation), check):
                 taken.update(item[0] for item in stock_items)

@@ -124,7 +124,8 @@ class DWConvBNAct(FusedModule):
     conv: a depthwise nn.Conv2d; bn: an nn.BatchNorm2d, or a BatchNorm2d subclass that carries its activation
     (timm's BatchNormAct2d), or None; act: a stock or hand-written activation module, or None.
     In training mode, or when autograd needs a graph, the stock modules run unchanged. The folded weights are
-    cached and refolded whenever a parameter or statistic changes (load_state_dict, in-place edits, .to()).
+    buffers folded when the module is built and refolded whenever a parameter or statistic changes
+    (load_state_dict, in-place edits, .to(); `refresh()` after edits through .data), see FusedModule.
 
     stock_slots (set by `mbkernels.patch`): the names conv, bn and act had in the parent, e.g.
     {"conv": "3", "bn": "4", "act": "5"}; this module takes conv's name, and its state_dict entries are written
@@ -147,21 +148,25 @@ class DWConvBNAct(FusedModule):
         self._load_prefix = ""
         if self.stock_slots:
             self.register_load_state_dict_post_hook(_forget_keys_loaded_elsewhere)
+        self.refresh()
 
     def _fold_sources(self):
-        # Straight from the modules' tables: this runs on every call, and attribute lookups add up at batch 1.
+        # Straight from the modules' tables: this runs on every eager call, and attribute lookups add up at batch 1.
         return [t for m in (self.conv, self.bn) for t in (*m._parameters.values(), *m._buffers.values())
                 if t is not None]
 
-    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 (weight, bias) with BN folded in, refolded when any source tensor changed."""
-        bn = self.bn if isinstance(self.bn, nn.BatchNorm2d) else None
-        settings = (bn.eps,) if bn is not None else ()
-        def fold():
-            weight, bias = ops.fold_bn(self.conv, bn)
-            return tap_major(weight), bias  # the layout the kernels read, made once here rather than per call
+    def _fold_settings(self) -> tuple:
+        return (self.bn.eps,) if isinstance(self.bn, nn.BatchNorm2d) else ()
 
-        return self.derived.get(self._fold_sources(), fold, settings)
+    def _fold(self) -> dict:
+        weight, bias = ops.fold_bn(self.conv, self.bn if isinstance(self.bn, nn.BatchNorm2d) else None)
+        # The layout the kernels read (tap-major), made once here rather than per call.
+        return {"folded_weight": tap_major(weight), "folded_bias": bias}
+
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 (weight, bias) with BN folded in, as the fused op gets them."""
+        self.refresh_if_stale()
+        return self.folded_weight, self.folded_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
@@ -223,16 +228,20 @@ class DWConvBNAct(FusedModule):
 class FusedInto(nn.Identity):
     """Stands in the parent's slot of a module that now runs inside the DWConvBNAct named `into`.
 
-    It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so)."""
+    It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so), and then
+    refreshes `owner`'s folded weights (the owner's own load hook runs before this slot, which follows it)."""
 
-    def __init__(self, into: str, stock: nn.Module):
+    def __init__(self, into: str, stock: nn.Module, owner: Optional[DWConvBNAct] = None):
         super().__init__()
         self.into = into
         object.__setattr__(self, "stock", stock)  # not a child: it is registered inside the DWConvBNAct
+        object.__setattr__(self, "owner", owner)  # nor is the owner
         self._version = getattr(type(stock), "_version", 1)  # state_dict metadata as the stock module writes it
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         _load_module_tree(self.stock, state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if self.owner is not None:
+            self.owner.refresh()
 
     def extra_repr(self) -> str:
         return f"{type(self.stock).__name__} runs fused in {self.into!r}"

@@ -102,12 +102,13 @@ def _find_parts(module: nn.Module) -> _Parts:
     return _Parts(reduce, expand, activation[0], gate[0])
 
 
+# Copies, never views of the parameters: the buffers are refreshed in place and moved on their own.
 def _float32_matrix(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.detach().flatten(1).to(torch.float32).contiguous()
+    return layer.weight.detach().flatten(1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _float32_bias(layer: nn.Module) -> Optional[torch.Tensor]:
-    return None if layer.bias is None else layer.bias.detach().to(torch.float32).contiguous()
+    return None if layer.bias is None else layer.bias.detach().to(torch.float32, copy=True)
 
 
 def _fused_formula(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> torch.Tensor:
@@ -154,7 +155,8 @@ class SqueezeExcite(FusedModule):
 
     Build it with `SqueezeExcite.from_module(se)`. The stock module stays inside as `stock` and runs unchanged in
     training mode or when autograd needs a graph; the state_dict has the stock module's keys, so checkpoints load
-    both ways. The float32 weights are cached and refreshed when a parameter changes.
+    both ways. The float32 weights are buffers made when the module is built and refreshed when a parameter
+    changes (see FusedModule).
     """
 
     def __init__(self, stock: nn.Module, parts: _Parts, stock_writes_input: bool, backend: Optional[str] = None):
@@ -167,6 +169,7 @@ class SqueezeExcite(FusedModule):
         self.training = stock.training  # swapped into a model in eval mode, it runs fused at once
         self.register_state_dict_post_hook(_drop_stock_prefix)
         self.register_load_state_dict_pre_hook(_add_stock_prefix)
+        self.refresh()
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: Optional[str] = None) -> "SqueezeExcite":
@@ -187,13 +190,19 @@ class SqueezeExcite(FusedModule):
     def expand_layer(self) -> nn.Module:
         return self.stock.get_submodule(self.expand_path)
 
-    def fused_weights(self):
-        """The float32 (w_reduce [R, C], b_reduce, w_expand [C, R], b_expand), refreshed when a source changed."""
+    def _fold_sources(self) -> list:
         reduce, expand = self.reduce_layer, self.expand_layer
-        sources = [t for t in (reduce.weight, reduce.bias, expand.weight, expand.bias) if t is not None]
-        return self.derived.get(sources, lambda: (
-            _float32_matrix(reduce), _float32_bias(reduce), _float32_matrix(expand), _float32_bias(expand),
-        ))
+        return [t for t in (reduce.weight, reduce.bias, expand.weight, expand.bias) if t is not None]
+
+    def _fold(self) -> dict:
+        reduce, expand = self.reduce_layer, self.expand_layer
+        return {"folded_w_reduce": _float32_matrix(reduce), "folded_b_reduce": _float32_bias(reduce),
+                "folded_w_expand": _float32_matrix(expand), "folded_b_expand": _float32_bias(expand)}
+
+    def fused_weights(self):
+        """The float32 (w_reduce [R, C], b_reduce, w_expand [C, R], b_expand) the fused op gets."""
+        self.refresh_if_stale()
+        return self.folded_w_reduce, self.folded_b_reduce, self.folded_w_expand, self.folded_b_expand
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
