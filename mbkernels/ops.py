@@ -1,18 +1,24 @@
 """The public ops: the functions users call and their registered custom ops (`torch.ops.mbkernels.<name>`).
 
 Each public op is one custom op whose fake kernel (the contract's output allocation) lets
-torch.compile(fullgraph=True) trace it; its real kernel checks and normalises the arguments once (mbkernels._contract)
-and hands the bundle to the backend that `dispatch.select` picks. Plain eager calls of the public functions run that
-same implementation without the custom-op dispatch (see _plain_eager_call).
+torch.compile(fullgraph=True) and torch.export trace it; its real kernel checks and normalises the arguments once
+(mbkernels._contract) and hands the bundle to the backend that `dispatch.select` picks. Plain eager calls of the
+public functions run that same implementation without the custom-op dispatch (see _plain_eager_call). Compiled
+graphs get the chosen backend's own ops in its place (see _seen_through); exported graphs keep it whole.
 """
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import dispatch
+from . import _native, backends as _backends, dispatch
 from ._contract import CONTRACTS, DWConvArgs, IntOrPair, SEArgs, check_x, pair, padding4
+from .backends.triton import interpreting as triton_interpreting
+
+# Kernels for the ops that the native library defines (mbkernels._C loaded by _native, see _register).
+_NATIVE_OPS = torch.library.Library("mbkernels", "IMPL") if _native.C is not None else None
 
 
 def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
@@ -40,16 +46,61 @@ def _run(op: str, args, backend: str) -> Tensor:
     return dispatch.select(op, backend, args)(args)
 
 
-def _register(op: str, function) -> None:
-    """Register function as torch.ops.mbkernels.<op> with the contract's output as its fake kernel."""
-    contract = CONTRACTS[op]
-    registered = torch.library.custom_op(f"mbkernels::{op}", function, mutates_args=())
+def _backend_of(op: str, run) -> str:
+    return next(b.name for b in _backends.declared() if op in b.ops and b.ops[op].run is run)
 
-    @registered.register_fake
+
+def _seen_through(op: str, args, backend: str):
+    """What traced graphs (torch.compile, AOTInductor) get in place of the op: the run function of the backend
+    that would run it, traced, so that Inductor optimises the reference backend's aten ops with their neighbours
+    (the CPU), compiles the Triton kernels into its own code, and calls the CUDA kernels' op directly; None where
+    the op stays whole. It stays whole in exported graphs (high-level, serialisable: the mbkernels ops), in
+    AOTInductor packages where the reference backend would run it (libmbkernels' CPU kernels run it there, see
+    csrc/public_ops.cpp), for empty inputs, and where Triton runs under its interpreter, which cannot take the
+    fake tensors of tracing."""
+    from torch._inductor.virtualized import V
+
+    if not getattr(torch._functorch.config, "decompose_custom_triton_ops", True):  # torch.export sets it off
+        return None
+    contract = CONTRACTS[op]
+    contract.check(args)
+    if args.x.numel() == 0:
+        return None
+    args = contract.normalise(args)
+    run = dispatch.select(op, backend, args)
+    chosen = _backend_of(op, run)
+    if (chosen == "triton" and triton_interpreting()) or (chosen == "reference" and V.aot_compilation):
+        return None
+    return lambda: run(args)
+
+
+def _register(op: str, function) -> None:
+    """Make function torch.ops.mbkernels.<op>: its implementation on CPU and CUDA tensors, the contract's output
+    as its fake kernel, and what AOTDispatcher (torch.compile, AOTInductor) traces in its place (_seen_through).
+
+    Where the native library defined the op (csrc/public_ops.cpp, in mbkernels._C; C++ programs run its C++
+    kernels), function becomes its kernel for Python callers; otherwise it is defined here as a custom op."""
+    contract = CONTRACTS[op]
+    qualname = f"mbkernels::{op}"
+    if hasattr(torch.ops.mbkernels, op):
+        for key in ("CPU", "CUDA"):
+            _NATIVE_OPS.impl(op, function, key)
+    else:
+        torch.library.custom_op(qualname, function, mutates_args=())
+
+    @torch.library.register_fake(qualname)
     def _(*values):
         args = contract.bundle(*values[:-1])
         contract.check(args)
         return contract.output(args)
+
+    @torch.library.register_torch_dispatch(qualname, FunctionalTensorMode)
+    def _(mode, func, types, values, kwargs):
+        with mode:  # the checks and normalisation are traced too (on FunctionalTensors, they need the mode)
+            traced = _seen_through(op, contract.bundle(*values[:-1]), values[-1])
+            if traced is not None:
+                return traced()
+        return mode.__torch_dispatch__(func, types, values, kwargs)
 
 
 # ----------------------------------------------------------------------------- depthwise conv + BN + act
