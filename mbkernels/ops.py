@@ -13,12 +13,11 @@ from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _native, backends as _backends, dispatch
+from . import _native, backends as _backends, dispatch  # _native first: it loads mbkernels._C
 from ._contract import CONTRACTS, DWConvArgs, IntOrPair, SEArgs, check_x, pair, padding4
 from .backends.triton import interpreting as triton_interpreting
 
-# Kernels for the ops that the native library defines (mbkernels._C loaded by _native, see _register).
-_NATIVE_OPS = torch.library.Library("mbkernels", "IMPL") if _native.C is not None else None
+_native_op_kernels = []  # the Library holding our kernels for ops the native library defined (see _register)
 
 
 def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
@@ -83,8 +82,10 @@ def _register(op: str, function) -> None:
     contract = CONTRACTS[op]
     qualname = f"mbkernels::{op}"
     if hasattr(torch.ops.mbkernels, op):
+        if not _native_op_kernels:
+            _native_op_kernels.append(torch.library.Library("mbkernels", "IMPL"))
         for key in ("CPU", "CUDA"):
-            _NATIVE_OPS.impl(op, function, key)
+            _native_op_kernels[0].impl(op, function, key)
     else:
         torch.library.custom_op(qualname, function, mutates_args=())
 
