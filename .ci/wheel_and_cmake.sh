@@ -120,7 +120,7 @@ cmake_consumer() {
   (cd "$WORK" && "$VENV_PY" "$WORK/pytest/tests/cpp/make_package.py" "$WORK/package")
   readelf -d "$WORK/cpp-build/run_package" | grep -q 'NEEDED.*libmbkernels' \
     || { echo "run_package does not link libmbkernels: the linker dropped it" >&2; exit 1; }
-  "$WORK/cpp-build/run_package" "$WORK/package/patched.pt2" "$WORK/package/tensors.pt"
+  "$WORK/cpp-build/run_package" "$WORK/package/patched.pt2" "$WORK/package/tensors.bin"
 }
 
 started=$SECONDS

@@ -93,7 +93,8 @@ at::Tensor dwconv_bn_act(const at::Tensor& x, const at::Tensor& weight, const at
   }
   // F.pad order: [left, right, top, bottom].
   const at::Tensor padded = at::constant_pad_nd(x.to(at::kFloat), {pads[2], pads[3], pads[0], pads[1]}, 0.0);
-  const at::Tensor y = at::conv2d(padded, weight.to(at::kFloat), bias.to(at::kFloat), ints(stride), 0,
+  const std::vector<int64_t> no_padding = {0, 0};
+  const at::Tensor y = at::conv2d(padded, weight.to(at::kFloat), bias.to(at::kFloat), ints(stride), no_padding,
                                   ints(dilation), x.size(1));
   return apply_activation(y, activation).to(x.scalar_type()).contiguous(format);
 }

@@ -1,7 +1,8 @@
 """Writes an AOTInductor package of the patched hand-written MobileNetV3-Small (random BatchNorm statistics) and
-the tensors tests/cpp/run_package checks it with: torch.save([input, stock float64 output]).
+the tensors tests/cpp/run_package checks it with: the input and the stock model's float64 output, each as
+int64 rank, int64 sizes, float64 values (native byte order).
 
-    python tests/cpp/make_package.py OUT_FOLDER       -> OUT_FOLDER/patched.pt2, OUT_FOLDER/tensors.pt
+    python tests/cpp/make_package.py OUT_FOLDER       -> OUT_FOLDER/patched.pt2, OUT_FOLDER/tensors.bin
 """
 import copy
 import os
@@ -16,6 +17,13 @@ from mbkernels.patch import randomize_batchnorm  # noqa: E402
 from tests.models.mobilenetv3 import mobilenetv3_small  # noqa: E402
 
 
+def write_tensors(path: str, tensors) -> None:
+    with open(path, "wb") as file:
+        for t in tensors:
+            file.write(torch.tensor([t.dim(), *t.shape], dtype=torch.int64).numpy().tobytes())
+            file.write(t.detach().to(torch.float64).contiguous().numpy().tobytes())
+
+
 def main(folder: str) -> None:
     torch.manual_seed(0)
     stock = randomize_batchnorm(mobilenetv3_small().eval(), torch.Generator().manual_seed(0))
@@ -28,8 +36,8 @@ def main(folder: str) -> None:
     assert ops == {"mbkernels.dwconv_bn_act.default", "mbkernels.squeeze_excite.default"}, ops
     os.makedirs(folder, exist_ok=True)
     package = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(folder, "patched.pt2"))
-    torch.save([x, expected], os.path.join(folder, "tensors.pt"))
-    print(f"package {package} (ops {sorted(ops)}), tensors {os.path.join(folder, 'tensors.pt')}")
+    write_tensors(os.path.join(folder, "tensors.bin"), [x, expected])
+    print(f"package {package} (ops {sorted(ops)}), tensors {os.path.join(folder, 'tensors.bin')}")
 
 
 if __name__ == "__main__":
