@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import backends, patch
+from . import patch
+from .dispatch import backends  # the function: the name mbkernels.backends is also the backends package
 from .__main__ import DTYPES
 from .__main__ import build_model as build_stock_model
 from .nn import DWConvBNAct, SqueezeExcite
@@ -362,6 +363,42 @@ def run_application(options: ServeOptions) -> None:
     from ray import serve
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(classifier_app(options), name=APP_NAME, route_prefix="/")
+
+
+# ----------------------------------------------------------------------------------------- a client
+def http_request(url: str, method: str = "GET", body: Optional[bytes] = None, content_type: Optional[str] = None,
+                 timeout: float = 30.0) -> tuple:
+    """(status, payload) of one HTTP request: payload is the decoded JSON, or the text when the body is not JSON."""
+    import json
+    import urllib.error
+    import urllib.request
+    # urllib would label a body application/x-www-form-urlencoded: say what it is, or send none.
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, data = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, data = error.code, error.read()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, data.decode(errors="replace")
+
+
+def classify(url: str, image: bytes, content_type: str = "application/octet-stream", attempts: int = 20,
+             timeout: float = 30.0, backoff_s: float = 0.25) -> tuple:
+    """(status, payload, attempts used) of POST url/classify, retried while the server refuses or fails it (5xx,
+    connection refused or dropped, as while a replica is replaced): at most `attempts` tries, backing off."""
+    for attempt in range(1, attempts + 1):
+        try:
+            status, payload = http_request(f"{url}/classify", "POST", image, content_type, timeout)
+        except OSError as error:  # refused, reset or timed out: the request was not answered
+            status, payload = None, one_line(error)
+        if status is not None and status < 500:
+            return status, payload, attempt
+        time.sleep(min(backoff_s * attempt, 2.0))
+    return status, payload, attempts
 
 
 # ----------------------------------------------------------------------------------------- the command
