@@ -1,7 +1,7 @@
 """SqueezeExcite: a stock squeeze-and-excite module run as one fused op in inference.
 
-Recognised sources: timm's SqueezeExcite (conv_reduce, act1, conv_expand, gate) and SEModule without its extras,
-torchvision's SqueezeExcitation (avgpool, fc1, activation, fc2, scale_activation), and hand-written SE modules
+Recognised sources: timm's SqueezeExcite (conv_reduce, act1, conv_expand, gate) and SEModule (also with a
+BatchNorm between fc1 and its activation, as rexnet's: folded into fc1), torchvision's SqueezeExcitation (avgpool, fc1, activation, fc2, scale_activation), and hand-written SE modules
 whose layers are two nn.Linear or 1x1 nn.Conv2d with an activation and a gate module (also inside an
 nn.Sequential). Since a hand-written forward can compute anything, a match is confirmed numerically.
 """
@@ -26,6 +26,7 @@ class _Parts(NamedTuple):
     expand: str  # the path of the nn.Linear [R -> C] or 1x1 nn.Conv2d
     activation: str
     gate: str
+    norm: Optional[str] = None  # the path of a BatchNorm applied to the reduce layer's output, folded into it
 
 
 def _check_layer(layer: nn.Module, name: str) -> None:
@@ -43,6 +44,8 @@ def _leaf_parts(module: nn.Module, path: str = ""):
         child_path = f"{path}{name}"
         if isinstance(child, (nn.Linear, nn.Conv2d)):
             yield child_path, child, "layer"
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            yield child_path, child, "norm"
         elif isinstance(child, _PASSTHROUGH):
             if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1)):
                 raise ValueError(f"{child_path} is {child}; only a global average pool (output_size=1) can be fused")
@@ -63,6 +66,7 @@ def _find_parts(module: nn.Module) -> _Parts:
     except ValueError as error:
         raise ValueError(f"{type(module).__name__} is not a squeeze-excite module: {error}") from None
     layers = [(path, m) for path, m, kind in parts if kind == "layer"]
+    norms = [(path, m) for path, m, kind in parts if kind == "norm"]
     functions = [(path, m) for path, m, kind in parts if kind == "function"]
     if len(layers) != 2 or len(functions) < 2:
         found = ", ".join(f"{path} ({type(m).__name__})" for path, m, _ in parts) or "nothing"
@@ -83,6 +87,7 @@ def _find_parts(module: nn.Module) -> _Parts:
             f"an SE's layers map C -> R -> C"
         )
     reduce, expand = (second_path, first_path) if first_in < first_out else (first_path, second_path)
+    norm = _find_norm(module, norms, min(first_in, first_out))
 
     # Hand-written activations are recognised by what they compute (the two name sets do not overlap). Other
     # parameter-free modules (a hand-written Flatten, Dropout) are let through: the numeric check judges them.
@@ -99,7 +104,33 @@ def _find_parts(module: nn.Module) -> _Parts:
             f"{type(module).__name__} needs one activation ({', '.join(activations.ACTIVATIONS[1:])}) and one gate "
             f"({', '.join(activations.GATES)}): {found}"
         )
-    return _Parts(reduce, expand, activation[0], gate[0])
+    return _Parts(reduce, expand, activation[0], gate[0], norm)
+
+
+def _find_norm(module: nn.Module, norms: list, reduced: int) -> Optional[str]:
+    """The path of the one BatchNorm of R features an SE may hold (which the match check proves is applied to the
+    reduce layer's output), or None."""
+    if not norms:
+        return None
+    if len(norms) > 1:
+        raise ValueError(f"{type(module).__name__} holds {len(norms)} norms ({', '.join(p for p, _ in norms)}); "
+                         "an SE with one BatchNorm after its reduce layer is fused")
+    path, norm = norms[0]
+    if norm.num_features != reduced or norm.running_mean is None or norm.running_var is None:
+        raise ValueError(f"{type(module).__name__}.{path} is {norm}; only a BatchNorm of the {reduced} reduced "
+                         "channels with running statistics can be folded into the reduce layer")
+    return path
+
+
+def _reduce_weights(reduce: nn.Module, norm: Optional[nn.Module], dtype: torch.dtype):
+    """(w_reduce [R, C], b_reduce) in dtype, the norm folded in (b_reduce None when there is neither bias nor norm)."""
+    weight = reduce.weight.detach().flatten(1).to(dtype)
+    bias = None if reduce.bias is None else reduce.bias.detach().to(dtype)
+    if norm is None:
+        return weight.contiguous(), bias
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+    return ops.fold_bn_into(weight, bias, norm)
 
 
 def _float32_matrix(layer: nn.Module) -> torch.Tensor:
@@ -133,8 +164,10 @@ def _check_match(module: nn.Module, parts: _Parts) -> bool:
         raise ValueError(
             f"{type(module).__name__} failed on a probe input of shape {tuple(probe.shape)}: {error}") from error
     writes_input = not torch.equal(probe_input, probe)
-    fused = _fused_formula(probe, reduce.weight.flatten(1), reduce.bias, expand.weight.flatten(1), expand.bias,
-                           parts.activation, parts.gate)
+    norm = probe_module.get_submodule(parts.norm) if parts.norm else None
+    w_reduce, b_reduce = _reduce_weights(reduce, norm, torch.float64)
+    fused = _fused_formula(probe, w_reduce, b_reduce, expand.weight.flatten(1), expand.bias, parts.activation,
+                           parts.gate)
     if not isinstance(stock, torch.Tensor) or stock.shape != fused.shape:
         got = tuple(stock.shape) if isinstance(stock, torch.Tensor) else type(stock).__name__
         raise ValueError(f"{type(module).__name__} returned {got} for an input of shape {tuple(probe.shape)}; "
@@ -160,7 +193,7 @@ class SqueezeExcite(FusedModule):
     def __init__(self, stock: nn.Module, parts: _Parts, stock_writes_input: bool, backend: Optional[str] = None):
         super().__init__()
         self.stock = stock
-        self.reduce_path, self.expand_path = parts.reduce, parts.expand
+        self.reduce_path, self.expand_path, self.norm_path = parts.reduce, parts.expand, parts.norm
         self.activation, self.gate = parts.activation, parts.gate
         self.stock_writes_input = stock_writes_input
         self.backend = backend
@@ -190,10 +223,11 @@ class SqueezeExcite(FusedModule):
     def fused_weights(self):
         """The float32 (w_reduce [R, C], b_reduce, w_expand [C, R], b_expand), refreshed when a source changed."""
         reduce, expand = self.reduce_layer, self.expand_layer
-        sources = [t for t in (reduce.weight, reduce.bias, expand.weight, expand.bias) if t is not None]
+        norm = self.stock.get_submodule(self.norm_path) if self.norm_path else None
+        sources = [t for m in (reduce, expand, norm) if m is not None for t in (*m.parameters(), *m.buffers())]
         return self.derived.get(sources, lambda: (
-            _float32_matrix(reduce), _float32_bias(reduce), _float32_matrix(expand), _float32_bias(expand),
-        ))
+            *_reduce_weights(reduce, norm, torch.float32), _float32_matrix(expand), _float32_bias(expand),
+        ), (norm.eps,) if norm is not None else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
