@@ -388,7 +388,7 @@ class _DWMatch:
                 if failures:  # a longer run did not match: what it would have taken more runs on its own
                     left = [type(item[1]).__name__ for item in (runs[0].norm, runs[0].act) if item and item not in
                             (run.norm, run.act)]
-                    run.left = f"{' + '.join(left)} after it runs on its own (fusing it too: {failures[0]})"
+                    run.left = f"{' + '.join(left)} runs on its own (fusing it too: {failures[0]})"
                 return self.kind.items(run)
             failures.append(failure)
         self.failure = failures[0]
@@ -401,8 +401,8 @@ class _DWMatch:
 class MixedConvKind(DWConvKind):
     """MixNet's MixedConv2d (a module whose children are two or more depthwise convs over consecutive channel
     groups, with different kernel sizes), with its BatchNorm and activation: one depthwise op call
-    (mbkernels.nn.MixedDWConvBNAct: the kernels zero-padded to the largest)."""
-    kind, label, fused_type = "mixed_dwconv_bn_act", "mixed-dwconv+bn+act", MixedDWConvBNAct
+    (mbkernels.nn.MixedDWConvBNAct: the kernels zero-padded to the largest), reported as a dwconv+bn+act."""
+    kind, label, fused_type = "dwconv_bn_act", "dwconv+bn+act", MixedDWConvBNAct
 
     def is_candidate(self, module):
         convs = list(module.children())
@@ -569,7 +569,7 @@ def _refuse_meta_tensors(model: nn.Module) -> None:
 
 def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool) -> _Planner:
     _refuse_meta_tensors(model)
-    wanted = {"dwconv_bn_act": dwconv, "mixed_dwconv_bn_act": dwconv, "squeeze_excite": se}
+    wanted = {"dwconv_bn_act": dwconv, "squeeze_excite": se}
     planner = _Planner(backend, tuple(kind for kind in FUSION_KINDS if wanted.get(kind.kind, True)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves

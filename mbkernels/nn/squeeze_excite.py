@@ -117,8 +117,9 @@ def _find_norm(module: nn.Module, norms: list, reduced: int) -> Optional[str]:
                          "an SE with one BatchNorm after its reduce layer is fused")
     path, norm = norms[0]
     if norm.num_features != reduced or norm.running_mean is None or norm.running_var is None:
-        raise ValueError(f"{type(module).__name__}.{path} is {norm}; only a BatchNorm of the {reduced} reduced "
-                         "channels with running statistics can be folded into the reduce layer")
+        problem = f"of {norm.num_features} features" if norm.num_features != reduced else "without running statistics"
+        raise ValueError(f"{type(module).__name__}.{path} is a {type(norm).__name__} {problem}; only a BatchNorm of "
+                         f"the {reduced} reduced channels with running statistics can be folded into the reduce layer")
     return path
 
 
