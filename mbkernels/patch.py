@@ -115,6 +115,12 @@ def _se_layers(module: nn.Module):
     return shapes if reduced == r_in and c_in == c_out and reduced < c_in else None
 
 
+def _layer_shape(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return f"{layer.in_features} -> {layer.out_features}"
+    return f"{layer.in_channels} -> {layer.out_channels}"
+
+
 def _se_shape(module: nn.Module) -> str:
     shapes = _se_layers(module)
     return f"C={shapes[0][0]} R={shapes[0][1]}" if shapes else ""
@@ -427,17 +433,37 @@ class MixedConvKind(DWConvKind):
         return tuple(next(mixed.children()).dilation)
 
 
+def _gated_layers(module: nn.Module) -> list:
+    """The Linear / 1x1-conv children of a module that also has a gate child (sigmoid, hardsigmoid): an SE-like
+    module (an effective SE's one layer, an SE's two); [] for anything else."""
+    children = list(module.children())
+    if not any(activations.identify_gate(child) is not None for child in children):
+        return []
+    return [child for child in children if isinstance(child, nn.Linear)
+            or (isinstance(child, nn.Conv2d) and tuple(child.kernel_size) == (1, 1))]
+
+
 class SqueezeExciteKind(FusionKind):
-    """A module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C), offered to
-    mbkernels.nn.SqueezeExcite.from_module."""
+    """A module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; BatchNorms aside), offered
+    to mbkernels.nn.SqueezeExcite.from_module. Other SE-like modules (a gate child and 1x1 layers, e.g. an
+    effective SE with one layer C -> C) are reported as left alone, with what they hold."""
     kind, label, fused_type = "squeeze_excite", "squeeze-excite", SqueezeExcite
 
     def candidates(self, parent, path, children, taken):
         for name, module in children:
-            if name in taken or _se_layers(module) is None:
+            if name in taken:
                 continue
-            yield Candidate(f"{path}{name}", _se_shape(module), functools.partial(self.build, name, module),
-                            functools.partial(self.check, module))
+            if _se_layers(module) is not None:
+                yield Candidate(f"{path}{name}", _se_shape(module), functools.partial(self.build, name, module),
+                                functools.partial(self.check, module))
+            elif _gated_layers(module):
+                channels = _layer_shape(_gated_layers(module)[0]).split(" ")[0]
+                yield Candidate(f"{path}{name}", f"C={channels}", functools.partial(self.refuse, module), lambda: None)
+
+    def refuse(self, module):
+        layers = ", ".join(f"{type(m).__name__} {_layer_shape(m)}" for m in _gated_layers(module))
+        raise Skip(f"{type(module).__name__} looks like a squeeze-excite (a gate and 1x1 layers: {layers}) but its "
+                   "weights are not two layers C -> R -> C with R < C, which the fused op needs")
 
     def build(self, name, module):
         try:
