@@ -322,3 +322,16 @@ def test_op_asymmetric_padding_and_depth_multiplier(backend, poisoned_outputs):
     out = mbkernels.ops.dwconv_bn_act(x, w, b, stride=2, padding=[1, 2, 0, 1], activation="leaky_relu:0.2",
                                       backend=backend)
     assert_close_to_reference(out, dwconv64(x, w, b, [2, 2], [1, 2, 0, 1], [1, 1], "leaky_relu:0.2"), torch.float32)
+
+
+def test_tf_same_and_mixed_conv_trace_whole_at_odd_and_even_sizes():
+    """torch.compile(fullgraph=True) traces the per-call TF 'SAME' padding and the stacked mixed weight; the second
+    size recompiles with dynamic shapes, where the padding must still come out as plain ints."""
+    stock = stock_model("tf_mixnet_s").blocks[2][0]
+    model = mbkernels.patch(copy.deepcopy(stock), backend="reference")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for size in (9, 10):
+        x = torch.randn(1, stock.conv_pw.in_channels, size, size + 1)
+        with torch.no_grad():
+            assert relative_error(compiled(x), stock.double()(x.double())) < 1e-5
+            stock.float()

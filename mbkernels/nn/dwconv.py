@@ -29,7 +29,10 @@ def tf_same_padding(size: tuple, conv: nn.Conv2d) -> list[int]:
     total that makes the output ceil(size / stride), its odd pixel at the bottom / right."""
     padding = []
     for length, k, s, d in zip(size, conv.kernel_size, conv.stride, conv.dilation):
-        total = max((-(-length // s) - 1) * s + (k - 1) * d + 1 - length, 0)
+        # (ceil(length / s) - 1) * s + (k - 1) * d + 1 - length depends on length % s alone. Found by comparison,
+        # the remainder is a plain int even for a symbolic length (torch.compile, dynamic shapes: a guard on it).
+        remainder = next(r for r in range(s) if length % s == r)
+        total = max((s - remainder) % s - s + (k - 1) * d + 1, 0)
         padding += [total // 2, total - total // 2]
     return padding
 
