@@ -233,6 +233,7 @@ class _Run:
     norm: Optional[tuple] = None
     act: Optional[tuple] = None
     left: str = ""
+    act_guessed: bool = False  # act is not the next module but the parent's one activation: refused, it is no news
 
 
 def _following(children: list, i: int) -> list:
@@ -289,13 +290,14 @@ class DWConvKind(FusionKind):
         if norm_item is None or carried_activation(norm_item[1]) is None:
             act_item, why_not_act = self.activation_after(parent, following, children, taken)
         alone = _Run(conv_item, left=why_not_norm)
+        guessed = act_item is not None and act_item not in following[:1]
         if norm_item is None:
-            return [_Run(conv_item, act=act_item), _Run(conv_item, left=why_not_act)] if act_item else \
-                [_Run(conv_item, left=why_not_norm or why_not_act)]
+            return [_Run(conv_item, act=act_item, act_guessed=guessed), _Run(conv_item, left=why_not_act)] \
+                if act_item else [_Run(conv_item, left=why_not_norm or why_not_act)]
         with_norm = _Run(conv_item, norm_item, left=why_not_act)
         if act_item is None:
             return [with_norm, alone]
-        return [_Run(conv_item, norm_item, act_item), with_norm, alone]
+        return [_Run(conv_item, norm_item, act_item, act_guessed=guessed), with_norm, alone]
 
     def activation_after(self, parent, following, children, taken):
         """((slot, act) that may run right after the conv (+ norm), or None; why an activation stays unfused)."""
@@ -391,9 +393,10 @@ class _DWMatch:
         for run in runs:
             failure = _checked(functools.partial(self.kind.check, self.parent, run))
             if failure is None:
-                if failures:  # a longer run did not match: what it would have taken more runs on its own
-                    left = [type(item[1]).__name__ for item in (runs[0].norm, runs[0].act) if item and item not in
-                            (run.norm, run.act)]
+                # A longer run did not match: what it would have taken more runs on its own.
+                longest = [runs[0].norm, None if runs[0].act_guessed else runs[0].act]
+                left = [type(item[1]).__name__ for item in longest if item and item not in (run.norm, run.act)]
+                if left:
                     run.left = f"{' + '.join(left)} runs on its own (fusing it too: {failures[0]})"
                 return self.kind.items(run)
             failures.append(failure)
