@@ -115,15 +115,12 @@ def _se_layers(module: nn.Module):
     return shapes if reduced == r_in and c_in == c_out and reduced < c_in else None
 
 
-def _layer_shape(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Linear):
-        return f"{layer.in_features} -> {layer.out_features}"
-    return f"{layer.in_channels} -> {layer.out_channels}"
-
-
 def _se_shape(module: nn.Module) -> str:
     shapes = _se_layers(module)
-    return f"C={shapes[0][0]} R={shapes[0][1]}" if shapes else ""
+    if shapes:
+        return f"C={shapes[0][0]} R={shapes[0][1]}"
+    channels = _in_channels(_gated_layers(module))
+    return f"C={channels}" if channels is not None else ""
 
 
 def _se_activation(fused: nn.Module) -> str:
@@ -447,26 +444,20 @@ def _gated_layers(module: nn.Module) -> list:
 
 
 class SqueezeExciteKind(FusionKind):
-    """A module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; BatchNorms aside), offered
-    to mbkernels.nn.SqueezeExcite.from_module. Other SE-like modules (a gate child and 1x1 layers, e.g. an
-    effective SE with one layer C -> C) are reported as left alone, with what they hold."""
+    """A module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; BatchNorms aside), or any
+    other SE-like module (a gate child and 1x1 layers, e.g. an effective SE's one layer C -> C), offered to
+    mbkernels.nn.SqueezeExcite.from_module; what it refuses is reported with its reason."""
     kind, label, fused_type = "squeeze_excite", "squeeze-excite", SqueezeExcite
 
     def candidates(self, parent, path, children, taken):
         for name, module in children:
             if name in taken:
                 continue
-            if _se_layers(module) is not None:
+            layers = _se_layers(module)
+            channels = layers[0][0] if layers else _in_channels(_gated_layers(module))
+            if channels is not None:
                 yield Candidate(f"{path}{name}", _se_shape(module), functools.partial(self.build, name, module),
-                                functools.partial(self.check, module))
-            elif _gated_layers(module):
-                channels = _layer_shape(_gated_layers(module)[0]).split(" ")[0]
-                yield Candidate(f"{path}{name}", f"C={channels}", functools.partial(self.refuse, module), lambda: None)
-
-    def refuse(self, module):
-        layers = ", ".join(f"{type(m).__name__} {_layer_shape(m)}" for m in _gated_layers(module))
-        raise Skip(f"{type(module).__name__} looks like a squeeze-excite (a gate and 1x1 layers: {layers}) but its "
-                   "weights are not two layers C -> R -> C with R < C, which the fused op needs")
+                                functools.partial(self.check, module, channels))
 
     def build(self, name, module):
         try:
@@ -474,14 +465,23 @@ class SqueezeExciteKind(FusionKind):
         except ValueError as error:
             raise Skip(str(error)) from None
 
-    def check(self, module):
+    def check(self, module, channels):
         generator = self.planner.generator
         stock = _probe_copy(module, generator)
         reference = SqueezeExcite.from_module(copy.deepcopy(stock), backend="reference")
-        return _compare(stock, reference, _probe(_se_layers(module)[0][0], 5, 7, generator))
+        return _compare(stock, reference, _probe(channels, 5, 7, generator))
 
     def describe(self, fused):
-        return _se_shape(fused), _se_activation(fused)
+        reduced, channels = fused.reduce_layer.weight.shape[:2]
+        return f"C={channels} R={reduced}" + ("" if fused.expand_layer is not None else " (one layer)"), \
+            _se_activation(fused)
+
+
+def _in_channels(layers: list) -> Optional[int]:
+    """The input channels of the first of an SE-like module's layers, or None when there are none."""
+    if not layers:
+        return None
+    return layers[0].in_features if isinstance(layers[0], nn.Linear) else layers[0].in_channels
 
 
 FUSION_KINDS = (DWConvKind, MixedConvKind, SqueezeExciteKind)

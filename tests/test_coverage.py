@@ -25,7 +25,7 @@ MODELS = {
     "mixnet_s": 64, "tf_mixnet_s": 65, "rexnet_100": 64, "mobilenetv3_rw": 64, "fbnetv3_b": 64,
     "tf_mobilenetv3_small_100": 65, "tf_efficientnet_b0": 66, "mobileone_s0": 64, "fastvit_t8": 64,
     "repghostnet_050": 64, "efficientvit_b0": 64, "efficientvit_m0": 128, "hgnetv2_b0": 64, "convnext_atto": 64,
-    "edgenext_xx_small": 64, "lcnet_050": 64, "ghostnet_100": 64,
+    "edgenext_xx_small": 64, "lcnet_050": 64, "ghostnet_100": 64, "hgnet_tiny": 64, "ese_vovnet19b_dw": 64,
 }
 REPARAMETERIZED = ("mobileone_s0", "fastvit_t8", "repghostnet_050")  # deployed: after reparameterize_model
 TRITON = backend_params("triton")
@@ -301,12 +301,36 @@ def test_item11_hand_built_modules_follow_the_stock_mode(monkeypatch):
     assert not SqueezeExcite.from_module(se).training and SqueezeExcite.from_module(se.train()).training
 
 
-def test_effective_se_is_reported_left_alone():
-    """An SE-like module the op cannot take (hgnet's EseModule: one layer C -> C) is accounted for."""
-    ese = timm.models.hgnet.EseModule(16)
-    report = mbkernels.patch_report(nn.Sequential(nn.Conv2d(3, 16, 1), ese))
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *TRITON])
+@pytest.mark.parametrize("make", [lambda: timm.models.hgnet.EseModule(16),
+                                  lambda: timm.layers.EffectiveSEModule(16)], ids=["EseModule", "EffectiveSEModule"])
+def test_effective_se_with_one_layer_is_fused(make, backend, poisoned_outputs):
+    """An SE with one layer C -> C (hgnet's EseModule, vovnet's and rdnet's EffectiveSEModule) runs through the op
+    with the identity as its expand layer."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(3, 16, 1), make()).eval()
+    model = mbkernels.patch(copy.deepcopy(stock), backend=backend)
+    [entry] = mbkernels.patch_report(model).fused
+    assert entry.kind == "squeeze_excite" and entry.shape == "C=16 R=16 (one layer)"
+    x = torch.randn(2, 3, 7, 6)
+    with torch.no_grad():
+        assert_close_to_reference(model(x), stock.double()(x.double()), torch.float32)
+
+
+def test_se_like_module_the_op_cannot_take_is_reported():
+    """A gate and a 1x1 layer, but a forward that is no SE: refused by the numeric check, with the reason."""
+    class GatedResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.gate = nn.Conv2d(16, 16, 1), nn.Sigmoid()
+
+        def forward(self, x):
+            return x + self.gate(self.fc(x))
+
+    report = mbkernels.patch_report(nn.Sequential(nn.Conv2d(3, 16, 1), GatedResidual()))
     [entry] = report.skipped
-    assert entry.kind == "squeeze_excite" and entry.reason.startswith("EseModule looks like a squeeze-excite")
+    assert entry.kind == "squeeze_excite" and entry.shape == "C=16"
+    assert "GatedResidual has the layers of a squeeze-excite module" in entry.reason
 
 
 def test_activation_table_names_every_module_used():
