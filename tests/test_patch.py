@@ -17,10 +17,7 @@ from models.mobilenetv3 import SELayer, h_swish, mobilenetv3_large, mobilenetv3_
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
-try:
-    from mbkernels.nn.squeeze_excite import SqueezeExcite
-except ImportError:  # another part of the project, still being written
-    SqueezeExcite = None
+from mbkernels.nn.squeeze_excite import SqueezeExcite
 
 HAND_WRITTEN = {"hand:mobilenetv3_small": mobilenetv3_small, "hand:mobilenetv3_large": mobilenetv3_large}
 MODELS = [
