@@ -97,6 +97,29 @@ MBK_HOST_DEVICE float apply_activation(float v, ActivationSpec activation) {
   }
 }
 
+// apply_activation on N values with one switch around the loops, not N switches: the compiler keeps one
+// activation's code live at a time (N inlined switches cost registers in the kernels' epilogues).
+template <int N>
+MBK_HOST_DEVICE void apply_activation(float (&values)[N], ActivationSpec activation) {
+  switch (activation.kind) {
+#define MBK_ACTIVATION_CASE(kind)                                                         \
+  case Activation::kind:                                                                  \
+    for (int i = 0; i < N; ++i) values[i] = apply_activation(values[i], {Activation::kind, activation.param}); \
+    return;
+    MBK_ACTIVATION_CASE(ReLU)
+    MBK_ACTIVATION_CASE(ReLU6)
+    MBK_ACTIVATION_CASE(HardSwish)
+    MBK_ACTIVATION_CASE(SiLU)
+    MBK_ACTIVATION_CASE(GELU)
+    MBK_ACTIVATION_CASE(GELUTanh)
+    MBK_ACTIVATION_CASE(LeakyReLU)
+#undef MBK_ACTIVATION_CASE
+    case Activation::Identity:
+    default:
+      return;
+  }
+}
+
 MBK_HOST_DEVICE float apply_gate(float v, Gate gate) {
   if (gate == Gate::HardSigmoid) return clamp_propagating_nan(v + 3.f, 0.f, 6.f) * (1.f / 6.f);
   return 1.f / (1.f + expf(-v));

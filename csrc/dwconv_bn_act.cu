@@ -11,7 +11,8 @@
 // channels_last (x[n, h, w, c]): one thread per (n, oh, a run of output pixels along W, a vector of channels).
 //   Consecutive threads take consecutive channel vectors, so a warp's loads and stores are contiguous. The vector
 //   is 16 bytes (8 half/bfloat16 or 4 float) when M == 1, C and the pointers allow it.
-//   - fast <T, K, S, PIX>: PIX output pixels per thread (4, or 1 when 4 leaves the GPU idle); per kernel row
+//   - fast <T, K, S, PIX>: PIX output pixels per thread (16 accumulators' worth: 4 for float, 2 for 16-bit types;
+//     1 when that leaves the GPU idle); per kernel row
 //     all input columns are loaded first, predicated (zeros outside the plane, no branch), so they are in flight
 //     together; each weight vector is loaded once per tap and feeds every output pixel it touches.
 //   - generic <T, VEC>: 1 output pixel per thread, runtime loops; VEC = 16 bytes or 1 (the scalar fallback for
@@ -43,11 +44,14 @@ namespace {
 
 constexpr int kChannelsLastThreads = 256;
 constexpr int kMinChannelsLastThreads = 64;
-constexpr int kPixelsPerThread = 4;  // channels_last fast path: output pixels along W per thread
+// channels_last fast path: output pixels along W per thread, so that a thread holds 16 accumulators (4 float or
+// 2 half/bfloat16 vectors): more leave too few registers for the input columns in flight.
+template <class T>
+constexpr int kPixelsPerThread = 16 / kVec16<T>;
 constexpr int kRowsPerThread = 4;    // NCHW fast path: output rows per thread
 constexpr int kMaxTileThreads = 256;
 constexpr int kMaxTileColumns = 32;
-constexpr int64_t kFillBlocks = 2 * 132;  // two blocks per SM of an H100/H200: fewer leaves SMs idle
+constexpr int64_t kFillBlocks = 132;  // one block per SM of an H100/H200: fewer leaves SMs idle
 
 struct DwconvParams {
   const void* x;
@@ -94,7 +98,9 @@ MBK_HOST_DEVICE void dwconv_cl_fast_thread(const DwconvParams& p, int64_t block,
       for (int v = 0; v < VEC; ++v) acc[q][v] = b[v];
   }
   const T* x = static_cast<const T*>(p.x) + n * p.H * p.W * p.C + c0;
-#pragma unroll
+  // Rows one at a time (not unrolled): unrolled, the compiler hoists the next rows' loads and runs out of
+  // registers; within a row all COLUMNS loads are in flight together.
+#pragma unroll 1
   for (int kh = 0; kh < K; ++kh) {
     const int ih = ih0 + kh;
     const T* x_row = x + int64_t(ih) * p.W * p.C;
@@ -110,14 +116,14 @@ MBK_HOST_DEVICE void dwconv_cl_fast_thread(const DwconvParams& p, int64_t block,
       for (int q = 0; q < PIX; ++q)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) acc[q][v] = fmaf(w[v], to_float(columns[q * S + kw].v[v]), acc[q][v]);
+      keep_loads_below();  // one tap's weights live at a time (all K of a row: 56 registers for K = 7)
     }
   }
   T* y = static_cast<T*>(p.y) + (row * p.OW + ow0) * p.C + c0;
 #pragma unroll
   for (int q = 0; q < PIX; ++q) {
     if (ow0 + q < p.OW) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[q][v] = apply_activation(acc[q][v], p.activation);
+      apply_activation(acc[q], p.activation);
       store_floats<T, VEC>(y + q * p.C, acc[q]);
     }
   }
@@ -151,8 +157,7 @@ MBK_HOST_DEVICE void dwconv_cl_generic_thread(const DwconvParams& p, int64_t blo
       for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w[v], xv[v], acc[v]);
     }
   }
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) acc[v] = apply_activation(acc[v], p.activation);
+  apply_activation(acc, p.activation);
   store_floats<T, VEC>(static_cast<T*>(p.y) + pixel * p.CO + c0, acc);
 }
 
@@ -375,10 +380,10 @@ LaunchShape plan_channels_last(DwconvParams& p, int pixels, int vec) {
   return {ceil_div<int64_t>(p.items, threads), threads, 0};
 }
 
-// The fast path's pixels per thread: 4, unless that gives too few blocks to fill the GPU.
-int fast_pixels_per_thread(const DwconvParams& p, int vec) {
-  const int64_t items = int64_t(p.N) * p.OH * ceil_div(p.OW, kPixelsPerThread) * (p.CO / vec);
-  return ceil_div<int64_t>(items, kChannelsLastThreads) >= kFillBlocks ? kPixelsPerThread : 1;
+// Whether the fast path's pixels per thread still give enough blocks (of the smallest size) to fill the GPU.
+bool wide_items_fill_the_gpu(const DwconvParams& p, int pixels, int vec) {
+  const int64_t items = int64_t(p.N) * p.OH * ceil_div(p.OW, pixels) * (p.CO / vec);
+  return items >= kFillBlocks * kMinChannelsLastThreads;
 }
 
 // ----------------------------------------------------------------------------------- checks and parameters
@@ -474,9 +479,9 @@ void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
       });
     });
   };
-  if (vectorized && (fast_pixels_per_thread(p, VEC) == kPixelsPerThread
-                         ? run_fast(std::integral_constant<int, kPixelsPerThread>{})
-                         : run_fast(std::integral_constant<int, 1>{})))
+  constexpr int PIX = kPixelsPerThread<T>;
+  if (vectorized && (wide_items_fill_the_gpu(p, PIX, VEC) ? run_fast(std::integral_constant<int, PIX>{})
+                                                          : run_fast(std::integral_constant<int, 1>{})))
     return;
   auto run_generic = [&](auto vec) {
     constexpr int V = decltype(vec)::value;

@@ -73,14 +73,19 @@ MBK_HOST_DEVICE Pack<T, N> load_pack(const T* p) {
   return pack;
 }
 
-// load_pack where `valid`, zeros elsewhere: a predicated load, no branch around it.
+// load_pack where `valid`, zeros elsewhere: a predicated load, no branch around it. The zeros are whole 32-bit
+// words (zeroing 16-bit elements one by one splits the pack over twice the registers).
 template <class T, int N>
 MBK_HOST_DEVICE Pack<T, N> load_pack_if(const T* p, bool valid) {
-  Pack<T, N> pack;
+  static_assert(sizeof(Pack<T, N>) % 4 == 0, "whole 32-bit words");
+  union {
+    Pack<T, N> pack;
+    uint32_t words[sizeof(Pack<T, N>) / 4];
+  } bits;
 #pragma unroll
-  for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(0.f);
-  if (valid) pack = load_pack<T, N>(p);
-  return pack;
+  for (int i = 0; i < int(sizeof(bits.words) / 4); ++i) bits.words[i] = 0;
+  if (valid) bits.pack = load_pack<T, N>(p);
+  return bits.pack;
 }
 
 template <class T, int N>
@@ -112,6 +117,14 @@ MBK_HOST_DEVICE float load_ro(const float* p) {
   return __ldg(p);
 #else
   return *p;
+#endif
+}
+
+// A compiler barrier on the GPU (nothing on the host): loads after it are not hoisted above it, which bounds how
+// many loaded registers are live at once where the compiler would otherwise run out of registers.
+MBK_HOST_DEVICE void keep_loads_below() {
+#ifdef __CUDA_ARCH__
+  asm volatile("" ::: "memory");
 #endif
 }
 

@@ -500,8 +500,8 @@ std::string squeeze_excite_limit_reason(int64_t N, int64_t C, int64_t H, int64_t
   p.N = static_cast<int>(N);
   p.C = static_cast<int>(C);
   p.HW = static_cast<int>(HW);
-  const int64_t blocks = std::max(HW > 0 && C > 0 ? plan_pool(p, channels_last, 1).blocks : 0,
-                                  plan_scale(p, 1).blocks);
+  if (N * C * HW == 0) return "";  // nothing to launch
+  const int64_t blocks = std::max(plan_pool(p, channels_last, 1).blocks, plan_scale(p, 1).blocks);
   if (blocks >= kInt32Limit) return "x is too large (" + std::to_string(blocks) + " blocks)";
   return "";
 }
