@@ -15,7 +15,7 @@
 //     types; 1 when that leaves the GPU idle); per kernel row all input columns are loaded first, predicated
 //     (zeros outside the plane, no branch), so they are in flight together; each weight vector is loaded once
 //     per tap and feeds every output pixel it touches.
-//   Small grids (batch 1) also get smaller blocks, down to 64 threads, so that every SM has work.
+//   Small grids (batch 1) also get smaller blocks, down to one warp, so that every SM has work.
 //   - generic <T, VEC>: 1 output pixel per thread, runtime loops; VEC = 16 bytes or 1 (the scalar fallback for
 //     M > 1, C not a multiple of the vector width or unaligned pointers, whatever the kernel shape).
 // NCHW (x[n, c, h, w]): one block per spatial tile of one or more (n, o) output planes (several small planes per
@@ -44,7 +44,7 @@ namespace mbkernels {
 namespace {
 
 constexpr int kChannelsLastThreads = 256;
-constexpr int kMinChannelsLastThreads = 64;
+constexpr int kMinChannelsLastThreads = 32;
 // channels_last fast path: output pixels along W per thread, so that a thread holds 16 accumulators (4 float or
 // 2 half/bfloat16 vectors): more leave too few registers for the input columns in flight.
 template <class T>
@@ -52,7 +52,6 @@ constexpr int kPixelsPerThread = 16 / kVec16<T>;
 constexpr int kRowsPerThread = 4;    // NCHW fast path: output rows per thread
 constexpr int kMaxTileThreads = 256;
 constexpr int kMaxTileColumns = 32;
-constexpr int64_t kFillBlocks = 132;  // one block per SM of an H100/H200: fewer leaves SMs idle
 
 struct DwconvParams {
   const void* x;
@@ -386,8 +385,8 @@ LaunchShape plan_nchw_tiles(DwconvParams& p, int rows_per_thread) {
 
 LaunchShape plan_nchw(DwconvParams& p) { return plan_nchw_tiles(p, has_fast_shape(p) ? kRowsPerThread : 1); }
 
-// channels_last: one thread per work item (`pixels` output pixels x `vec` channels); blocks shrink (down to 64
-// threads) while the grid would leave SMs idle.
+// channels_last: one thread per work item (`pixels` output pixels x `vec` channels); blocks shrink (down to a
+// warp) while the grid would leave SMs idle.
 LaunchShape plan_channels_last(DwconvParams& p, int pixels, int vec) {
   p.items = int64_t(p.N) * p.OH * ceil_div(p.OW, pixels) * (p.CO / vec);
   int threads = kChannelsLastThreads;

@@ -160,6 +160,8 @@ void dispatch_float_types(c10::ScalarType type, const char* what, F&& f) {
 constexpr int64_t kInt32Limit = int64_t(1) << 31;
 // Shared memory a block gets without opting in.
 constexpr int64_t kDefaultSmemBytes = 48 * 1024;
+// Blocks for one per SM of an H100/H200 (132 SMs): launchers split work finer rather than launch fewer.
+constexpr int64_t kFillBlocks = 132;
 
 // NCHW- or channels_last-contiguous x: which of the two (a tensor that is both, e.g. C == 1, counts as NCHW).
 inline bool is_channels_last(const at::Tensor& x) {

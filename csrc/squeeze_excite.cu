@@ -42,9 +42,8 @@ constexpr int kMlpThreads = 256;
 constexpr int kMlpSamples = 8;     // samples per mlp block: each weight tile is read once for all of them
 constexpr int kMlpChunk = 512;     // inputs per sample staged in shared memory at a time
 constexpr int kScaleThreads = 256;
-constexpr int kScaleVectorsPerThread = 4;
+constexpr int kScaleVectorsPerThread = 4;  // at most; 1 on grids too small to fill the GPU
 constexpr int64_t kPoolTargetBlocks = 1024;  // enough blocks to fill an H100/H200 several times over
-constexpr int64_t kMlpFillBlocks = 2 * 132;  // two blocks per SM of an H100/H200
 constexpr int kMinPoolLoadsPerThread = 4;
 
 struct SeParams {
@@ -60,7 +59,7 @@ struct SeParams {
   int groups;          // NCHW: planes per block; channels_last: threads along rows (power of two)
   int channel_blocks;  // channels_last: blocks along the channel vectors
   // scale
-  int vectors_per_sample, blocks_per_sample;
+  int vectors_per_sample, blocks_per_sample, vectors_per_thread;
 };
 
 // --------------------------------------------------------------------------------------------------- pool
@@ -292,7 +291,7 @@ template <class T, int VEC, bool CHANNELS_LAST>
 MBK_HOST_DEVICE void scale_thread(const SeParams& p, int64_t block, int thread) {
   const int b = static_cast<int>(block);
   const int n = b / p.blocks_per_sample;
-  const int first = (b - n * p.blocks_per_sample) * kScaleVectorsPerThread * kScaleThreads + thread;
+  const int first = (b - n * p.blocks_per_sample) * p.vectors_per_thread * kScaleThreads + thread;
   const int64_t sample = int64_t(n) * p.HW * p.C;
   const T* x = static_cast<const T*>(p.x) + sample;
   T* y = static_cast<T*>(p.y) + sample;
@@ -300,7 +299,7 @@ MBK_HOST_DEVICE void scale_thread(const SeParams& p, int64_t block, int thread) 
 #pragma unroll
   for (int k = 0; k < kScaleVectorsPerThread; ++k) {
     const int vector = first + k * kScaleThreads;
-    if (vector >= p.vectors_per_sample) return;
+    if (k >= p.vectors_per_thread || vector >= p.vectors_per_sample) return;
     const int e = vector * VEC;
     float s[VEC];
     if (CHANNELS_LAST) {
@@ -371,8 +370,13 @@ LaunchShape plan_pool(SeParams& p, bool channels_last, int vec) {
 
 LaunchShape plan_scale(SeParams& p, int vec) {
   p.vectors_per_sample = p.HW * p.C / vec;
-  p.blocks_per_sample = ceil_div(p.vectors_per_sample, kScaleThreads * kScaleVectorsPerThread);
-  return {int64_t(p.N) * p.blocks_per_sample, kScaleThreads, 0};
+  auto blocks = [&] {
+    p.blocks_per_sample = ceil_div(p.vectors_per_sample, kScaleThreads * p.vectors_per_thread);
+    return int64_t(p.N) * p.blocks_per_sample;
+  };
+  p.vectors_per_thread = kScaleVectorsPerThread;
+  if (blocks() < kFillBlocks) p.vectors_per_thread = 1;
+  return {blocks(), kScaleThreads, 0};
 }
 
 // Threads per row: a warp, doubled (split rows) while the grid leaves SMs idle and each lane keeps >= 2 loads.
@@ -380,7 +384,7 @@ LaunchShape plan_matvec(MatvecParams& p, int vw) {
   const int64_t sample_tiles = ceil_div(p.N, kMlpSamples);
   p.row_threads = 32;
   auto blocks = [&] { return ceil_div(p.rows, kMlpThreads / p.row_threads) * sample_tiles; };
-  while (p.row_threads < kMlpThreads && blocks() < kMlpFillBlocks && p.K >= 4 * p.row_threads * vw)
+  while (p.row_threads < kMlpThreads && blocks() < kFillBlocks && p.K >= 4 * p.row_threads * vw)
     p.row_threads *= 2;
   p.row_blocks = ceil_div(p.rows, kMlpThreads / p.row_threads);
   return {blocks(), kMlpThreads, kMlpSamples * kMlpChunk};
