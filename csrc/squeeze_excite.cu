@@ -211,18 +211,27 @@ MBK_HOST_DEVICE MatvecThread matvec_thread(const MatvecParams& p, int64_t block,
           block_row};
 }
 
-// Phase: the block's samples' inputs k0 .. k0 + kMlpChunk into smem[sample][k - k0] (zeros past N and K).
+// Phase: the block's samples' inputs k0 .. k0 + kMlpChunk into smem[sample][k - k0] (zeros past N and K), VW at
+// a time (VW divides K).
+template <int VW>
 MBK_HOST_DEVICE void matvec_stage_thread(const MatvecParams& p, int64_t block, int thread, int k0, float* smem) {
   const int n0 = matvec_thread(p, block, thread).n0;
-  for (int i = thread; i < kMlpSamples * kMlpChunk; i += kMlpThreads) {
+  for (int i = thread * VW; i < kMlpSamples * kMlpChunk; i += kMlpThreads * VW) {
     const int n = n0 + i / kMlpChunk;
     const int k = k0 + i % kMlpChunk;
-    float sum = 0.f;
+    float sum[VW] = {};
     if (n < p.N && k < p.K) {
       const float* in = p.in + int64_t(n) * p.splits * p.K + k;
-      for (int split = 0; split < p.splits; ++split) sum += in[split * p.K];
+      for (int split = 0; split < p.splits; ++split) {
+        float part[VW];
+        load_floats<float, VW>(in + split * p.K, part);
+#pragma unroll
+        for (int j = 0; j < VW; ++j) sum[j] += part[j];
+      }
     }
-    smem[i] = sum * p.in_scale;
+#pragma unroll
+    for (int j = 0; j < VW; ++j) sum[j] *= p.in_scale;
+    store_floats<float, VW>(smem + i, sum);
   }
 }
 
@@ -276,7 +285,7 @@ __global__ void __launch_bounds__(kMlpThreads) matvec_kernel(const MatvecParams 
   extern __shared__ float smem[];
   MatvecState state{};
   for (int k0 = 0; k0 < p.K; k0 += kMlpChunk) {
-    matvec_stage_thread(p, blockIdx.x, threadIdx.x, k0, smem);
+    matvec_stage_thread<VW>(p, blockIdx.x, threadIdx.x, k0, smem);
     __syncthreads();
     matvec_accumulate_thread<VW>(p, blockIdx.x, threadIdx.x, k0, smem, state);
     __syncthreads();
@@ -419,14 +428,14 @@ void launch_matvec(MatvecParams& p, const Executor& ex) {
     launch_or_emulate(ex, shape, matvec_kernel<VW>, p, [&](int64_t block, float* smem) {
       std::vector<MatvecState> states(kMlpThreads);  // zeros, as on the GPU
       for (int k0 = 0; k0 < p.K; k0 += kMlpChunk) {
-        emulate_phase(kMlpThreads, [&](int t) { matvec_stage_thread(p, block, t, k0, smem); });
+        emulate_phase(kMlpThreads, [&](int t) { matvec_stage_thread<VW>(p, block, t, k0, smem); });
         emulate_phase(kMlpThreads, [&](int t) { matvec_accumulate_thread<VW>(p, block, t, k0, smem, states[t]); });
       }
       emulate_phase(kMlpThreads, [&](int t) { matvec_partials_thread(p, block, t, smem, states[t]); });
       emulate_phase(kMlpThreads, [&](int t) { matvec_finish_thread(p, block, t, smem); });
     });
   };
-  if (p.K % 4 == 0 && aligned16(p.weight))
+  if (p.K % 4 == 0 && aligned16(p.weight) && aligned16(p.in))
     run(std::integral_constant<int, 4>{});
   else
     run(std::integral_constant<int, 1>{});
@@ -456,16 +465,20 @@ struct SeLayers {
   Gate gate;
 };
 
-// Scratch (float32, one allocation): the pool's partial sums [N, splits, C], the scale [N, C], the hidden [N, R].
+// Scratch (float32, one allocation): the pool's partial sums [N, splits, C], the scale [N, C], the hidden [N, R],
+// each starting on a 16-byte boundary for the vector loads.
 template <class T, int VEC>
 void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, const at::Tensor& x,
                         const Executor& ex) {
   plan_pool(p, channels_last, VEC);
   const int64_t n = p.N;
-  const at::Tensor scratch = at::empty({n * p.C * (p.splits + 1) + n * layers.R}, x.options().dtype(at::kFloat));
+  auto whole_vectors = [](int64_t floats) { return ceil_div<int64_t>(floats, 4) * 4; };
+  const int64_t partial_floats = whole_vectors(n * p.splits * p.C), scale_floats = whole_vectors(n * p.C);
+  const at::Tensor scratch =
+      at::empty({partial_floats + scale_floats + n * layers.R}, x.options().dtype(at::kFloat));
   p.partial = scratch.data_ptr<float>();
-  p.scale = p.partial + n * p.splits * p.C;
-  float* hidden = p.scale + n * p.C;
+  p.scale = p.partial + partial_floats;
+  float* hidden = p.scale + scale_floats;
   launch_pool<T, VEC>(p, channels_last, ex);
   MatvecParams reduce{p.partial, p.splits, 1.f / static_cast<float>(p.HW), layers.w_reduce, layers.b_reduce,
                       hidden,    p.N,      layers.R, p.C, 0, 0, false, layers.activation, layers.gate};
