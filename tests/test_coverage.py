@@ -15,7 +15,7 @@ import mbkernels
 from mbkernels import activations
 from mbkernels.nn import DWConvBNAct, MixedDWConvBNAct, SqueezeExcite
 from mbkernels.patch import randomize_batchnorm
-from conftest import TOLERANCE, assert_close_to_reference, backend_params
+from conftest import KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference
 from oracle import dwconv64
 
 timm = pytest.importorskip("timm")
@@ -28,7 +28,6 @@ MODELS = {
     "edgenext_xx_small": 64, "lcnet_050": 64, "ghostnet_100": 64, "hgnet_tiny": 64, "ese_vovnet19b_dw": 64,
 }
 REPARAMETERIZED = ("mobileone_s0", "fastvit_t8", "repghostnet_050")  # deployed: after reparameterize_model
-TRITON = backend_params("triton")
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,7 +148,7 @@ def test_item4_conv2d_same_fused_at_odd_and_even_sizes(size):
     assert_matches_stock(model, stock, x)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *TRITON])
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *KERNEL_BACKENDS])
 @pytest.mark.parametrize("conv", [
     pytest.param(lambda: timm.layers.Conv2dSame(6, 6, 3, stride=2, groups=6), id="conv2d_same-3x3-s2"),
     pytest.param(lambda: timm.layers.Conv2dSame(6, 6, (5, 4), stride=(2, 3), groups=6), id="conv2d_same-5x4-s2x3"),
@@ -253,7 +252,7 @@ def test_item8_mixed_conv_is_one_op_call(name, monkeypatch):
 _real = mbkernels.ops.dwconv_bn_act
 
 
-@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
 def test_item8_mixed_block_through_triton(name, backend, poisoned_outputs):
     stock = stock_model(name).blocks[2][0]  # stride-2 3x3/5x5/7x7 MixedConv2d (Conv2dSame in tf_mixnet_s)
@@ -273,7 +272,7 @@ def test_item9_convnext_depthwise_taken_over_alone(name):
     assert all(m.conv.kernel_size in ((7, 7), (3, 3), (5, 5), (9, 9)) for m in fused)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *TRITON])
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *KERNEL_BACKENDS])
 def test_item10_depth_multiplier(backend, poisoned_outputs):
     model = mbkernels.patch(stock_model("fastvit_t8"), backend="reference")
     multiplied = [m for m in model.modules() if isinstance(m, DWConvBNAct) and m.conv.out_channels > m.conv.in_channels]
@@ -301,7 +300,7 @@ def test_item11_hand_built_modules_follow_the_stock_mode(monkeypatch):
     assert not SqueezeExcite.from_module(se).training and SqueezeExcite.from_module(se.train()).training
 
 
-@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *TRITON])
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *KERNEL_BACKENDS])
 @pytest.mark.parametrize("make", [lambda: timm.models.hgnet.EseModule(16),
                                   lambda: timm.layers.EffectiveSEModule(16)], ids=["EseModule", "EffectiveSEModule"])
 def test_effective_se_with_one_layer_is_fused(make, backend, poisoned_outputs):
@@ -339,7 +338,7 @@ def test_activation_table_names_every_module_used():
         assert activations.identify_activation(module) == spec
 
 
-@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_op_asymmetric_padding_and_depth_multiplier(backend, poisoned_outputs):
     """The op itself with [top, bottom, left, right] padding and a multiplier, against the float64 oracle."""
     x, w, b = torch.randn(2, 5, 8, 9), torch.randn(10, 1, 4, 3), torch.randn(10)
