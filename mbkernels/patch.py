@@ -3,16 +3,22 @@ for the fused modules of mbkernels.nn, in place; unpatch puts the stock modules 
 was (or would be) fused and what was left alone, and why.
 
 Matching is by structure, never by model names:
-  * a depthwise nn.Conv2d followed, in its parent, by an nn.BatchNorm2d: in a plain nn.Sequential
-    (torchvision's Conv2dNormActivation, hand-written blocks) the module after the BN is taken too when it is an
-    activation with a fused kernel; a BN subclass that carries its activation (timm's BatchNormAct2d inside the
-    EfficientNet / MobileNet blocks) brings it along;
-  * a module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C) is offered to
+  * a depthwise nn.Conv2d (or timm's Conv2dSame; any depth multiplier) and what its parent applies after it: a
+    BatchNorm2d (a BatchNormAct2d brings its activation; a nested Sequential(BN, act) is opened), then an activation
+    with a kernel. In a plain nn.Sequential that is what runs next; in any other parent the probe must prove it, and
+    the longest run it proves is fused (conv + BN + act, else conv + BN, else the conv alone). What follows and is
+    not taken (an activation without a kernel, or one the probe refused) makes the entry half-fused, and the
+    report says so (PatchEntry.note);
+  * a MixedConv2d-like module (two or more depthwise convs over consecutive channel groups) with its BN and
+    activation: one depthwise op call, the kernels zero-padded to the largest (mbkernels.nn.MixedDWConvBNAct);
+  * a module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; a BatchNorm after the first
+    is folded), or any module with a gate child and 1x1 layers (an effective SE, one layer C -> C), is offered to
     mbkernels.nn.SqueezeExcite.from_module.
+Every depthwise conv and SE-like module the planner visits gets an entry: fused, or left alone with the reason.
 Every swap is checked numerically before it is made: the stock modules in float64 against the fused ones in
 float32 with the reference backend, on a random probe, with random BatchNorm statistics; a mismatch is refused
 and reported. In a parent other than a plain Sequential the whole parent runs, so a forward that does not apply
-the BN right after the conv is caught. All swaps are made at the end, all or none.
+the BN (or the activation) right after the conv is caught. All swaps are made at the end, all or none.
 """
 import copy
 import functools

@@ -76,6 +76,17 @@ def se_with_norm(norm: nn.Module) -> nn.Module:
     return SEModule(norm).eval()
 
 
+class OneLayerSE(nn.Module):
+    """An effective SE (x * gate(fc(mean_hw(x)))), here with fc's width and an activation given."""
+
+    def __init__(self, out_channels: int, act: nn.Module = None):
+        super().__init__()
+        self.fc, self.act, self.gate = nn.Conv2d(C, out_channels, 1), act or nn.Identity(), nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.act(self.fc(x.mean((2, 3), keepdim=True))))
+
+
 # (row id in docs/bad_inputs.md, the call, the exception type, its exact message)
 ROWS = [
     ("dw-x-float64", lambda: dw(x=x_().double()), ValueError,
@@ -205,6 +216,11 @@ ROWS = [
     ("se-norm-features", lambda: SqueezeExcite.from_module(se_with_norm(nn.BatchNorm2d(C))), ValueError,
      "SEModule.bn is a BatchNorm2d of 5 features; only a BatchNorm of the 3 reduced channels with running statistics "
      "can be folded into the reduce layer"),
+    ("se-one-layer-not-square", lambda: SqueezeExcite.from_module(OneLayerSE(R)), ValueError,
+     "OneLayerSE has one layer, fc, mapping 5 -> 3 channels; a one-layer (effective) SE maps C -> C"),
+    ("se-one-layer-activation", lambda: SqueezeExcite.from_module(OneLayerSE(C, nn.ReLU())), ValueError,
+     "OneLayerSE with one layer needs one gate (sigmoid, hardsigmoid) and no activation: act (ReLU) computes relu, "
+     "gate (Sigmoid) computes sigmoid"),
 ]
 
 
