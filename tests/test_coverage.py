@@ -358,3 +358,20 @@ def test_tf_same_and_mixed_conv_trace_whole_at_odd_and_even_sizes():
         with torch.no_grad():
             assert relative_error(compiled(x), stock.double()(x.double())) < 1e-5
             stock.float()
+
+
+@pytest.mark.parametrize("name", ["tf_mixnet_s", "rexnet_100", "mobileone_s0", "hgnet_tiny"])
+def test_patched_model_loads_a_stock_checkpoint(name):
+    """The fused modules' state_dict entries keep their stock names (a MixedConv2d's groups, an SE's folded norm,
+    a nested slot): a stock checkpoint loads strictly into the patched model and changes what it computes."""
+    model = mbkernels.patch(stock_model(name), backend="reference")
+    other = randomize_batchnorm(stock_model(name), torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x = image(name)
+    with torch.no_grad():
+        before = model(x)
+        model.load_state_dict(other.state_dict())
+        assert relative_error(model(x), before) > 1e-3  # the checkpoint took effect
+    assert_matches_stock(model, other, x)
