@@ -194,8 +194,9 @@ ROWS = [
     ("module-conv-subclass", lambda: mbkernels.nn.DWConvBNAct(ShiftedConv(C, C, 3, groups=C)), ValueError,
      "conv is a ShiftedConv, whose forward differs from nn.Conv2d's; only nn.Conv2d's own forward and timm's "
      "Conv2dSame are fused"),
-    ("mixed-odd-even", lambda: mbkernels.nn.MixedDWConvBNAct(mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 4, groups=C))),
-     ValueError, "the kernels of ModuleDict ((3, 3), (4, 4)) cannot all be centred in the largest one (their sizes "
+    ("mixed-odd-even",
+     lambda: mbkernels.nn.MixedDWConvBNAct(mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 4, groups=C))), ValueError,
+     "the kernels of ModuleDict ((3, 3), (4, 4)) cannot all be centred in the largest one (their sizes "
      "differ by an odd number)"),
     ("mixed-strides", lambda: mbkernels.nn.MixedDWConvBNAct(
         mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 5, stride=2, padding=2, groups=C))), ValueError,
@@ -203,15 +204,17 @@ ROWS = [
      "in kernel size alone are fused"),
     ("mixed-not-convs", lambda: mbkernels.nn.MixedDWConvBNAct(nn.Sequential(depthwise_conv(), nn.ReLU())), ValueError,
      "Sequential is not a mixed depthwise conv: its children must be two or more Conv2d, got Conv2d, ReLU"),
-    ("mixed-group-not-depthwise", lambda: mbkernels.nn.MixedDWConvBNAct(mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 3))),
-     ValueError, "group 1 of ModuleDict: conv is not depthwise: groups=1, in_channels=5, out_channels=5 (groups must "
+    ("mixed-group-not-depthwise",
+     lambda: mbkernels.nn.MixedDWConvBNAct(mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 3))), ValueError,
+     "group 1 of ModuleDict: conv is not depthwise: groups=1, in_channels=5, out_channels=5 (groups must "
      "equal in_channels, and out_channels be a multiple of it)"),
     ("mixed-paddings", lambda: mbkernels.nn.MixedDWConvBNAct(
         mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 5, padding=1, groups=C))), ValueError,
      "the groups' paddings ([1, 1, 1, 1], [1, 1, 1, 1]) do not line up once their kernels are centred in the largest; "
      "such a mixed conv cannot run as one depthwise conv"),
-    ("se-norm-batch-stats", lambda: SqueezeExcite.from_module(se_with_norm(nn.BatchNorm2d(R, track_running_stats=False))),
-     ValueError, "SEModule.bn is a BatchNorm2d without running statistics; only a BatchNorm of the 3 reduced channels "
+    ("se-norm-batch-stats",
+     lambda: SqueezeExcite.from_module(se_with_norm(nn.BatchNorm2d(R, track_running_stats=False))), ValueError,
+     "SEModule.bn is a BatchNorm2d without running statistics; only a BatchNorm of the 3 reduced channels "
      "with running statistics can be folded into the reduce layer"),
     ("se-norm-features", lambda: SqueezeExcite.from_module(se_with_norm(nn.BatchNorm2d(C))), ValueError,
      "SEModule.bn is a BatchNorm2d of 5 features; only a BatchNorm of the 3 reduced channels with running statistics "

@@ -34,8 +34,9 @@ def mixed_groups(mixed: nn.Module) -> list[nn.Conv2d]:
                          "padding kind; only groups that differ in kernel size alone are fused")
     largest = [max(c.kernel_size[d] for c in convs) for d in (0, 1)]
     if any((k - c.kernel_size[d]) % 2 for c in convs for d, k in enumerate(largest)):
-        raise ValueError(f"the kernels of {type(mixed).__name__} ({', '.join(str(tuple(c.kernel_size)) for c in convs)})"
-                         " cannot all be centred in the largest one (their sizes differ by an odd number)")
+        kernels = ", ".join(str(tuple(c.kernel_size)) for c in convs)
+        raise ValueError(f"the kernels of {type(mixed).__name__} ({kernels}) cannot all be centred in the largest one "
+                         "(their sizes differ by an odd number)")
     channels = getattr(mixed, "in_channels", None)
     if channels is not None and channels != sum(c.in_channels for c in convs):
         raise ValueError(f"{type(mixed).__name__} has in_channels={channels} but its groups sum to "
