@@ -3,8 +3,8 @@
 Recognised sources: timm's SqueezeExcite (conv_reduce, act1, conv_expand, gate) and SEModule (also with a
 BatchNorm between fc1 and its activation, as rexnet's: folded into fc1) and EffectiveSEModule (one layer C -> C,
 as hgnet's EseModule: the op's expand layer is then the identity), torchvision's SqueezeExcitation (avgpool, fc1,
-activation, fc2, scale_activation), and hand-written SE modules whose layers are two nn.Linear or 1x1 nn.Conv2d with an activation and a gate module (also inside an
-nn.Sequential). Since a hand-written forward can compute anything, a match is confirmed numerically.
+activation, fc2, scale_activation), and hand-written SE modules whose layers are two nn.Linear or 1x1 nn.Conv2d
+with an activation and a gate module (also inside an nn.Sequential). Since a hand-written forward can compute anything, a match is confirmed numerically.
 """
 import copy
 from typing import NamedTuple, Optional
