@@ -50,8 +50,9 @@ class FusedModule(nn.Module):
             if (value is not None and buffer is not None and buffer.shape == value.shape
                     and buffer.dtype == value.dtype and buffer.device == value.device):
                 buffer.copy_(value)  # in place: compiled graphs and captured CUDA graphs read this memory
-            else:
-                self.register_buffer(name, value, persistent=False)
+            else:  # a copy: a fold may return a source itself (an SE's float32 weight), which must not alias it
+                copy = None if value is None else value.clone(memory_format=torch.preserve_format)
+                self.register_buffer(name, copy, persistent=False)
         self._folded_from = self._sources_key()
 
     def refresh_if_stale(self) -> None:
