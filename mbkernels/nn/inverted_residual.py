@@ -305,6 +305,36 @@ class InvertedResidual(FusedModule):
             text += f" d{dw.dilation[0]}"
         return text + (" se" if self.parts.se else "") + (" +x" if self.parts.residual else "")
 
+    def traffic(self, input_shape, element_size: int) -> dict:
+        """Bytes one forward of the block must move across HBM under each plan, for an input of input_shape
+        whose elements take element_size bytes (weights read once: x's dtype for compile, float32 folded else):
+          compile  compile's plan: 1x1 convs with BN, activation and residual in their epilogues, the depthwise
+                   conv (cuDNN) with its activation a separate pass, SE as pool + scale;
+          layers   layer fusion: depthwise + BN + act in one pass, SE in its three launches, stock 1x1 convs with
+                   compile's epilogues;
+          block    block fusion: x in, y out; with SE the depthwise output d is written once and read once."""
+        batch, channels, height, width = input_shape
+        dw = self.stock.get_submodule(self.parts.dw_conv)
+        (kh, kw), (sh, sw), (dh, dwl) = dw.kernel_size, dw.stride, dw.dilation
+        top, left = self.padding
+        out_h = (height + 2 * top - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + 2 * left - dwl * (kw - 1) - 1) // sw + 1
+        hidden, out_channels = dw.in_channels, self.w_project.shape[0]
+        x = batch * channels * height * width * element_size
+        h = batch * hidden * height * width * element_size if self.parts.expand_conv else x
+        d = batch * hidden * out_h * out_w * element_size
+        y = batch * out_channels * out_h * out_w * element_size
+        weights = sum(getattr(self, name).numel() for name in _FOLDED if getattr(self, name) is not None)
+        expand = x + h if self.parts.expand_conv else 0
+        residual = x if self.parts.residual else 0
+        se = 3 * d if self.parts.se else 0  # pool reads d; scale reads and writes it
+        dw_act = 2 * d if self.parts.dw_activation != "identity" else 0
+        return {
+            "compile": expand + h + d + dw_act + se + d + y + residual + weights * element_size,
+            "layers": expand + h + d + se + d + y + residual + weights * 4,
+            "block": x + y + (2 * d + residual if self.parts.se else 0) + weights * 4,
+        }
+
     def extra_repr(self) -> str:
         parts = self.parts
         acts = [parts.expand_activation if parts.expand_conv else None, parts.dw_activation,

@@ -229,18 +229,23 @@ def tiles(args: BlockArgs) -> dict:
     programs, takes whole planes), the halo they read, and the channel blocks; plus num_warps."""
     out_h, out_w = args.out_hw
     kh, kw = args.w_dw.shape[2:]
-    pixels = 1024 if interpreting() else 32
-    tile_w = min(triton.next_power_of_2(out_w), 32 if interpreting() else 8)
+    # On a GPU 4x8 output pixels, 4x4 at stride 2 (whose halo is four times the tile's input), so that the halo
+    # tile stays 128 pixels or less for 5x5 kernels.
+    strided = max(args.stride) > 1
+    pixels = 1024 if interpreting() else (16 if strided else 32)
+    tile_w = min(triton.next_power_of_2(out_w), 32 if interpreting() else (4 if strided else 8))
     tile_h = max(1, min(triton.next_power_of_2(out_h), pixels // tile_w))
     tile_w = max(tile_w, MIN_DOT // tile_h)  # at least 16 pixels: the smallest dot
     halo_h = _halo(tile_h, args.stride[0], kh, args.dilation[0])
     halo_w = _halo(tile_w, args.stride[1], kw, args.dilation[1])
-    block_o = _block(args.out_channels, MAX_OUT_CHANNELS)
+    # On sm_90, 16 hidden channels a step and 8 warps keep the halo tile, its gathers and the project
+    # accumulator within 255 registers without spills for every MobileNetV3-Large block (benchmarks/blocks_static.py;
+    # 32 channels, 4 warps or 4x8 tiles at stride 2 spill).
     return dict(TILE_H=tile_h, TILE_W=tile_w, HALO_H=halo_h, HALO_W=halo_w,
                 HALO_P=triton.next_power_of_2(halo_h * halo_w),
                 BLOCK_C=_block(args.x.shape[1], 256 if interpreting() else 64),
-                BLOCK_E=_block(args.hidden_channels, 256 if interpreting() else 32),
-                BLOCK_O=block_o, num_warps=8 if block_o >= 256 else 4)
+                BLOCK_E=_block(args.hidden_channels, 256 if interpreting() else MIN_DOT),
+                BLOCK_O=_block(args.out_channels, MAX_OUT_CHANNELS), num_warps=8)
 
 
 def _code_and_parameter(spec: str) -> tuple[int, float]:
