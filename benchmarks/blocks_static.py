@@ -8,11 +8,13 @@ Run it without TRITON_INTERPRET (the launcher then plans GPU tiles). Gates: no s
 sm_90 per-block limit (227 KiB), registers within 255. Exit status 1 when a configuration fails a gate.
 """
 import argparse
+import itertools
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 import torch
 
@@ -84,14 +86,15 @@ def model_blocks(model_name: str, batch: int, dtype=torch.float16, image_size: i
         yield path, fused.shape, _contract.normalise_inverted_residual(args)
 
 
-def report(model_name: str, batch: int) -> list:
+def report(model_name: str, batch: int, first: Optional[int] = None) -> list:
+    """One row per planned launch of each block (the first `first` blocks only, when given)."""
     from triton.backends.compiler import GPUTarget
 
     from mbkernels.backends.triton import inverted_residual as triton_block
 
     target = GPUTarget("cuda", 90, 32)
     rows = []
-    for path, shape, args in model_blocks(model_name, batch):
+    for path, shape, args in itertools.islice(model_blocks(model_name, batch), first):
         reason = triton_block.limit(args)
         if reason is not None:
             rows.append(dict(block=path, shape=shape, kernel="(declined)", note=reason))

@@ -70,3 +70,17 @@ def test_traffic_model_orders_the_plans():
         assert plans["outside"] < plans["block"]
     table = blocks.traffic_table(batch=256)
     assert all(model in table for model in blocks.MODELS)
+
+
+def test_block_kernels_compile_for_sm90_without_spills():
+    """The static gate on the first blocks of MobileNetV3-Small (the full report: python -m
+    benchmarks.blocks_static): the launches the GPU launcher plans compile for sm_90, without spills, within
+    shared memory."""
+    from benchmarks import blocks_static
+    from mbkernels.backends.triton import interpreting
+
+    if interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the launcher plans the interpreter's tiles, not the GPU's")
+    rows = blocks_static.report("mobilenetv3_small_100", batch=8, first=2)
+    assert {row["kernel"] for row in rows} == {"_block_kernel", "_mlp_kernel", "_project_kernel"}
+    assert not [row for row in rows if blocks_static._failures(row)], rows

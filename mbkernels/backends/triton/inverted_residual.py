@@ -240,10 +240,10 @@ def tiles(args: BlockArgs) -> dict:
     halo_w = _halo(tile_w, args.stride[1], kw, args.dilation[1])
     # On sm_90, 16 hidden channels a step and 8 warps keep the halo tile, its gathers and the project
     # accumulator within 255 registers without spills for every MobileNetV3-Large block (benchmarks/blocks_static.py;
-    # 32 channels, 4 warps or 4x8 tiles at stride 2 spill).
+    # 32 channels, 4 warps, or at stride 2 4x8 tiles or input-channel steps over 16 spill).
     return dict(TILE_H=tile_h, TILE_W=tile_w, HALO_H=halo_h, HALO_W=halo_w,
                 HALO_P=triton.next_power_of_2(halo_h * halo_w),
-                BLOCK_C=_block(args.x.shape[1], 256 if interpreting() else 64),
+                BLOCK_C=_block(args.x.shape[1], 256 if interpreting() else (MIN_DOT if strided else 64)),
                 BLOCK_E=_block(args.hidden_channels, 256 if interpreting() else MIN_DOT),
                 BLOCK_O=_block(args.out_channels, MAX_OUT_CHANNELS), num_warps=8)
 
