@@ -371,16 +371,15 @@ MOBILENETV3_LARGE_BLOCKS = [(16 if exp == 16 else c_in, exp, c, k, s, se)
                                                                     112, 160, 160], handwritten.LARGE)]
 
 
-def test_gpu_tiles_have_dot_extents_of_16_and_fit(monkeypatch):
+def test_gpu_tiles_have_dot_extents_of_16_and_fit():
     """The GPU configuration (not the interpreter's) of every MobileNetV3-Large block at 224x224: every tl.dot
-    extent >= 16, within the kernel's limits."""
-    monkeypatch.setattr(triton_block, "interpreting", lambda: False)
-    monkeypatch.setattr(triton_block, "MAX_HALO_PIXELS", 1024)
+    extent >= 16, within the kernel's limits, the expand conv recomputed at most 4 times per pixel (5x5, stride 1: a 128-pixel halo for 32 outputs)."""
     size = 112
     for c, e, o, k, s, se in MOBILENETV3_LARGE_BLOCKS:
         args = _args(c, e, o, (k, k), s, 8 if se else None, shape=(1, c, size, size))
-        tile = triton_block.tiles(args)
+        tile = triton_block.tiles(args, interpreter=False)
         assert tile["TILE_H"] * tile["TILE_W"] >= 16 and tile["HALO_P"] >= 16
         assert min(tile["BLOCK_C"], tile["BLOCK_E"], tile["BLOCK_O"]) >= 16
-        assert triton_block.limit(args) is None
+        assert triton_block.limit(args, interpreter=False) is None
+        assert 1.0 < triton_block.expand_recompute(args) <= 4.0
         size = (size + 2 * (k // 2) - k) // s + 1

@@ -13,6 +13,8 @@ from that on-chip tile (tl.gather of each tap's shifted pixels), and feeds the r
 fp16 / bf16 dots run on tensor cores; float32 dots in IEEE float32 (TF32 would miss the float32 tolerance).
 Dot shapes are at least 16 along every axis (channel blocks padded with masks), as the GPU compiler requires.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,7 @@ MIN_DOT = 16  # the GPU compiler's smallest tl.dot extent
 # What the kernel declines: the project accumulator [BLOCK_P, BLOCK_O] and the halo tile [HALO_P, BLOCK_E]
 # live in registers / shared memory, so O and the halo are bounded.
 MAX_OUT_CHANNELS = 512
-MAX_HALO_PIXELS = 8192 if interpreting() else 1024  # the interpreter's tiles are whole planes
+MAX_HALO_PIXELS = {False: 1024, True: 8192}  # by interpreting(): the interpreter's tiles are whole planes
 
 
 @triton.jit
@@ -224,16 +226,18 @@ def _halo(tile: int, stride: int, kernel: int, dilation: int) -> int:
     return (tile - 1) * stride + (kernel - 1) * dilation + 1
 
 
-def tiles(args: BlockArgs) -> dict:
+def tiles(args: BlockArgs, interpreter: Optional[bool] = None) -> dict:
     """The tile of a block: TILE_H x TILE_W output pixels (the interpreter, whose time grows with the number of
-    programs, takes whole planes), the halo they read, and the channel blocks; plus num_warps."""
+    programs, takes whole planes), the halo they read, and the channel blocks; plus num_warps.
+    interpreter: the interpreter's tiles or the GPU's (None: those of this process)."""
+    interpreter = interpreting() if interpreter is None else interpreter
     out_h, out_w = args.out_hw
     kh, kw = args.w_dw.shape[2:]
     # On a GPU 4x8 output pixels, 4x4 at stride 2 (whose halo is four times the tile's input), so that the halo
     # tile stays 128 pixels or less for 5x5 kernels.
     strided = max(args.stride) > 1
-    pixels = 1024 if interpreting() else (16 if strided else 32)
-    tile_w = min(triton.next_power_of_2(out_w), 32 if interpreting() else (4 if strided else 8))
+    pixels = 1024 if interpreter else (16 if strided else 32)
+    tile_w = min(triton.next_power_of_2(out_w), 32 if interpreter else (4 if strided else 8))
     tile_h = max(1, min(triton.next_power_of_2(out_h), pixels // tile_w))
     tile_w = max(tile_w, MIN_DOT // tile_h)  # at least 16 pixels: the smallest dot
     halo_h = _halo(tile_h, args.stride[0], kh, args.dilation[0])
@@ -243,8 +247,8 @@ def tiles(args: BlockArgs) -> dict:
     # 32 channels, 4 warps, or at stride 2 4x8 tiles or input-channel steps over 16 spill).
     return dict(TILE_H=tile_h, TILE_W=tile_w, HALO_H=halo_h, HALO_W=halo_w,
                 HALO_P=triton.next_power_of_2(halo_h * halo_w),
-                BLOCK_C=_block(args.x.shape[1], 256 if interpreting() else (MIN_DOT if strided else 64)),
-                BLOCK_E=_block(args.hidden_channels, 256 if interpreting() else MIN_DOT),
+                BLOCK_C=_block(args.x.shape[1], 256 if interpreter else (MIN_DOT if strided else 64)),
+                BLOCK_E=_block(args.hidden_channels, 256 if interpreter else MIN_DOT),
                 BLOCK_O=_block(args.out_channels, MAX_OUT_CHANNELS), num_warps=8)
 
 
@@ -316,15 +320,26 @@ def launch(args: BlockArgs) -> torch.Tensor:
     return out
 
 
-def limit(args: BlockArgs):
-    """Why the kernel declines a block (None: it runs it)."""
+def limit(args: BlockArgs, interpreter: Optional[bool] = None):
+    """Why the kernel declines a block (None: it runs it); interpreter as for `tiles`."""
+    interpreter = interpreting() if interpreter is None else interpreter
     if args.out_channels > MAX_OUT_CHANNELS:
         return (f"O = {args.out_channels} output channels; the Triton block kernel holds at most "
                 f"{MAX_OUT_CHANNELS} in its accumulator")
-    tile = tiles(args)
-    if tile["HALO_P"] > MAX_HALO_PIXELS:
+    tile = tiles(args, interpreter)
+    if tile["HALO_P"] > MAX_HALO_PIXELS[interpreter]:
         return (f"the input halo of a {tile['TILE_H']}x{tile['TILE_W']} tile is {tile['HALO_H']}x{tile['HALO_W']} "
-                f"pixels (kernel, stride and dilation); the Triton block kernel holds at most {MAX_HALO_PIXELS}")
+                f"pixels (kernel, stride and dilation); the Triton block kernel holds at most "
+                f"{MAX_HALO_PIXELS[interpreter]}")
     if args.has_se and args.w_se_reduce.shape[0] > MAX_REDUCED_CHANNELS:
         return f"R = {args.w_se_reduce.shape[0]} SE channels; the Triton MLP holds at most {MAX_REDUCED_CHANNELS}"
     return None
+
+
+def expand_recompute(args: BlockArgs) -> float:
+    """How many times the GPU tiles compute the expand conv per input pixel (1.0: none recomputed): the halo
+    tile, padded to a power of two, over the input pixels the tile's outputs own."""
+    if args.w_expand is None:
+        return 1.0
+    tile = tiles(args, interpreter=False)
+    return tile["HALO_P"] / (tile["TILE_H"] * tile["TILE_W"] * args.stride[0] * args.stride[1])
