@@ -174,7 +174,8 @@ OP_CASES = [
 
 def _op_case_id(case):
     n, c, e, o, h, w, k, s, p, d, se, expand, residual, dtype, nhwc, act = case
-    return (f"{n}x{c}x{h}x{w}-E{e}-O{o}-k{k[0]}s{s[0]}" + (f"d{d[0]}" if d != (1, 1) else "") + f"-p{'.'.join(map(str, p))}"
+    return (f"{n}x{c}x{h}x{w}-E{e}-O{o}-k{k[0]}s{s[0]}" + (f"d{d[0]}" if d != (1, 1) else "")
+            + f"-p{'.'.join(map(str, p))}"
             + (f"-se{se}" if se else "") + ("" if expand else "-noexpand") + ("-res" if residual else "")
             + f"-{str(dtype)[6:]}-{'nhwc' if nhwc else 'nchw'}-{act}")
 
@@ -373,7 +374,8 @@ MOBILENETV3_LARGE_BLOCKS = [(16 if exp == 16 else c_in, exp, c, k, s, se)
 
 def test_gpu_tiles_have_dot_extents_of_16_and_fit():
     """The GPU configuration (not the interpreter's) of every MobileNetV3-Large block at 224x224: every tl.dot
-    extent >= 16, within the kernel's limits, the expand conv recomputed at most 4 times per pixel (5x5, stride 1: a 128-pixel halo for 32 outputs)."""
+    extent >= 16, within the kernel's limits, the expand conv recomputed at most 4 times per pixel (5x5 at
+    stride 1: a 128-pixel halo for 32 outputs)."""
     size = 112
     for c, e, o, k, s, se in MOBILENETV3_LARGE_BLOCKS:
         args = _args(c, e, o, (k, k), s, 8 if se else None, shape=(1, c, size, size))

@@ -45,8 +45,9 @@ def inverted_residual(args: BlockArgs):
                  args.dilation, groups=h.shape[1])
     d = activations.apply_activation(args.dw_activation, d)
     if args.has_se:
+        pooled = d.mean(dim=(2, 3))
         hidden = activations.apply_activation(
-            args.se_activation, F.linear(d.mean(dim=(2, 3)), as_compute(args.w_se_reduce), as_compute(args.b_se_reduce)))
+            args.se_activation, F.linear(pooled, as_compute(args.w_se_reduce), as_compute(args.b_se_reduce)))
         scale = activations.apply_gate(
             args.se_gate, F.linear(hidden, as_compute(args.w_se_expand), as_compute(args.b_se_expand)))
         d = activations.apply_activation(args.post_se_activation, d * scale[:, :, None, None])

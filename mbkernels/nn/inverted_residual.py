@@ -298,9 +298,9 @@ class InvertedResidual(FusedModule):
     def shape(self) -> str:
         """C, E, O, the depthwise kernel and stride, SE and residual: "C=16 E=64 O=24 k3x3 s2 se +x"."""
         dw = self.stock.get_submodule(self.parts.dw_conv)
-        text = (f"C={self.stock.get_submodule(self.parts.expand_conv).in_channels if self.parts.expand_conv else dw.in_channels} "
-                f"E={dw.in_channels} O={self.w_project.shape[0]} k{dw.kernel_size[0]}x{dw.kernel_size[1]} "
-                f"s{dw.stride[0]}")
+        first = self.stock.get_submodule(self.parts.expand_conv) if self.parts.expand_conv else dw
+        text = (f"C={first.in_channels} E={dw.in_channels} O={self.w_project.shape[0]} "
+                f"k{dw.kernel_size[0]}x{dw.kernel_size[1]} s{dw.stride[0]}")
         if tuple(dw.dilation) != (1, 1):
             text += f" d{dw.dilation[0]}"
         return text + (" se" if self.parts.se else "") + (" +x" if self.parts.residual else "")
