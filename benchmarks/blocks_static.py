@@ -60,30 +60,12 @@ def resources(compiled) -> dict:
 
 
 def model_blocks(model_name: str, batch: int, dtype=torch.float16, image_size: int = 224):
-    """(path, BlockArgs) of every block of the timm model that nn.InvertedResidual matches, at batch."""
-    import timm
+    """(path, shape, BlockArgs) of every block of the timm model, at batch, channels_last."""
+    from .blocks import model_blocks as blocks_of
 
-    from mbkernels import _contract
-    from mbkernels.nn import InvertedResidual
-    from mbkernels.nn.inverted_residual import _bundle, fold
-
-    model = timm.create_model(model_name).eval()
-    shapes, found = {}, []
-    for path, module in model.named_modules():
-        try:
-            fused = InvertedResidual.from_module(module)
-        except ValueError:
-            continue
-        if found and path.startswith(found[-1][0] + "."):
-            found.pop()  # a container holding just one block matches too: report the block itself
-        found.append((path, fused))
-        module.register_forward_pre_hook(lambda m, inputs, path=path: shapes.__setitem__(path, inputs[0].shape))
-    with torch.no_grad():
-        model(torch.randn(1, 3, image_size, image_size))
-    for path, fused in found:
-        x = torch.empty((batch, *shapes[path][1:]), dtype=dtype).contiguous(memory_format=torch.channels_last)
-        args = _bundle(x, fused.stock, fused.parts, fold(fused.stock, fused.parts), fused.parts.residual)
-        yield path, fused.shape, _contract.normalise_inverted_residual(args)
+    for path, fused, shape in blocks_of(model_name, image_size)[1]:
+        x = torch.empty((batch, *shape), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        yield path, fused.shape, fused.bundle(x)
 
 
 def report(model_name: str, batch: int, first: Optional[int] = None) -> list:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import activations, ops
-from .._contract import BlockArgs, input_major, tap_major
+from .._contract import BlockArgs, check_inverted_residual, input_major, normalise_inverted_residual, tap_major
 from ..backends import reference
 from ._cache import FusedModule
 from .dwconv import check_depthwise, check_norm, explicit_padding, _fused_activation, _overrides_forward
@@ -304,6 +304,12 @@ class InvertedResidual(FusedModule):
         if tuple(dw.dilation) != (1, 1):
             text += f" d{dw.dilation[0]}"
         return text + (" se" if self.parts.se else "") + (" +x" if self.parts.residual else "")
+
+    def bundle(self, x: torch.Tensor) -> BlockArgs:
+        """The op's argument bundle for input x, with this module's folded weights (checked, normalised)."""
+        args = _bundle(x, self.stock, self.parts, {name: getattr(self, name) for name in _FOLDED}, self.parts.residual)
+        check_inverted_residual(args)
+        return normalise_inverted_residual(args)
 
     def traffic(self, input_shape, element_size: int) -> dict:
         """Bytes one forward of the block must move across HBM under each plan, for an input of input_shape
