@@ -234,7 +234,8 @@ def tiles(args: BlockArgs, interpreter: Optional[bool] = None) -> dict:
     out_h, out_w = args.out_hw
     kh, kw = args.w_dw.shape[2:]
     # On a GPU 4x8 output pixels, 4x4 at stride 2 (whose halo is four times the tile's input), so that the halo
-    # tile stays 128 pixels or less for 5x5 kernels.
+    # tile stays 128 pixels or less for 5x5 kernels. (8x16 tiles, which would halve the expand conv's recompute
+    # for 5x5 kernels, spill on sm_90 even in the SE first stage, at 8 or 16 warps.)
     strided = max(args.stride) > 1
     pixels = 1024 if interpreter else (16 if strided else 32)
     tile_w = min(triton.next_power_of_2(out_w), 32 if interpreter else (4 if strided else 8))
@@ -334,6 +335,15 @@ def limit(args: BlockArgs, interpreter: Optional[bool] = None):
     if args.has_se and args.w_se_reduce.shape[0] > MAX_REDUCED_CHANNELS:
         return f"R = {args.w_se_reduce.shape[0]} SE channels; the Triton MLP holds at most {MAX_REDUCED_CHANNELS}"
     return None
+
+
+def l2_reads(args: BlockArgs) -> float:
+    """Bytes the GPU tiles read per input pixel from L2 beyond what HBM must deliver once: every tile reads all
+    float32 weights. (Each hidden-channel step reads the tile's x halo again too, at most 64 KiB: L1 serves it.)"""
+    tile = tiles(args, interpreter=False)
+    weights = sum(t.numel() for t in (args.w_expand, args.w_dw, args.w_project, args.w_se_reduce, args.w_se_expand)
+                  if t is not None) * 4
+    return weights / (tile["TILE_H"] * tile["TILE_W"] * args.stride[0] * args.stride[1])
 
 
 def expand_recompute(args: BlockArgs) -> float:
