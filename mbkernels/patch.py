@@ -355,7 +355,8 @@ class BlockKind(FusionKind):
     The cost model, per input pixel in float16 on the GPU the kernels aim at (an H200): block fusion saves the
     HBM bytes of the expanded activations (nn.InvertedResidual.traffic: layers minus block) at the measured copy
     bandwidth, and pays for what its small tiles re-read from L2 (every tile reads all weights: the Triton
-    launcher's l2_reads) and for the expand conv it recomputes over tile halos (expand_recompute). A block the Triton kernel declines (its limit: registers, shared memory) gets layer
+    launcher's l2_reads) and for the expand conv it recomputes over tile halos (expand_recompute). A block the
+    Triton kernel declines (its limit: registers, shared memory), or that a named backend cannot run, gets layer
     fusion. The L2 and tensor-core rates are assumptions until a GPU measures them."""
     kind, label, fused_type = "inverted_residual", "block", InvertedResidual
     BANDWIDTH = 4.3e12  # bytes/s: H200 copy bandwidth, measured (toolchain.md)
