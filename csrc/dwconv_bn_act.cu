@@ -11,16 +11,17 @@
 // channels_last (x[n, h, w, c]): one thread per (n, oh, a run of output pixels along W, a vector of channels).
 //   Consecutive threads take consecutive channel vectors, so a warp's loads and stores are contiguous. The vector
 //   is 16 bytes (8 half/bfloat16 or 4 float) when M == 1, C and the pointers allow it.
-//   - fast <T, K, S, PIX>: PIX output pixels per thread (16 accumulators' worth: 4 for float, 2 for 16-bit types;
-//     1 when that leaves the GPU idle); per kernel row
-//     all input columns are loaded first, predicated (zeros outside the plane, no branch), so they are in flight
-//     together; each weight vector is loaded once per tap and feeds every output pixel it touches.
+//   - fast <T, K, S, PIX>: PIX output pixels per thread (16 accumulators' worth: 4 for float, 2 for 16-bit
+//     types; 1 when that leaves the GPU idle); per kernel row all input columns are loaded first, predicated
+//     (zeros outside the plane, no branch), so they are in flight together; each weight vector is loaded once
+//     per tap and feeds every output pixel it touches.
+//   Small grids (batch 1) also get smaller blocks, down to one warp, so that every SM has work.
 //   - generic <T, VEC>: 1 output pixel per thread, runtime loops; VEC = 16 bytes or 1 (the scalar fallback for
 //     M > 1, C not a multiple of the vector width or unaligned pointers, whatever the kernel shape).
 // NCHW (x[n, c, h, w]): one block per spatial tile of one or more (n, o) output planes (several small planes per
-//   block). Phase 1 stages the tile's input with its halo in shared memory as float (zeros outside the plane);
-//   phase 2 computes: thread (tx, ty, plane) owns output column tx and a run of rows, so a warp reads consecutive
-//   shared words and writes consecutive output elements.
+//   block). Phase 1 stages the tile's input with its halo in shared memory as float (zeros outside the plane),
+//   in 16-byte vectors when W is a multiple of the vector; phase 2 computes: thread (tx, ty, plane) owns output
+//   column tx and a run of rows, so a warp reads consecutive shared words and writes consecutive output elements.
 //   - fast <T, K, S>: 4 output rows per thread, input rows stream through and feed every output row they touch;
 //     the K x K weights of the plane's channel sit in registers.
 //   - generic <T>: 1 output row per thread, runtime loops.
@@ -43,7 +44,7 @@ namespace mbkernels {
 namespace {
 
 constexpr int kChannelsLastThreads = 256;
-constexpr int kMinChannelsLastThreads = 64;
+constexpr int kMinChannelsLastThreads = 32;
 // channels_last fast path: output pixels along W per thread, so that a thread holds 16 accumulators (4 float or
 // 2 half/bfloat16 vectors): more leave too few registers for the input columns in flight.
 template <class T>
@@ -51,7 +52,6 @@ constexpr int kPixelsPerThread = 16 / kVec16<T>;
 constexpr int kRowsPerThread = 4;    // NCHW fast path: output rows per thread
 constexpr int kMaxTileThreads = 256;
 constexpr int kMaxTileColumns = 32;
-constexpr int64_t kFillBlocks = 132;  // one block per SM of an H100/H200: fewer leaves SMs idle
 
 struct DwconvParams {
   const void* x;
@@ -65,6 +65,7 @@ struct DwconvParams {
   int64_t items;
   // NCHW tiles: tile_x output columns x tile_y row runs per plane, `planes` planes per block.
   int tile_x, tile_y, planes, tiles_w, tiles_h, in_tile_h, in_tile_w;
+  bool stage_vectors;  // NCHW: x's rows are whole 16-byte vectors (W a multiple of the vector, x aligned)
 };
 
 MBK_HOST_DEVICE bool inside(int i, int size) { return static_cast<unsigned>(i) < static_cast<unsigned>(size); }
@@ -116,7 +117,6 @@ MBK_HOST_DEVICE void dwconv_cl_fast_thread(const DwconvParams& p, int64_t block,
       for (int q = 0; q < PIX; ++q)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) acc[q][v] = fmaf(w[v], to_float(columns[q * S + kw].v[v]), acc[q][v]);
-      keep_loads_below();  // one tap's weights live at a time (all K of a row: 56 registers for K = 7)
     }
   }
   T* y = static_cast<T*>(p.y) + (row * p.OW + ow0) * p.C + c0;
@@ -185,21 +185,22 @@ MBK_HOST_DEVICE TileOrigin tile_origin(const DwconvParams& p, int64_t block, int
   return {rest / p.tiles_h * p.planes, th * p.tile_y * rows_per_thread, tw * p.tile_x};
 }
 
-// Phase 1: the block's input tiles (halo included, zeros outside the plane) into smem[plane][row][column].
-template <class T>
-MBK_HOST_DEVICE void dwconv_nchw_stage_thread(const DwconvParams& p, int64_t block, int thread, int threads,
-                                              float* smem, int rows_per_thread) {
-  const TileOrigin origin = tile_origin(p, block, rows_per_thread);
-  const int columns = p.in_tile_w;
-  // Threads cover `column_threads` columns of `row_step` rows at a time; rows advance without divisions.
-  const int column_threads = columns < threads ? columns : threads;
-  const int row_step = threads / column_threads;
-  if (thread >= row_step * column_threads) return;
+// Phase 1: the block's input tiles (halo included, zeros outside the plane) into smem[plane][row][column], read
+// in units of UNIT elements aligned to the row (16-byte vectors when the rows allow, else single elements).
+template <class T, int UNIT>
+MBK_HOST_DEVICE void dwconv_nchw_stage_units(const DwconvParams& p, const TileOrigin& origin, int thread,
+                                             int threads, float* smem) {
   const int ih0 = origin.oh0 * p.SH - p.PT;
   const int iw0 = origin.ow0 * p.SW - p.PL;
+  const int first = floor_div(iw0, UNIT) * UNIT;  // the first unit's column: aligned, at or left of iw0
+  const int units = ceil_div(iw0 + p.in_tile_w - first, UNIT);
+  // Threads cover `unit_threads` units of `row_step` rows at a time; rows advance without divisions.
+  const int unit_threads = units < threads ? units : threads;
+  const int row_step = threads / unit_threads;
+  if (thread >= row_step * unit_threads) return;
   const int planes_total = p.N * p.CO;
   int plane = 0;
-  int r = thread / column_threads;
+  int r = thread / unit_threads;
   while (r >= p.in_tile_h) {
     r -= p.in_tile_h;
     ++plane;
@@ -211,10 +212,13 @@ MBK_HOST_DEVICE void dwconv_nchw_stage_thread(const DwconvParams& p, int64_t blo
     const int ih = ih0 + r;
     const bool row_inside = out_plane < planes_total && inside(ih, p.H);
     const T* x_row = static_cast<const T*>(p.x) + (in_plane * p.H + ih) * p.W;
-    float* s_row = smem + (plane * p.in_tile_h + r) * columns;
-    for (int c = thread % column_threads; c < columns; c += column_threads) {
-      const int iw = iw0 + c;
-      s_row[c] = row_inside && inside(iw, p.W) ? to_float(x_row[iw]) : 0.f;
+    float* s_row = smem + (plane * p.in_tile_h + r) * p.in_tile_w - iw0;  // indexed by input column
+    for (int u = thread % unit_threads; u < units; u += unit_threads) {
+      const int iw = first + u * UNIT;  // a unit lies wholly inside the row or wholly outside (UNIT divides W)
+      const Pack<T, UNIT> values = load_pack_if<T, UNIT>(x_row + iw, row_inside && inside(iw, p.W));
+#pragma unroll
+      for (int e = 0; e < UNIT; ++e)
+        if (inside(iw + e - iw0, p.in_tile_w)) s_row[iw + e] = to_float(values.v[e]);
     }
     r += row_step;
     while (r >= p.in_tile_h) {
@@ -222,6 +226,16 @@ MBK_HOST_DEVICE void dwconv_nchw_stage_thread(const DwconvParams& p, int64_t blo
       ++plane;
     }
   }
+}
+
+template <class T>
+MBK_HOST_DEVICE void dwconv_nchw_stage_thread(const DwconvParams& p, int64_t block, int thread, int threads,
+                                              float* smem, int rows_per_thread) {
+  const TileOrigin origin = tile_origin(p, block, rows_per_thread);
+  if (p.stage_vectors)
+    dwconv_nchw_stage_units<T, kVec16<T>>(p, origin, thread, threads, smem);
+  else
+    dwconv_nchw_stage_units<T, 1>(p, origin, thread, threads, smem);
 }
 
 struct TileThread {
@@ -371,8 +385,8 @@ LaunchShape plan_nchw_tiles(DwconvParams& p, int rows_per_thread) {
 
 LaunchShape plan_nchw(DwconvParams& p) { return plan_nchw_tiles(p, has_fast_shape(p) ? kRowsPerThread : 1); }
 
-// channels_last: one thread per work item (`pixels` output pixels x `vec` channels); blocks shrink (down to 64
-// threads) while the grid would leave SMs idle.
+// channels_last: one thread per work item (`pixels` output pixels x `vec` channels); blocks shrink (down to a
+// warp) while the grid would leave SMs idle.
 LaunchShape plan_channels_last(DwconvParams& p, int pixels, int vec) {
   p.items = int64_t(p.N) * p.OH * ceil_div(p.OW, pixels) * (p.CO / vec);
   int threads = kChannelsLastThreads;
@@ -450,6 +464,7 @@ at::Tensor aligned_contiguous(const at::Tensor& contiguous_view) {
 template <class T>
 void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
   if (!channels_last) {
+    p.stage_vectors = p.W % kVec16<T> == 0 && aligned16(p.x);
     const LaunchShape shape = plan_nchw(p);
     const bool fast = with_fast_shape(p, [&](auto k, auto s) {
       constexpr int K = decltype(k)::value, S = decltype(s)::value;

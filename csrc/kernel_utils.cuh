@@ -1,13 +1,14 @@
-// What the kernels of csrc/*.cu share: float conversions of the storage types, 16-byte packs, read-only loads,
-// the dtype switch, and the host emulation of a CUDA grid.
+// What the kernels of csrc/*.cu share: float conversions of the storage types, 16-byte packs and predicated
+// loads, the dtype switch, the launch limits, and the one helper that launches a kernel or emulates it.
 //
 // Emulation model. A kernel's body is written as `__host__ __device__` functions of (params, block index,
 // thread index, shared memory), one function per phase between two __syncthreads(). The __global__ kernel calls
-// the phases in order with a barrier between them; on the host, `emulate_grid` runs the blocks one after
+// the phases in order with a barrier between them; on the host, launch_or_emulate runs the blocks one after
 // another and the block's runner calls `emulate_phase` for each phase: phase 1 for every thread, then phase 2,
 // and so on. That is exactly the ordering guarantee __syncthreads() gives, so code that is correct under the
-// emulation for every (block, thread) ordering of a phase is correct on the GPU. Emulated shared memory starts
-// as NaN, so reading a slot nobody wrote shows up in the output.
+// emulation for every (block, thread) ordering of a phase is correct on the GPU. Values a thread keeps in
+// registers across a barrier are a state struct: a local on the GPU, one per thread in the block's runner.
+// Emulated shared memory starts as NaN, so reading a slot nobody wrote shows up in the output.
 #pragma once
 
 #include "activations.cuh"  // MBK_HOST_DEVICE
@@ -77,15 +78,22 @@ MBK_HOST_DEVICE Pack<T, N> load_pack(const T* p) {
 // words (zeroing 16-bit elements one by one splits the pack over twice the registers).
 template <class T, int N>
 MBK_HOST_DEVICE Pack<T, N> load_pack_if(const T* p, bool valid) {
-  static_assert(sizeof(Pack<T, N>) % 4 == 0, "whole 32-bit words");
-  union {
-    Pack<T, N> pack;
-    uint32_t words[sizeof(Pack<T, N>) / 4];
-  } bits;
+  if constexpr (sizeof(Pack<T, N>) % 4 == 0) {
+    union {
+      Pack<T, N> pack;
+      uint32_t words[sizeof(Pack<T, N>) / 4];
+    } bits;
 #pragma unroll
-  for (int i = 0; i < int(sizeof(bits.words) / 4); ++i) bits.words[i] = 0;
-  if (valid) bits.pack = load_pack<T, N>(p);
-  return bits.pack;
+    for (int i = 0; i < int(sizeof(bits.words) / 4); ++i) bits.words[i] = 0;
+    if (valid) bits.pack = load_pack<T, N>(p);
+    return bits.pack;
+  } else {
+    Pack<T, N> pack;
+#pragma unroll
+    for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(0.f);
+    if (valid) pack = load_pack<T, N>(p);
+    return pack;
+  }
 }
 
 template <class T, int N>
@@ -120,20 +128,15 @@ MBK_HOST_DEVICE float load_ro(const float* p) {
 #endif
 }
 
-// A compiler barrier on the GPU (nothing on the host): loads after it are not hoisted above it, which bounds how
-// many loaded registers are live at once where the compiler would otherwise run out of registers.
-MBK_HOST_DEVICE void keep_loads_below() {
-#ifdef __CUDA_ARCH__
-  asm volatile("" ::: "memory");
-#endif
-}
-
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 template <class I>
 MBK_HOST_DEVICE I ceil_div(I a, I b) {
   return (a + b - 1) / b;
 }
+
+// a / b rounded towards minus infinity (b > 0).
+MBK_HOST_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((b - 1 - a) / b); }
 
 // std::min is constexpr-only on the device (needs --expt-relaxed-constexpr, which not every build passes).
 MBK_HOST_DEVICE int min_int(int a, int b) { return a < b ? a : b; }
@@ -157,6 +160,8 @@ void dispatch_float_types(c10::ScalarType type, const char* what, F&& f) {
 constexpr int64_t kInt32Limit = int64_t(1) << 31;
 // Shared memory a block gets without opting in.
 constexpr int64_t kDefaultSmemBytes = 48 * 1024;
+// Blocks for one per SM of an H100/H200 (132 SMs): launchers split work finer rather than launch fewer.
+constexpr int64_t kFillBlocks = 132;
 
 // NCHW- or channels_last-contiguous x: which of the two (a tensor that is both, e.g. C == 1, counts as NCHW).
 inline bool is_channels_last(const at::Tensor& x) {

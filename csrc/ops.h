@@ -23,7 +23,8 @@ at::Tensor dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               c10::string_view activation);
 
-// x * gate(w_expand @ act(w_reduce @ mean_hw(x) + b_reduce) + b_expand); weights float32 [R, C] / [C, R].
+// x * gate(w_expand @ act(w_reduce @ mean_hw(x) + b_reduce) + b_expand); weights float32 [R, C] / [C, R],
+// contiguous; act any activation of the table, gate "sigmoid" or "hardsigmoid".
 at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
                                const std::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
                                const std::optional<at::Tensor>& b_expand, c10::string_view activation,

@@ -42,9 +42,8 @@ constexpr int kMlpThreads = 256;
 constexpr int kMlpSamples = 8;     // samples per mlp block: each weight tile is read once for all of them
 constexpr int kMlpChunk = 512;     // inputs per sample staged in shared memory at a time
 constexpr int kScaleThreads = 256;
-constexpr int kScaleVectorsPerThread = 4;
+constexpr int kScaleVectorsPerThread = 4;  // at most; 1 on grids too small to fill the GPU
 constexpr int64_t kPoolTargetBlocks = 1024;  // enough blocks to fill an H100/H200 several times over
-constexpr int64_t kMlpFillBlocks = 2 * 132;  // two blocks per SM of an H100/H200
 constexpr int kMinPoolLoadsPerThread = 4;
 
 struct SeParams {
@@ -60,7 +59,7 @@ struct SeParams {
   int groups;          // NCHW: planes per block; channels_last: threads along rows (power of two)
   int channel_blocks;  // channels_last: blocks along the channel vectors
   // scale
-  int vectors_per_sample, blocks_per_sample;
+  int vectors_per_sample, blocks_per_sample, vectors_per_thread;
 };
 
 // --------------------------------------------------------------------------------------------------- pool
@@ -212,18 +211,27 @@ MBK_HOST_DEVICE MatvecThread matvec_thread(const MatvecParams& p, int64_t block,
           block_row};
 }
 
-// Phase: the block's samples' inputs k0 .. k0 + kMlpChunk into smem[sample][k - k0] (zeros past N and K).
+// Phase: the block's samples' inputs k0 .. k0 + kMlpChunk into smem[sample][k - k0] (zeros past N and K), VW at
+// a time (VW divides K).
+template <int VW>
 MBK_HOST_DEVICE void matvec_stage_thread(const MatvecParams& p, int64_t block, int thread, int k0, float* smem) {
   const int n0 = matvec_thread(p, block, thread).n0;
-  for (int i = thread; i < kMlpSamples * kMlpChunk; i += kMlpThreads) {
+  for (int i = thread * VW; i < kMlpSamples * kMlpChunk; i += kMlpThreads * VW) {
     const int n = n0 + i / kMlpChunk;
     const int k = k0 + i % kMlpChunk;
-    float sum = 0.f;
+    float sum[VW] = {};
     if (n < p.N && k < p.K) {
       const float* in = p.in + int64_t(n) * p.splits * p.K + k;
-      for (int split = 0; split < p.splits; ++split) sum += in[split * p.K];
+      for (int split = 0; split < p.splits; ++split) {
+        float part[VW];
+        load_floats<float, VW>(in + split * p.K, part);
+#pragma unroll
+        for (int j = 0; j < VW; ++j) sum[j] += part[j];
+      }
     }
-    smem[i] = sum * p.in_scale;
+#pragma unroll
+    for (int j = 0; j < VW; ++j) sum[j] *= p.in_scale;
+    store_floats<float, VW>(smem + i, sum);
   }
 }
 
@@ -277,7 +285,7 @@ __global__ void __launch_bounds__(kMlpThreads) matvec_kernel(const MatvecParams 
   extern __shared__ float smem[];
   MatvecState state{};
   for (int k0 = 0; k0 < p.K; k0 += kMlpChunk) {
-    matvec_stage_thread(p, blockIdx.x, threadIdx.x, k0, smem);
+    matvec_stage_thread<VW>(p, blockIdx.x, threadIdx.x, k0, smem);
     __syncthreads();
     matvec_accumulate_thread<VW>(p, blockIdx.x, threadIdx.x, k0, smem, state);
     __syncthreads();
@@ -292,7 +300,7 @@ template <class T, int VEC, bool CHANNELS_LAST>
 MBK_HOST_DEVICE void scale_thread(const SeParams& p, int64_t block, int thread) {
   const int b = static_cast<int>(block);
   const int n = b / p.blocks_per_sample;
-  const int first = (b - n * p.blocks_per_sample) * kScaleVectorsPerThread * kScaleThreads + thread;
+  const int first = (b - n * p.blocks_per_sample) * p.vectors_per_thread * kScaleThreads + thread;
   const int64_t sample = int64_t(n) * p.HW * p.C;
   const T* x = static_cast<const T*>(p.x) + sample;
   T* y = static_cast<T*>(p.y) + sample;
@@ -300,7 +308,7 @@ MBK_HOST_DEVICE void scale_thread(const SeParams& p, int64_t block, int thread) 
 #pragma unroll
   for (int k = 0; k < kScaleVectorsPerThread; ++k) {
     const int vector = first + k * kScaleThreads;
-    if (vector >= p.vectors_per_sample) return;
+    if (k >= p.vectors_per_thread || vector >= p.vectors_per_sample) return;
     const int e = vector * VEC;
     float s[VEC];
     if (CHANNELS_LAST) {
@@ -371,8 +379,13 @@ LaunchShape plan_pool(SeParams& p, bool channels_last, int vec) {
 
 LaunchShape plan_scale(SeParams& p, int vec) {
   p.vectors_per_sample = p.HW * p.C / vec;
-  p.blocks_per_sample = ceil_div(p.vectors_per_sample, kScaleThreads * kScaleVectorsPerThread);
-  return {int64_t(p.N) * p.blocks_per_sample, kScaleThreads, 0};
+  auto blocks = [&] {
+    p.blocks_per_sample = ceil_div(p.vectors_per_sample, kScaleThreads * p.vectors_per_thread);
+    return int64_t(p.N) * p.blocks_per_sample;
+  };
+  p.vectors_per_thread = kScaleVectorsPerThread;
+  if (blocks() < kFillBlocks) p.vectors_per_thread = 1;
+  return {blocks(), kScaleThreads, 0};
 }
 
 // Threads per row: a warp, doubled (split rows) while the grid leaves SMs idle and each lane keeps >= 2 loads.
@@ -380,7 +393,7 @@ LaunchShape plan_matvec(MatvecParams& p, int vw) {
   const int64_t sample_tiles = ceil_div(p.N, kMlpSamples);
   p.row_threads = 32;
   auto blocks = [&] { return ceil_div(p.rows, kMlpThreads / p.row_threads) * sample_tiles; };
-  while (p.row_threads < kMlpThreads && blocks() < kMlpFillBlocks && p.K >= 4 * p.row_threads * vw)
+  while (p.row_threads < kMlpThreads && blocks() < kFillBlocks && p.K >= 4 * p.row_threads * vw)
     p.row_threads *= 2;
   p.row_blocks = ceil_div(p.rows, kMlpThreads / p.row_threads);
   return {blocks(), kMlpThreads, kMlpSamples * kMlpChunk};
@@ -415,14 +428,14 @@ void launch_matvec(MatvecParams& p, const Executor& ex) {
     launch_or_emulate(ex, shape, matvec_kernel<VW>, p, [&](int64_t block, float* smem) {
       std::vector<MatvecState> states(kMlpThreads);  // zeros, as on the GPU
       for (int k0 = 0; k0 < p.K; k0 += kMlpChunk) {
-        emulate_phase(kMlpThreads, [&](int t) { matvec_stage_thread(p, block, t, k0, smem); });
+        emulate_phase(kMlpThreads, [&](int t) { matvec_stage_thread<VW>(p, block, t, k0, smem); });
         emulate_phase(kMlpThreads, [&](int t) { matvec_accumulate_thread<VW>(p, block, t, k0, smem, states[t]); });
       }
       emulate_phase(kMlpThreads, [&](int t) { matvec_partials_thread(p, block, t, smem, states[t]); });
       emulate_phase(kMlpThreads, [&](int t) { matvec_finish_thread(p, block, t, smem); });
     });
   };
-  if (p.K % 4 == 0 && aligned16(p.weight))
+  if (p.K % 4 == 0 && aligned16(p.weight) && aligned16(p.in))
     run(std::integral_constant<int, 4>{});
   else
     run(std::integral_constant<int, 1>{});
@@ -452,16 +465,20 @@ struct SeLayers {
   Gate gate;
 };
 
-// Scratch (float32, one allocation): the pool's partial sums [N, splits, C], the scale [N, C], the hidden [N, R].
+// Scratch (float32, one allocation): the pool's partial sums [N, splits, C], the scale [N, C], the hidden [N, R],
+// each starting on a 16-byte boundary for the vector loads.
 template <class T, int VEC>
 void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, const at::Tensor& x,
                         const Executor& ex) {
   plan_pool(p, channels_last, VEC);
   const int64_t n = p.N;
-  const at::Tensor scratch = at::empty({n * p.C * (p.splits + 1) + n * layers.R}, x.options().dtype(at::kFloat));
+  auto whole_vectors = [](int64_t floats) { return ceil_div<int64_t>(floats, 4) * 4; };
+  const int64_t partial_floats = whole_vectors(n * p.splits * p.C), scale_floats = whole_vectors(n * p.C);
+  const at::Tensor scratch =
+      at::empty({partial_floats + scale_floats + n * layers.R}, x.options().dtype(at::kFloat));
   p.partial = scratch.data_ptr<float>();
-  p.scale = p.partial + n * p.splits * p.C;
-  float* hidden = p.scale + n * p.C;
+  p.scale = p.partial + partial_floats;
+  float* hidden = p.scale + scale_floats;
   launch_pool<T, VEC>(p, channels_last, ex);
   MatvecParams reduce{p.partial, p.splits, 1.f / static_cast<float>(p.HW), layers.w_reduce, layers.b_reduce,
                       hidden,    p.N,      layers.R, p.C, 0, 0, false, layers.activation, layers.gate};

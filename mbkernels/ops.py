@@ -105,18 +105,26 @@ def fold_bn(conv: torch.nn.Conv2d, bn: Optional[torch.nn.BatchNorm2d]) -> tuple[
         bias = torch.zeros(conv.out_channels, dtype=torch.float32, device=weight.device)
     if bn is None:
         return weight.contiguous(), bias.contiguous()
+    return fold_bn_into(weight, bias, bn)
+
+
+@torch.no_grad()
+def fold_bn_into(weight: Tensor, bias: Tensor, bn: torch.nn.Module) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of a layer (a conv [O, ...] or a linear [O, I]) followed by eval-mode bn (a BatchNorm of O
+    features), as one layer, computed in weight's dtype."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn has no running statistics (track_running_stats=False) and cannot be folded")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
-    scale = torch.rsqrt(bn.running_var.to(torch.float32) + bn.eps)
+    if bn.num_features != weight.shape[0]:
+        raise ValueError(f"bn has {bn.num_features} features but conv has {weight.shape[0]} output channels")
+    dtype = weight.dtype
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.to(torch.float32)
-    shift = -bn.running_mean.to(torch.float32) * scale
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.to(torch.float32)
-    folded_weight = weight * scale.reshape(-1, 1, 1, 1)
-    folded_bias = bias * scale + shift
+        shift = shift + bn.bias.to(dtype)
+    folded_weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
+    folded_bias = bias.to(dtype) * scale + shift
     return folded_weight.contiguous(), folded_bias.contiguous()
 
 

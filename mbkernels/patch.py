@@ -6,16 +6,22 @@ Matching is by structure, never by model names:
   * a module holding one inverted-residual block (expand 1x1 -> BN -> act -> depthwise -> BN -> act -> [SE] ->
     project 1x1 -> BN [+ x]) is offered to mbkernels.nn.InvertedResidual.from_module, and fused whole where the
     cost model prefers it (BlockKind); otherwise its layers are fused by the kinds below;
-  * a depthwise nn.Conv2d followed, in its parent, by an nn.BatchNorm2d: in a plain nn.Sequential
-    (torchvision's Conv2dNormActivation, hand-written blocks) the module after the BN is taken too when it is an
-    activation with a fused kernel; a BN subclass that carries its activation (timm's BatchNormAct2d inside the
-    EfficientNet / MobileNet blocks) brings it along;
-  * a module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C) is offered to
+  * a depthwise nn.Conv2d (or timm's Conv2dSame; any depth multiplier) and what its parent applies after it: a
+    BatchNorm2d (a BatchNormAct2d brings its activation; a nested Sequential(BN, act) is opened), then an activation
+    with a kernel. In a plain nn.Sequential that is what runs next; in any other parent the probe must prove it, and
+    the longest run it proves is fused (conv + BN + act, else conv + BN, else the conv alone). What follows and is
+    not taken (an activation without a kernel, or one the probe refused) makes the entry half-fused, and the
+    report says so (PatchEntry.note);
+  * a MixedConv2d-like module (two or more depthwise convs over consecutive channel groups) with its BN and
+    activation: one depthwise op call, the kernels zero-padded to the largest (mbkernels.nn.MixedDWConvBNAct);
+  * a module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; a BatchNorm after the first
+    is folded), or any module with a gate child and 1x1 layers (an effective SE, one layer C -> C), is offered to
     mbkernels.nn.SqueezeExcite.from_module.
+Every depthwise conv and SE-like module the planner visits gets an entry: fused, or left alone with the reason.
 Every swap is checked numerically before it is made: the stock modules in float64 against the fused ones in
 float32 with the reference backend, on a random probe, with random BatchNorm statistics; a mismatch is refused
 and reported. In a parent other than a plain Sequential the whole parent runs, so a forward that does not apply
-the BN right after the conv is caught. All swaps are made at the end, all or none.
+the BN (or the activation) right after the conv is caught. All swaps are made at the end, all or none.
 """
 import copy
 import functools
@@ -28,6 +34,7 @@ from torch import nn
 from . import activations, backends, dispatch
 from .nn.dwconv import DWConvBNAct, FusedInto, carried_activation, check_depthwise, check_norm
 from .nn.inverted_residual import InvertedResidual
+from .nn.mixed_conv import MixedDWConvBNAct
 from .nn.squeeze_excite import SqueezeExcite
 
 # Largest relative error (to the probe output's largest value) of float32 fused vs float64 stock: float32
@@ -44,6 +51,7 @@ class PatchEntry:
     shape: str  # "C=72 k=5x5 s=2" / "C=72 R=24"
     activation: str  # "hardswish" / "relu -> hardsigmoid"; "" when unknown
     reason: str = ""  # why it was left alone (skipped entries)
+    note: str = ""  # fused entries: what runs on its own right after (a half fusion), e.g. an activation
 
 
 @dataclass
@@ -76,6 +84,9 @@ class PatchReport:
         def counts(status):
             return ", ".join(f"{self.count(kind, status)} {label}" for kind, label in KINDS.items())
         text = f"fused: {counts('fused')}"
+        half = sum(bool(entry.note) for entry in self.fused + self.fusable)
+        if half:
+            text += f" ({half} half-fused)"
         if self.fusable:
             text += f"; fusable (not patched yet): {counts('fusable')}"
         return text + f"; left alone: {len(self.skipped)}"
@@ -88,7 +99,9 @@ class PatchReport:
             if entries:
                 lines.append(f"{title}:")
                 lines += _table([("module", "kind", "shape", "activation")]
-                                + [(e.path, KINDS[e.kind], e.shape, e.activation) for e in entries])
+                                + [(e.path, KINDS[e.kind], e.shape, e.activation + (f"; half-fused: {e.note}"
+                                                                                    if e.note else ""))
+                                   for e in entries])
         if self.blocks:
             lines.append("block plans (estimated HBM bytes per input pixel, float16):")
             lines += _table([("module", "shape", "plan", "block B/px", "layers B/px", "expand work", "why")]
@@ -115,8 +128,9 @@ def _conv_shape(conv: nn.Conv2d) -> str:
 
 def _se_layers(module: nn.Module):
     """The two layers of an SE-like module ((in, out) of each), or None: its only weight-holding submodules are
-    two Linear / 1x1 Conv2d layers C -> R -> C with R < C."""
-    leaves = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    two Linear / 1x1 Conv2d layers C -> R -> C with R < C (and BatchNorms, which SqueezeExcite folds or refuses)."""
+    leaves = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None
+              and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if len(leaves) != 2:
         return None
     shapes = []
@@ -133,7 +147,10 @@ def _se_layers(module: nn.Module):
 
 def _se_shape(module: nn.Module) -> str:
     shapes = _se_layers(module)
-    return f"C={shapes[0][0]} R={shapes[0][1]}" if shapes else ""
+    if shapes:
+        return f"C={shapes[0][0]} R={shapes[0][1]}"
+    channels = _in_channels(_gated_layers(module))
+    return f"C={channels}" if channels is not None else ""
 
 
 def _se_activation(fused: nn.Module) -> str:
@@ -230,98 +247,247 @@ class FusionKind:
         """(shape, activation) of a fused module of this kind, for the report."""
         raise NotImplementedError
 
+    def note(self, fused: nn.Module) -> str:
+        """What still runs on its own right after a fused module of this kind ("": nothing; see PatchEntry.note)."""
+        return ""
+
+
+@dataclass
+class _Run:
+    """What one fused depthwise module takes from its parent: (slot, module) of the conv, and of the norm and the
+    activation it folds in (None: not taken); `left` names what still runs on its own (a half fusion)."""
+    conv: tuple
+    norm: Optional[tuple] = None
+    act: Optional[tuple] = None
+    left: str = ""
+    act_guessed: bool = False  # act is not the next module but the parent's one activation: refused, it is no news
+
+
+def _following(children: list, i: int) -> list:
+    """(slot, module) of what follows children[i] in the parent, a plain Sequential that starts with a BatchNorm
+    (conv -> Sequential(BN, act)) opened into its children ("5.0", "5.1")."""
+    following = []
+    for name, child in children[i + 1:]:
+        if _is_plain_sequential(child) and isinstance(next(child.children(), None), nn.BatchNorm2d):
+            following += [(f"{name}.{inner}", m) for inner, m in child.named_children()]
+        else:
+            following.append((name, child))
+    return following
+
 
 class DWConvKind(FusionKind):
-    """A depthwise nn.Conv2d followed, in its parent, by a BatchNorm2d (and, in a plain Sequential, by an
-    activation with a kernel; a BatchNormAct2d brings its own)."""
+    """A depthwise nn.Conv2d (or timm's Conv2dSame; any depth multiplier) with what the parent applies after it:
+    a BatchNorm2d (a BatchNormAct2d brings its activation), then an activation with a kernel. In a plain Sequential
+    the next modules are what runs next; in any other parent the probe must prove it, and the longest run it proves
+    is fused (conv + BN + act, else conv + BN, else the conv alone, which is exact by itself). What is not taken
+    while it follows (an activation without a kernel, or one the probe did not prove) makes the entry half-fused."""
     kind, label, fused_type = "dwconv_bn_act", "dwconv+bn+act", DWConvBNAct
 
+    def is_candidate(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+
+    def check_conv(self, conv: nn.Module) -> None:
+        check_depthwise(conv)
+
     def candidates(self, parent, path, children, taken):
-        plain_sequential = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
         for i, (name, conv) in enumerate(children):
-            if not (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels > 1) or name in taken:
+            if not self.is_candidate(conv) or name in taken:
                 continue
-            yield Candidate(f"{path}{name}", _conv_shape(conv),
-                            functools.partial(self.build, parent, children, i, plain_sequential),
-                            functools.partial(self.check, parent, children, i, plain_sequential))
+            match = _DWMatch(self, parent, children, i, taken)
+            yield Candidate(f"{path}{name}", self.shape(conv), match.build, match.check)
 
-    def run(self, children, i, plain_sequential):
-        """((bn name, bn), (act name, act) or None) for the depthwise conv children[i]; Skip with the reason."""
-        conv = children[i][1]
+    def runs(self, parent: nn.Module, children: list, i: int, taken: set) -> list:
+        """The runs to try for the conv children[i], longest first; Skip when the conv itself cannot be fused."""
+        conv_item = children[i]
         try:
-            check_depthwise(conv)
+            self.check_conv(conv_item[1])
         except ValueError as error:
             raise Skip(str(error)) from None
-        if i + 1 == len(children):
-            raise Skip("not followed by a BatchNorm2d (it is the last module of its parent)")
-        bn_name, bn = children[i + 1]
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise Skip(f"not followed by a BatchNorm2d (the next module is {type(bn).__name__})")
+        following = [(slot, m) for slot, m in _following(children, i) if slot not in taken]
+        if following and type(following[0][1]) is nn.Identity:
+            following = following[1:]  # an absent norm (ConvNormAct(norm=Identity)): nothing to take
+        norm_item, why_not_norm = None, ""
+        if following and isinstance(following[0][1], nn.BatchNorm2d):
+            try:
+                check_norm(following[0][1])
+                norm_item, following = following[0], following[1:]
+            except ValueError as error:
+                why_not_norm = str(error)
+        act_item, why_not_act = None, ""
+        if norm_item is None or carried_activation(norm_item[1]) is None:
+            act_item, why_not_act = self.activation_after(parent, following, children, taken)
+        alone = _Run(conv_item, left=why_not_norm)
+        guessed = act_item is not None and act_item not in following[:1]
+        if norm_item is None:
+            return [_Run(conv_item, act=act_item, act_guessed=guessed), _Run(conv_item, left=why_not_act)] \
+                if act_item else [_Run(conv_item, left=why_not_norm or why_not_act)]
+        with_norm = _Run(conv_item, norm_item, left=why_not_act)
+        if act_item is None:
+            return [with_norm, alone]
+        return [_Run(conv_item, norm_item, act_item, act_guessed=guessed), with_norm, alone]
+
+    def activation_after(self, parent, following, children, taken):
+        """((slot, act) that may run right after the conv (+ norm), or None; why an activation stays unfused)."""
+        plain = _is_plain_sequential(parent)
+        if following:
+            slot, act = following[0]
+            if activations.identify_activation(act) is not None:
+                return (slot, act), ""
+            if _is_activation_module(act):
+                return None, f"{type(act).__name__} after it has no fused kernel and runs on its own"
+            if plain:
+                return None, ""
+        if plain:
+            return None, ""
+        # A parent that registers its activation elsewhere (mobileone: se, act, then conv): its one activation
+        # child, which the probe must prove runs right after.
+        acts = [(name, m) for name, m in children if name not in taken and type(m) is not nn.Identity
+                and activations.identify_activation(m) is not None]
+        return (acts[0], "") if len(acts) == 1 else (None, "")
+
+    def fused(self, run: _Run, backend, slots: bool):
+        """The fused module of a run (with the stock slot names when it goes into the model)."""
+        names = {"conv": run.conv[0]}
+        if run.norm:
+            names["bn"] = run.norm[0]
+        if run.act:
+            names["act"] = run.act[0]
+        return self.fused_type(run.conv[1], run.norm[1] if run.norm else None, run.act[1] if run.act else None,
+                               backend=backend, stock_slots=names if slots else None)
+
+    def items(self, run: _Run) -> list:
         try:
-            check_norm(bn)
+            fused = self.fused(run, self.planner.backend, slots=True)
         except ValueError as error:
             raise Skip(str(error)) from None
-        if not plain_sequential or carried_activation(bn) is not None or i + 2 == len(children):
-            return (bn_name, bn), None
-        act_name, act = children[i + 2]
-        if activations.identify_activation(act) is not None:
-            return (bn_name, bn), (act_name, act)
-        if _is_activation_module(act):
-            raise Skip(f"activation {type(act).__name__} after the BatchNorm has no fused kernel; supported: "
-                       f"{', '.join(activations.ACTIVATIONS)}")
-        return (bn_name, bn), None  # something else follows: fuse conv + BN alone
+        fused.half_fused = run.left
+        name = run.conv[0]
+        taken = [item for item in (run.norm, run.act) if item]
+        return [(name, fused, run.conv[1])] + [(slot, FusedInto(name, m), m) for slot, m in taken]
 
-    def build(self, parent, children, i, plain_sequential):
-        name, conv = children[i]
-        (bn_name, bn), act_item = self.run(children, i, plain_sequential)
-        slots = {"conv": name, "bn": bn_name}
-        act = None
-        if act_item is not None:
-            slots["act"], act = act_item
-        try:
-            fused = DWConvBNAct(conv, bn, act, backend=self.planner.backend, stock_slots=slots)
-        except ValueError as error:
-            raise Skip(str(error)) from None
-        items = [(name, fused, conv), (bn_name, FusedInto(name, bn), bn)]
-        if act_item is not None:
-            items.append((act_item[0], FusedInto(name, act), act))
-        return items
-
-    def check(self, parent, children, i, plain_sequential):
-        name, conv = children[i]
-        (bn_name, bn), act_item = self.run(children, i, plain_sequential)
+    def check(self, parent: nn.Module, run: _Run) -> Optional[str]:
         generator = self.planner.generator
-        if plain_sequential:
-            act = [act_item[1]] if act_item is not None else []
-            stock = _probe_copy(nn.Sequential(conv, bn, *act), generator)
-            reference = DWConvBNAct(*copy.deepcopy(list(stock)), backend="reference")
-            reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-            return _compare(stock, reference, _probe(conv.in_channels, reach[0] + 3, reach[1] + 4, generator))
-        # Any other parent runs whole, so a forward that does not apply the BN right after the conv is caught.
+        conv = run.conv[1]
+        reach = [d * (k - 1) for d, k in zip(self.dilation(conv), self.kernel(conv))]
+        items = (run.conv, run.norm, run.act)
+        if _is_plain_sequential(parent) or (run.norm is None and run.act is None):
+            # What runs is certain: the run by itself (a conv alone is exact whatever the parent does).
+            stock = _probe_copy(nn.Sequential(*[item[1] for item in items if item]), generator)
+            copies = iter(stock)
+            reference = self.fused(_Run(*[item and (item[0], next(copies)) for item in items]), "reference", False)
+            return _compare(stock, reference, _probe(self.in_channels(conv), reach[0] + 3, reach[1] + 4, generator))
+        # Any other parent runs whole, so a forward that does not apply the BN or the act right after is caught.
         stock = _probe_copy(parent, generator)
         swapped = copy.deepcopy(stock)
-        conv_copy, bn_copy = getattr(swapped, name), getattr(swapped, bn_name)
-        setattr(swapped, name, DWConvBNAct(conv_copy, bn_copy, backend="reference"))
-        setattr(swapped, bn_name, nn.Identity())
-        first_conv = next(m for m in stock.modules() if isinstance(m, nn.Conv2d))
-        size = 4 + max(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
-        return _compare(stock, swapped, _probe(first_conv.in_channels, size, size + 1, generator))
+        copies = [item and (item[0], _get_slot(swapped, item[0])) for item in items]
+        _set_slot(swapped, run.conv[0], self.fused(_Run(*copies), "reference", slots=False))
+        for item in copies[1:]:
+            if item is not None:
+                _set_slot(swapped, item[0], nn.Identity())
+        size = 4 + max(reach)
+        return _compare_parents(stock, swapped, self.in_channels(conv), size, generator)
+
+    def shape(self, conv) -> str:
+        return _conv_shape(conv)
+
+    def in_channels(self, conv) -> int:
+        return conv.in_channels
+
+    def kernel(self, conv) -> tuple:
+        return tuple(conv.kernel_size)
+
+    def dilation(self, conv) -> tuple:
+        return tuple(conv.dilation)
 
     def describe(self, fused):
-        return _conv_shape(fused.conv), fused.activation
+        return self.shape(fused.conv), fused.activation
+
+    def note(self, fused) -> str:
+        return getattr(fused, "half_fused", "")
+
+
+class _DWMatch:
+    """One depthwise conv's candidate: build tries the runs longest first, each checked on a probe, and keeps the
+    first that matches; check then says whether one did (the failure of the longest when none did)."""
+
+    def __init__(self, kind: DWConvKind, parent, children, i, taken):
+        self.kind, self.parent, self.children, self.i, self.taken = kind, parent, children, i, taken
+        self.failure = None
+
+    def build(self):
+        runs = self.kind.runs(self.parent, self.children, self.i, self.taken)
+        failures = []
+        for run in runs:
+            failure = _checked(functools.partial(self.kind.check, self.parent, run))
+            if failure is None:
+                # A longer run did not match: what it would have taken more runs on its own.
+                longest = [runs[0].norm, None if runs[0].act_guessed else runs[0].act]
+                left = [type(item[1]).__name__ for item in longest if item and item not in (run.norm, run.act)]
+                if left:
+                    run.left = f"{' + '.join(left)} runs on its own (fusing it too: {failures[0]})"
+                return self.kind.items(run)
+            failures.append(failure)
+        self.failure = failures[0]
+        return []
+
+    def check(self):
+        return self.failure
+
+
+class MixedConvKind(DWConvKind):
+    """MixNet's MixedConv2d (a module whose children are two or more depthwise convs over consecutive channel
+    groups, with different kernel sizes), with its BatchNorm and activation: one depthwise op call
+    (mbkernels.nn.MixedDWConvBNAct: the kernels zero-padded to the largest), reported as a dwconv+bn+act."""
+    kind, label, fused_type = "dwconv_bn_act", "dwconv+bn+act", MixedDWConvBNAct
+
+    def is_candidate(self, module):
+        convs = list(module.children())
+        return (not isinstance(module, (nn.Sequential, nn.Conv2d)) and len(convs) >= 2
+                and all(isinstance(c, nn.Conv2d) and c.groups == c.in_channels > 1 for c in convs))
+
+    def check_conv(self, mixed):
+        MixedDWConvBNAct.check_conv(mixed)
+
+    def shape(self, mixed) -> str:
+        convs = list(mixed.children())
+        kernels = ",".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}" for c in convs)
+        return f"C={sum(c.in_channels for c in convs)} k={kernels} s={convs[0].stride[0]}"
+
+    def in_channels(self, mixed) -> int:
+        return sum(c.in_channels for c in mixed.children())
+
+    def kernel(self, mixed) -> tuple:
+        return tuple(max(c.kernel_size[d] for c in mixed.children()) for d in (0, 1))
+
+    def dilation(self, mixed) -> tuple:
+        return tuple(next(mixed.children()).dilation)
+
+
+def _gated_layers(module: nn.Module) -> list:
+    """The Linear / 1x1-conv children of a module that also has a gate child (sigmoid, hardsigmoid): an SE-like
+    module (an effective SE's one layer, an SE's two); [] for anything else."""
+    children = list(module.children())
+    if not any(activations.identify_gate(child) is not None for child in children):
+        return []
+    return [child for child in children if isinstance(child, nn.Linear)
+            or (isinstance(child, nn.Conv2d) and tuple(child.kernel_size) == (1, 1))]
 
 
 class SqueezeExciteKind(FusionKind):
-    """A module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C), offered to
-    mbkernels.nn.SqueezeExcite.from_module."""
+    """A module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; BatchNorms aside), or any
+    other SE-like module (a gate child and 1x1 layers, e.g. an effective SE's one layer C -> C), offered to
+    mbkernels.nn.SqueezeExcite.from_module; what it refuses is reported with its reason."""
     kind, label, fused_type = "squeeze_excite", "squeeze-excite", SqueezeExcite
 
     def candidates(self, parent, path, children, taken):
         for name, module in children:
-            if name in taken or _se_layers(module) is None:
+            if name in taken:
                 continue
-            yield Candidate(f"{path}{name}", _se_shape(module), functools.partial(self.build, name, module),
-                            functools.partial(self.check, module))
+            layers = _se_layers(module)
+            channels = layers[0][0] if layers else _in_channels(_gated_layers(module))
+            if channels is not None:
+                yield Candidate(f"{path}{name}", _se_shape(module), functools.partial(self.build, name, module),
+                                functools.partial(self.check, module, channels))
 
     def build(self, name, module):
         try:
@@ -329,14 +495,16 @@ class SqueezeExciteKind(FusionKind):
         except ValueError as error:
             raise Skip(str(error)) from None
 
-    def check(self, module):
+    def check(self, module, channels):
         generator = self.planner.generator
         stock = _probe_copy(module, generator)
         reference = SqueezeExcite.from_module(copy.deepcopy(stock), backend="reference")
-        return _compare(stock, reference, _probe(_se_layers(module)[0][0], 5, 7, generator))
+        return _compare(stock, reference, _probe(channels, 5, 7, generator))
 
     def describe(self, fused):
-        return _se_shape(fused), _se_activation(fused)
+        reduced, channels = fused.reduce_layer.weight.shape[:2]
+        return f"C={channels} R={reduced}" + ("" if fused.expand_layer is not None else " (one layer)"), \
+            _se_activation(fused)
 
 
 def _holds_one_block(module: nn.Module) -> bool:
@@ -437,8 +605,15 @@ class BlockKind(FusionKind):
         return fused.shape, fused.extra_repr().split("activations=")[1].split(",")[0]
 
 
-FUSION_KINDS = (BlockKind, DWConvKind, SqueezeExciteKind)  # a block is offered whole before its layers
-KINDS = {kind.kind: kind.label for kind in (DWConvKind, SqueezeExciteKind, BlockKind)}  # the report's order
+def _in_channels(layers: list) -> Optional[int]:
+    """The input channels of the first of an SE-like module's layers, or None when there are none."""
+    if not layers:
+        return None
+    return layers[0].in_features if isinstance(layers[0], nn.Linear) else layers[0].in_channels
+
+
+FUSION_KINDS = (BlockKind, DWConvKind, MixedConvKind, SqueezeExciteKind)  # a block is offered whole first
+KINDS = {kind.kind: kind.label for kind in (DWConvKind, MixedConvKind, SqueezeExciteKind, BlockKind)}  # report order
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -484,8 +659,8 @@ class _Planner:
 
     def record_fused(self, module: nn.Module, path: str) -> bool:
         for kind in self.kinds:
-            if isinstance(module, kind.fused_type):
-                self.report.fused.append(PatchEntry(path, kind.kind, *kind.describe(module)))
+            if type(module) is kind.fused_type:  # exactly: MixedDWConvBNAct is a DWConvBNAct of another kind
+                self.report.fused.append(PatchEntry(path, kind.kind, *kind.describe(module), note=kind.note(module)))
                 return True
         return False
 
@@ -500,9 +675,37 @@ class _Planner:
         for _, new, stock in items:
             new.training = stock.training  # new modules start in training mode; take the stock one's
         shape, activation = kind.describe(fused)
-        entry = PatchEntry(candidate.path, kind.kind, shape, activation)
+        entry = PatchEntry(candidate.path, kind.kind, shape, activation, note=kind.note(fused))
         self.swaps.append(_Swap(parent, [(slot, new) for slot, new, _ in items], entry))
         return [slot for slot, _, _ in items]
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _get_slot(parent: nn.Module, slot: str) -> nn.Module:
+    """The module in a slot of parent: a child's name, or a dotted path into a child ("5.0")."""
+    return parent.get_submodule(slot)
+
+
+def _set_slot(parent: nn.Module, slot: str, module: nn.Module) -> None:
+    owner, _, name = slot.rpartition(".")
+    setattr(parent.get_submodule(owner) if owner else parent, name, module)
+
+
+def _compare_parents(stock: nn.Module, swapped: nn.Module, conv_channels: int, size: int,
+                     generator: torch.Generator) -> Optional[str]:
+    """_compare for whole parents. Their input channels are those of the first module in them that states them (a
+    MixedConv2d before its splits), or else the checked conv's: the first guess the parents run on is used."""
+    stated = [m.in_channels for m in stock.modules() if isinstance(getattr(m, "in_channels", None), int)]
+    guesses = list(dict.fromkeys(stated[:1] + [conv_channels]))
+    for channels in guesses:
+        try:
+            return _compare(stock, swapped, _probe(channels, size, size + 1, generator))
+        except Exception:  # not the parent's input (or a real failure, raised from the last guess)
+            if channels == guesses[-1]:
+                raise
 
 
 def _is_activation_module(module: nn.Module) -> bool:
@@ -557,11 +760,11 @@ def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, 
     try:
         for swap in planner.swaps:
             for slot, module in swap.assignments:
-                done.append((swap.parent, slot, getattr(swap.parent, slot)))
-                setattr(swap.parent, slot, module)
+                done.append((swap.parent, slot, _get_slot(swap.parent, slot)))
+                _set_slot(swap.parent, slot, module)
     except BaseException:
         for parent, slot, previous in reversed(done):
-            setattr(parent, slot, previous)
+            _set_slot(parent, slot, previous)
         raise
     report = planner.report
     report.fused += [swap.entry for swap in planner.swaps]
@@ -578,7 +781,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         for _, child in list(parent.named_children()):
             for slot, stock in getattr(child, _RESTORE, ()):
                 stock.train(child.training)
-                setattr(parent, slot, stock)
+                _set_slot(parent, slot, stock)
     return model
 
 

@@ -274,6 +274,7 @@ SE_SHAPES = [
     (3, 12, 28, 28, 9),    # channels_last float16: C not a multiple of 8
     (19, 40, 5, 3, 12),    # more samples than one mlp block holds, with a tail
     (3, 7, 4, 4, 2),       # C not a multiple of 4: scalar weights in the reduce layer
+    (48, 64, 16, 17, 16),  # a grid big enough for 4 vectors per scale thread (small grids take 1)
 ]
 
 

@@ -336,8 +336,8 @@ def test_module_refolds_after_dtype_change():
 def test_module_rejects_non_depthwise_conv():
     with pytest.raises(ValueError, match="conv is not depthwise: groups=4"):
         DWConvBNAct(nn.Conv2d(8, 8, 3, groups=4), random_bn(8))
-    with pytest.raises(ValueError, match="conv has depth multiplier 2"):
-        DWConvBNAct(nn.Conv2d(8, 16, 3, groups=8), random_bn(16))
+    with pytest.raises(ValueError, match="conv is not depthwise: groups=4, in_channels=8, out_channels=12"):
+        DWConvBNAct(nn.Conv2d(8, 12, 3, groups=4), random_bn(12))
 
 
 def test_module_rejects_bn_without_running_stats():
@@ -525,3 +525,26 @@ def test_fused_module_leaves_inputs_the_op_does_not_take_to_the_stock_layers():
     with torch.inference_mode():
         x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
         torch.testing.assert_close(fused(x), stock(x), rtol=0, atol=0)
+
+
+def test_dispatch_falls_through_what_a_launcher_refuses(monkeypatch):
+    """A backend's limit (the cuda launchers' are stated in C++) makes auto-dispatch pick the next backend."""
+    args = normalised_args(_op_args("nchw"))
+    cuda = mbkernels.backends.cuda.BACKEND
+    refused = OpSupport(cuda.ops["dwconv_bn_act"].run, lambda args: "refused by a test")
+    monkeypatch.setitem(cuda.ops, "dwconv_bn_act", refused)
+    if backend_unavailable("cuda") is None:
+        assert dispatch.why_not(cuda, "dwconv_bn_act", args, explicit=True) == "refused by a test"
+    assert dispatch.select("dwconv_bn_act", None, args) is not refused.run
+
+
+def test_cuda_limits_come_from_the_launcher():
+    if backend_unavailable("cuda"):
+        pytest.skip(f"cuda backend unavailable: {backend_unavailable('cuda')}")
+    args = normalised_args(_op_args("nchw"))
+    assert mbkernels.backends.cuda.dwconv_bn_act_limit(args) is None
+    # An NCHW tile for a 7x7 kernel dilated by 40 does not fit the launcher's shared memory: C++ says so.
+    huge_halo = normalised_args((random_x((1, 8, 300, 300)), *random_weights(8, 7, 7), [1, 1], [120, 120], [40, 40],
+                                 "relu"))
+    reason = mbkernels.backends.cuda.dwconv_bn_act_limit(huge_halo)
+    assert reason and "shared memory" in reason, reason

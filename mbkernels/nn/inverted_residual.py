@@ -23,7 +23,7 @@ from .. import activations, ops
 from .._contract import BlockArgs, check_inverted_residual, input_major, normalise_inverted_residual, tap_major
 from ..backends import reference
 from ._cache import FusedModule
-from .dwconv import check_depthwise, check_norm, explicit_padding, _fused_activation, _overrides_forward
+from .dwconv import check_depthwise, check_norm, static_padding, _fused_activation, _overrides_forward
 from .squeeze_excite import _add_stock_prefix, _check_match, _drop_stock_prefix, _find_parts
 
 # The stock block in float64 and the fused formula (float64, on fold_bn's float32 folded weights) must agree to
@@ -88,7 +88,7 @@ def _tokens(block: nn.Module, path: str = ""):
 
 def _check_pointwise(conv: nn.Conv2d, path: str) -> None:
     if (tuple(conv.kernel_size) != (1, 1) or conv.groups != 1 or tuple(conv.stride) != (1, 1)
-            or explicit_padding(conv) != [0, 0] or _overrides_forward(conv, nn.Conv2d)):
+            or _overrides_forward(conv, nn.Conv2d) or static_padding(conv) != [0, 0, 0, 0]):
         raise ValueError(f"{path} is {conv}; a block's expand and project convs are plain 1x1 convs with stride 1, "
                          f"groups=1 and no padding")
 
@@ -144,6 +144,9 @@ def find_parts(block: nn.Module) -> BlockParts:
             _check_pointwise(conv, expand_conv)
         dw_conv, conv, dw_bn, dw_activation = _conv_bn_act(cursor, "a depthwise conv")
         check_depthwise(conv)
+        if conv.out_channels != conv.in_channels or static_padding(conv) is None:
+            raise ValueError(f"{dw_conv} is {conv}; a block's depthwise conv has depth multiplier 1 and a padding "
+                             f"fixed at construction (not timm's Conv2dSame, which pads by the input's size)")
         se_path, se_module = cursor.optional("se")
         se = None
         post_se_activation = "identity"
@@ -188,10 +191,9 @@ def fold(block: nn.Module, parts: BlockParts) -> dict:
 
 def _bundle(x: torch.Tensor, block: nn.Module, parts: BlockParts, folded: dict, residual: bool) -> BlockArgs:
     dw_conv = block.get_submodule(parts.dw_conv)
-    top_bottom, left_right = explicit_padding(dw_conv)
     return BlockArgs(
         x, folded["w_expand"], folded["b_expand"], parts.expand_activation, folded["w_dw"], folded["b_dw"],
-        list(dw_conv.stride), [top_bottom, top_bottom, left_right, left_right], list(dw_conv.dilation),
+        list(dw_conv.stride), static_padding(dw_conv), list(dw_conv.dilation),
         parts.dw_activation, folded["w_se_reduce"], folded["b_se_reduce"], folded["w_se_expand"],
         folded["b_se_expand"], parts.se_activation, parts.se_gate, parts.post_se_activation, folded["w_project"],
         folded["b_project"], parts.project_activation, residual)
@@ -246,7 +248,7 @@ class InvertedResidual(FusedModule):
         self.backend = backend
         dw_conv = stock.get_submodule(parts.dw_conv)
         self.stride, self.dilation = list(dw_conv.stride), list(dw_conv.dilation)
-        self.padding = explicit_padding(dw_conv)
+        self.padding = static_padding(dw_conv)  # [top, bottom, left, right]
         for name in _FOLDED:
             self.register_buffer(name, None, persistent=False)
         self.refold()
@@ -322,9 +324,9 @@ class InvertedResidual(FusedModule):
         batch, channels, height, width = input_shape
         dw = self.stock.get_submodule(self.parts.dw_conv)
         (kh, kw), (sh, sw), (dh, dwl) = dw.kernel_size, dw.stride, dw.dilation
-        top, left = self.padding
-        out_h = (height + 2 * top - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width + 2 * left - dwl * (kw - 1) - 1) // sw + 1
+        top, bottom, left, right = self.padding
+        out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + left + right - dwl * (kw - 1) - 1) // sw + 1
         hidden, out_channels = dw.in_channels, self.w_project.shape[0]
         x = batch * channels * height * width * element_size
         h = batch * hidden * height * width * element_size if self.parts.expand_conv else x
