@@ -209,3 +209,72 @@ def squeeze_excite(
     if _plain_eager_call(x, w_reduce, b_reduce, w_expand, b_expand):
         return _squeeze_excite_op(*args)
     return torch.ops.mbkernels.squeeze_excite(*args)
+
+
+# ----------------------------------------------------------------------------- inverted-residual block
+def _inverted_residual_op(x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], expand_activation: str,
+                          w_dw: Tensor, b_dw: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                          dw_activation: str, w_se_reduce: Optional[Tensor], b_se_reduce: Optional[Tensor],
+                          w_se_expand: Optional[Tensor], b_se_expand: Optional[Tensor], se_activation: str,
+                          se_gate: str, post_se_activation: str, w_project: Tensor, b_project: Tensor,
+                          project_activation: str, residual: bool, backend: str) -> Tensor:
+    args = CONTRACTS["inverted_residual"].bundle(
+        x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding, dilation, dw_activation,
+        w_se_reduce, b_se_reduce, w_se_expand, b_se_expand, se_activation, se_gate, post_se_activation,
+        w_project, b_project, project_activation, residual)
+    return _run("inverted_residual", args, backend)
+
+
+_register("inverted_residual", _inverted_residual_op)
+
+
+def inverted_residual(
+    x: Tensor,
+    w_dw: Tensor,
+    b_dw: Tensor,
+    w_project: Tensor,
+    b_project: Tensor,
+    *,
+    w_expand: Optional[Tensor] = None,
+    b_expand: Optional[Tensor] = None,
+    expand_activation: str = "relu",
+    stride: IntOrPair = 1,
+    padding: Optional[Union[int, Sequence[int]]] = None,
+    dilation: IntOrPair = 1,
+    dw_activation: str = "relu",
+    se: Optional[Sequence[Optional[Tensor]]] = None,
+    se_activation: str = "relu",
+    se_gate: str = "sigmoid",
+    post_se_activation: str = "identity",
+    project_activation: str = "identity",
+    residual: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """A whole inverted-residual block, every BN folded into its conv (see `fold_bn`), in one or two passes:
+
+        h = expand_activation(w_expand @ x + b_expand)        (h = x when w_expand is None)
+        d = dw_activation(depthwise_conv2d(h, w_dw, b_dw, stride, padding, dilation))
+        d = post_se_activation(d * gate(...))                 (se = (w_reduce, b_reduce, w_expand, b_expand))
+        y = project_activation(w_project @ d + b_project) + (x if residual else 0)
+
+    w_expand [E, C], w_dw [E, 1, kh, kw], w_project [O, E] (1x1 conv weights [E, C, 1, 1] also do); the SE's
+    weights as squeeze_excite takes them ([R, E], [R], [E, R], [E]; biases may be None). padding: an int, [h, w]
+    or [top, bottom, left, right]; None pads by dilation * (k // 2). The output has x's dtype and memory format.
+    """
+    check_x(x)
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    if padding is None:
+        if not isinstance(w_dw, Tensor) or w_dw.dim() != 4:
+            raise ValueError(f"w_dw must be a depthwise weight [E, 1, kh, kw], got "
+                             f"{tuple(w_dw.shape) if isinstance(w_dw, Tensor) else type(w_dw).__name__}")
+        padding = [dilation[0] * (w_dw.shape[2] // 2), dilation[1] * (w_dw.shape[3] // 2)]
+    if se is None:
+        se = (None, None, None, None)
+    elif len(se) != 4:
+        raise ValueError(f"se must be (w_reduce, b_reduce, w_expand, b_expand), got {len(se)} items")
+    args = (x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding4(padding), dilation,
+            dw_activation, *se, se_activation, se_gate, post_se_activation, w_project, b_project,
+            project_activation, bool(residual), backend or "")
+    if _plain_eager_call(x, w_expand, b_expand, w_dw, b_dw, *se, w_project, b_project):
+        return _inverted_residual_op(*args)
+    return torch.ops.mbkernels.inverted_residual(*args)

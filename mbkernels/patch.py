@@ -3,6 +3,9 @@ for the fused modules of mbkernels.nn, in place; unpatch puts the stock modules 
 was (or would be) fused and what was left alone, and why.
 
 Matching is by structure, never by model names:
+  * a module holding one inverted-residual block (expand 1x1 -> BN -> act -> depthwise -> BN -> act -> [SE] ->
+    project 1x1 -> BN [+ x]) is offered to mbkernels.nn.InvertedResidual.from_module, and fused whole where the
+    cost model prefers it (BlockKind); otherwise its layers are fused by the kinds below;
   * a depthwise nn.Conv2d (or timm's Conv2dSame; any depth multiplier) and what its parent applies after it: a
     BatchNorm2d (a BatchNormAct2d brings its activation; a nested Sequential(BN, act) is opened), then an activation
     with a kernel. In a plain nn.Sequential that is what runs next; in any other parent the probe must prove it, and
@@ -28,8 +31,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import activations
+from . import activations, backends, dispatch
 from .nn.dwconv import DWConvBNAct, FusedInto, carried_activation, check_depthwise, check_norm
+from .nn.inverted_residual import InvertedResidual
 from .nn.mixed_conv import MixedDWConvBNAct
 from .nn.squeeze_excite import SqueezeExcite
 
@@ -51,12 +55,27 @@ class PatchEntry:
 
 
 @dataclass
+class BlockDecision:
+    """The planner's choice for one inverted-residual block: block fusion or layer fusion, from the cost model's
+    estimates per input pixel in float16 (see BlockKind)."""
+    path: str
+    shape: str
+    plan: str  # "block" or "layers"
+    block_bytes: float  # HBM bytes per input pixel, block fusion
+    layer_bytes: float  # the same, layer fusion
+    recompute: float  # the expand conv's work on the GPU tiles over its ideal (halo recompute)
+    reason: str = ""  # why layers, where chosen
+
+
+@dataclass
 class PatchReport:
     """fused: fused modules in the model; fusable: matches not swapped yet (patch_report of a stock model);
-    skipped: what looked close but was left alone, with the reason."""
+    skipped: what looked close but was left alone, with the reason; blocks: the planner's decision for each
+    inverted-residual block it matched (block or layer fusion, estimated bytes)."""
     fused: list = field(default_factory=list)
     fusable: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
 
     def count(self, kind: str, status: str = "fused") -> int:
         return sum(entry.kind == kind for entry in getattr(self, status))
@@ -83,6 +102,11 @@ class PatchReport:
                                 + [(e.path, KINDS[e.kind], e.shape, e.activation + (f"; half-fused: {e.note}"
                                                                                     if e.note else ""))
                                    for e in entries])
+        if self.blocks:
+            lines.append("block plans (estimated HBM bytes per input pixel, float16):")
+            lines += _table([("module", "shape", "plan", "block B/px", "layers B/px", "expand work", "why")]
+                            + [(d.path, d.shape, d.plan, f"{d.block_bytes:.0f}", f"{d.layer_bytes:.0f}",
+                                f"x{d.recompute:.2f}", d.reason) for d in self.blocks])
         if self.skipped:
             lines.append("left alone:")
             lines += _table([("module", "kind", "shape", "why")]
@@ -483,6 +507,104 @@ class SqueezeExciteKind(FusionKind):
             _se_activation(fused)
 
 
+def _holds_one_block(module: nn.Module) -> bool:
+    """Worth offering to InvertedResidual.from_module: one depthwise conv, one or two 1x1 convs, BatchNorms."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = sum(conv.groups == conv.in_channels > 1 for conv in convs)
+    pointwise = sum(tuple(conv.kernel_size) == (1, 1) and conv.groups == 1 for conv in convs)
+    return depthwise == 1 and pointwise >= 1 and any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+class BlockKind(FusionKind):
+    """A whole inverted-residual block (mbkernels.nn.InvertedResidual.from_module: timm's InvertedResidual and
+    DepthwiseSeparableConv, torchvision's InvertedResidual and MBConv, hand-written blocks), fused when the cost
+    model says block fusion beats layer fusion; otherwise left to the layer kinds, which then fuse inside it.
+
+    The cost model, per input pixel in float16 on the GPU the kernels aim at (an H200): block fusion saves the
+    HBM bytes of the expanded activations (nn.InvertedResidual.traffic: layers minus block) at the measured copy
+    bandwidth, and pays for what its small tiles re-read from L2 (every tile reads all weights: the Triton
+    launcher's l2_reads) and for the expand conv it recomputes over tile halos (expand_recompute). A block the
+    Triton kernel declines (its limit: registers, shared memory), or that a named backend cannot run, gets layer
+    fusion. The L2 and tensor-core rates are assumptions until a GPU measures them."""
+    kind, label, fused_type = "inverted_residual", "block", InvertedResidual
+    BANDWIDTH = 4.3e12  # bytes/s: H200 copy bandwidth, measured (toolchain.md)
+    L2_BANDWIDTH = 1e13  # bytes/s: assumed, about 2.3x HBM's
+    TENSOR_FLOPS = 2e14  # FLOP/s: assumed, 20% of H200's dense fp16 peak for these small dots
+    PLANE = 28  # the input plane of the estimate: bytes and FLOPs both scale with it, the choice barely does
+
+    def __init__(self, planner: "_Planner"):
+        super().__init__(planner)
+        self.layer_planned = []  # paths of blocks planned for layer fusion: the modules inside are the same block
+
+    def candidates(self, parent, path, children, taken):
+        for name, module in children:
+            inside = any(f"{path}{name}".startswith(f"{outer}.") for outer in self.layer_planned)
+            if (name not in taken and not inside and not isinstance(module, self.planner.fused_types)
+                    and _holds_one_block(module)):
+                yield Candidate(f"{path}{name}", "", functools.partial(self.build, name, module, f"{path}{name}"),
+                                functools.partial(self.check, module))
+
+    def build(self, name, module, path):
+        try:
+            fused = InvertedResidual.from_module(module, backend=self.planner.backend)
+        except ValueError as error:
+            raise Skip(str(error)) from None
+        decision = self.decide(fused, path)
+        self.planner.report.blocks.append(decision)
+        if decision.plan != "block":
+            self.layer_planned.append(path)
+            raise Skip(f"layer fusion planned: {decision.reason}")
+        return [(name, fused, module)]
+
+    def decide(self, fused: InvertedResidual, path: str) -> BlockDecision:
+        parts = fused.parts
+        dw = fused.stock.get_submodule(parts.dw_conv)
+        channels = fused.stock.get_submodule(parts.expand_conv).in_channels if parts.expand_conv else dw.in_channels
+        pixels = self.PLANE * self.PLANE
+        shape = (1, channels, self.PLANE, self.PLANE)
+        bytes_moved = fused.traffic(shape, element_size=2)
+        block, layers = bytes_moved["block"] / pixels, bytes_moved["layers"] / pixels
+        named = dispatch.requested_backend(self.planner.backend)
+        if named is not None and "inverted_residual" not in backends.get(named).ops:
+            return BlockDecision(path, fused.shape, "layers", block, layers, 1.0,
+                                 f"the {named} backend has no inverted_residual kernel")
+        try:
+            from .backends.triton import inverted_residual as triton_block
+        except ImportError:  # no triton here: nothing recomputes halos, the reference backend runs the block
+            return BlockDecision(path, fused.shape, "block", block, layers, 1.0)
+        args = fused.bundle(torch.empty(shape, dtype=torch.float16).contiguous(memory_format=torch.channels_last))
+        recompute = triton_block.expand_recompute(args)
+        declined = triton_block.limit(args, interpreter=False)
+        if declined is not None:
+            return BlockDecision(path, fused.shape, "layers", block, layers, recompute,
+                                 f"the Triton block kernel declines it: {declined}")
+        if self.planner.blocks == "all":
+            return BlockDecision(path, fused.shape, "block", block, layers, recompute, "blocks='all'")
+        expand_flops = 2 * channels * dw.in_channels if parts.expand_conv else 0  # per input pixel
+        saved_s = (layers - block) / self.BANDWIDTH
+        l2_s = triton_block.l2_reads(args) / self.L2_BANDWIDTH
+        recompute_s = expand_flops * (recompute - 1) / self.TENSOR_FLOPS
+        if saved_s <= l2_s + recompute_s:
+            return BlockDecision(path, fused.shape, "layers", block, layers, recompute,
+                                 f"the tiles' L2 re-reads ({l2_s * 1e12:.0f} ps/px) and halo recompute "
+                                 f"({recompute_s * 1e12:.0f} ps/px) cost more than the HBM bytes block fusion "
+                                 f"saves ({saved_s * 1e12:.0f} ps/px)")
+        return BlockDecision(path, fused.shape, "block", block, layers, recompute)
+
+    def check(self, module):
+        generator = self.planner.generator
+        stock = _probe_copy(module, generator)
+        reference = InvertedResidual.from_module(copy.deepcopy(stock), backend="reference")
+        dw = reference.stock.get_submodule(reference.parts.dw_conv)
+        channels = (reference.stock.get_submodule(reference.parts.expand_conv).in_channels
+                    if reference.parts.expand_conv else dw.in_channels)
+        size = 4 + max(d * (k - 1) for d, k in zip(dw.dilation, dw.kernel_size))
+        return _compare(stock, reference, _probe(channels, size, size + 1, generator))
+
+    def describe(self, fused):
+        return fused.shape, fused.extra_repr().split("activations=")[1].split(",")[0]
+
+
 def _in_channels(layers: list) -> Optional[int]:
     """The input channels of the first of an SE-like module's layers, or None when there are none."""
     if not layers:
@@ -490,8 +612,8 @@ def _in_channels(layers: list) -> Optional[int]:
     return layers[0].in_features if isinstance(layers[0], nn.Linear) else layers[0].in_channels
 
 
-FUSION_KINDS = (DWConvKind, MixedConvKind, SqueezeExciteKind)
-KINDS = {kind.kind: kind.label for kind in FUSION_KINDS}
+FUSION_KINDS = (BlockKind, DWConvKind, MixedConvKind, SqueezeExciteKind)  # a block is offered whole first
+KINDS = {kind.kind: kind.label for kind in (DWConvKind, MixedConvKind, SqueezeExciteKind, BlockKind)}  # report order
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -503,9 +625,11 @@ class _Swap:
 
 
 class _Planner:
-    def __init__(self, backend: Optional[str], kinds: tuple):
+    def __init__(self, backend: Optional[str], kinds: tuple, blocks=True):
         self.backend = backend
+        self.blocks = blocks  # BlockKind's mode: True (the cost model decides) or "all"
         self.kinds = [kind(self) for kind in kinds]
+        self.fused_types = tuple(kind.fused_type for kind in FUSION_KINDS)
         self.report = PatchReport()
         self.swaps = []
         self.generator = torch.Generator().manual_seed(0)
@@ -602,10 +726,12 @@ def _refuse_meta_tensors(model: nn.Module) -> None:
         )
 
 
-def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool) -> _Planner:
+def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool, blocks=True) -> _Planner:
     _refuse_meta_tensors(model)
-    wanted = {"dwconv_bn_act": dwconv, "squeeze_excite": se}
-    planner = _Planner(backend, tuple(kind for kind in FUSION_KINDS if wanted.get(kind.kind, True)))
+    wanted = {"dwconv_bn_act": dwconv, "squeeze_excite": se, "inverted_residual": blocks}
+    if blocks not in (True, False, "all"):
+        raise ValueError(f"blocks must be True, False or 'all', got {blocks!r}")
+    planner = _Planner(backend, tuple(kind for kind in FUSION_KINDS if wanted.get(kind.kind, True)), blocks)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
     try:
@@ -617,7 +743,7 @@ def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool) -> _
 
 # ----------------------------------------------------------------------------------------------- public
 def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, se: bool = True,
-          verbose: bool = False) -> nn.Module:
+          verbose: bool = False, blocks=True) -> nn.Module:
     """Swap, in place, every depthwise conv -> BatchNorm -> activation run for mbkernels.nn.DWConvBNAct and every
     squeeze-excite for mbkernels.nn.SqueezeExcite; return the model.
 
@@ -625,8 +751,11 @@ def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, 
     on a probe first and refused when it does not match; state_dict keys and values stay those of the stock model.
     Patching a patched model changes nothing. If a swap fails half-way, the model is left as it was.
     verbose: print patch_report's table.
+    blocks: fuse whole inverted-residual blocks (mbkernels.nn.InvertedResidual) where the planner's cost model
+    prefers them to layer fusion (see BlockKind); False keeps layer fusion only; "all" fuses every block the
+    Triton kernel accepts, whatever the cost model says (to measure the block kernels).
     """
-    planner = _plan(model, backend, dwconv, se)
+    planner = _plan(model, backend, dwconv, se, blocks)
     done = []  # (parent, slot, previous module), to undo
     try:
         for swap in planner.swaps:
@@ -657,8 +786,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def patch_report(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True,
-                 se: bool = True) -> PatchReport:
-    """What is fused in model, what patch would fuse (fusable), and what was left alone and why. Changes nothing."""
-    planner = _plan(model, backend, dwconv, se)
+                 se: bool = True, blocks=True) -> PatchReport:
+    """What is fused in model, what patch would fuse (fusable), what was left alone and why, and each block's
+    plan (block or layer fusion, estimated bytes). Changes nothing."""
+    planner = _plan(model, backend, dwconv, se, blocks)
     planner.report.fusable = [swap.entry for swap in planner.swaps]
     return planner.report

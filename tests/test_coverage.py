@@ -1,5 +1,6 @@
 """Patch coverage of real models (issue 13): every depthwise conv and squeeze-excite of timm's MobileNet-style and
-ConvNeXt-style models is taken over, accounted for by patch_report, and computes what stock computes.
+ConvNeXt-style models is taken over, accounted for by patch_report, and computes what stock computes (layer
+fusion: blocks=False; whole blocks are tested in test_inverted_residual.py).
 
 Models are built with random weights and random BatchNorm statistics (no download). Depthwise convs and SE modules
 are counted here by structure, independently of patch's matching.
@@ -94,8 +95,8 @@ def test_every_depthwise_conv_and_se_is_taken_over_and_accounted_for(name):
     stock = stock_model(name)
     depthwise = [m for m in stock.modules() if is_depthwise(m)]
     se_like = [m for m in stock.modules() if is_se_like(m)]
-    report = mbkernels.patch_report(stock)
-    model = mbkernels.patch(stock_model(name), backend="reference")
+    report = mbkernels.patch_report(stock, blocks=False)
+    model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     convs, ses = taken_over(model)
     assert len(convs) >= 0.98 * len(depthwise) and len(depthwise) > 0, (len(convs), len(depthwise))
     assert len(ses) == len(se_like), (len(ses), len(se_like))
@@ -115,13 +116,13 @@ def test_every_depthwise_conv_and_se_is_taken_over_and_accounted_for(name):
 def test_item1_mixnet_probes_use_the_parents_input_channels():
     """The probe of a non-Sequential parent takes the parent's input channels (a MixedConv2d's, before its
     splits), not the first split's: nothing in MixNet is refused for a failed probe."""
-    report = mbkernels.patch_report(stock_model("mixnet_s"))
+    report = mbkernels.patch_report(stock_model("mixnet_s"), blocks=False)
     assert not [e for e in report.skipped if "could not be checked" in e.reason]
     assert report.skipped == []
 
 
 def test_item2_rexnet_se_with_batchnorm_is_fused():
-    model = mbkernels.patch(stock_model("rexnet_100"), backend="reference")
+    model = mbkernels.patch(stock_model("rexnet_100"), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, SqueezeExcite)]
     assert len(fused) == 13 and all(m.norm_path == "bn" for m in fused)
     block = stock_model("rexnet_100").features[3].se
@@ -133,7 +134,7 @@ def test_item2_rexnet_se_with_batchnorm_is_fused():
 
 @pytest.mark.parametrize("name, hardswish", [("mobilenetv3_rw", 5), ("fbnetv3_b", 18)])
 def test_item3_se_with_hardswish_is_fused(name, hardswish):
-    model = mbkernels.patch(stock_model(name), backend="reference")
+    model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     hidden = [m.activation for m in model.modules() if isinstance(m, SqueezeExcite)]
     assert hidden.count("hardswish") == hardswish
 
@@ -141,7 +142,7 @@ def test_item3_se_with_hardswish_is_fused(name, hardswish):
 @pytest.mark.parametrize("size", [65, 66])
 def test_item4_conv2d_same_fused_at_odd_and_even_sizes(size):
     stock = stock_model("tf_mobilenetv3_small_100")
-    model = mbkernels.patch(stock_model("tf_mobilenetv3_small_100"), backend="reference")
+    model = mbkernels.patch(stock_model("tf_mobilenetv3_small_100"), backend="reference", blocks=False)
     same = [m for m in model.modules() if isinstance(m, DWConvBNAct) and m.padding is None]
     assert len(same) == 4  # the stride-2 Conv2dSame, padded per call
     x = torch.randn(1, 3, size, size + 1, generator=torch.Generator().manual_seed(size))
@@ -169,7 +170,7 @@ def test_item4_asymmetric_padding_module(conv, backend, poisoned_outputs):
 @pytest.mark.parametrize("name, activation", [("mobileone_s0", "relu"), ("repghostnet_050", "relu"),
                                               ("efficientvit_b0", "hardswish")])
 def test_item5_convs_without_a_batchnorm_fuse_their_activation(name, activation):
-    model = mbkernels.patch(stock_model(name), backend="reference")
+    model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, DWConvBNAct)]
     assert all(isinstance(m.bn, nn.Identity) for m in fused if m.conv.bias is not None)
     assert any(m.activation == activation and isinstance(m.bn, nn.Identity) for m in fused)
@@ -190,17 +191,17 @@ class ActAfterShortcut(nn.Module):
 
 def test_item6_parent_activations_fused_when_proven_else_half_fused():
     # hgnetv2's ConvBNAct applies its ReLU right after the BN: the probe proves it, so it is fused.
-    model = mbkernels.patch(stock_model("hgnetv2_b0"), backend="reference")
+    model = mbkernels.patch(stock_model("hgnetv2_b0"), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, DWConvBNAct)]
     assert sum(m.activation == "relu" for m in fused) == 9 and not any(m.half_fused for m in fused)
     # Applied after a shortcut, the ReLU is not right after the BN: conv + BN fused, the entry says half-fused.
     block = randomize_batchnorm(ActAfterShortcut()).eval()
     stock = copy.deepcopy(block)
-    report = mbkernels.patch_report(block)
+    report = mbkernels.patch_report(block, blocks=False)
     [entry] = report.fusable
     assert entry.activation == "identity" and entry.note.startswith("ReLU runs on its own (fusing it too:")
     assert "half-fused" in report.summary()
-    mbkernels.patch(block, backend="reference")
+    mbkernels.patch(block, backend="reference", blocks=False)
     assert type(block.act) is nn.ReLU and block.conv.activation == "identity"
     x = torch.randn(2, 8, 7, 6)
     with torch.no_grad():
@@ -222,8 +223,8 @@ def dw_bn(channels=8):
 def test_item7_activations_gelu_leaky_relu_nested_and_without_a_kernel(make, activation, note):
     torch.manual_seed(0)
     stock = randomize_batchnorm(make()).eval()
-    model = mbkernels.patch(copy.deepcopy(stock), backend="reference")
-    [entry] = mbkernels.patch_report(model).fused
+    model = mbkernels.patch(copy.deepcopy(stock), backend="reference", blocks=False)
+    [entry] = mbkernels.patch_report(model, blocks=False).fused
     assert entry.activation == activation and entry.note.startswith(note)
     assert list(model.state_dict()) == list(stock.state_dict())
     x = torch.randn(2, 8, 7, 9)
@@ -237,7 +238,7 @@ def test_item7_activations_gelu_leaky_relu_nested_and_without_a_kernel(make, act
 def test_item8_mixed_conv_is_one_op_call(name, monkeypatch):
     stock_mixed = [m for m in _stock(name).modules() if isinstance(m, timm.layers.MixedConv2d)
                    and all(is_depthwise(c) for c in m.children())]
-    model = mbkernels.patch(stock_model(name), backend="reference")
+    model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     mixed = [m for m in model.modules() if isinstance(m, MixedDWConvBNAct)]
     assert len(mixed) == len(stock_mixed) > 0  # every MixedConv2d of depthwise groups (3x3 ... 9x9)
     calls = []
@@ -256,7 +257,7 @@ _real = mbkernels.ops.dwconv_bn_act
 @pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
 def test_item8_mixed_block_through_triton(name, backend, poisoned_outputs):
     stock = stock_model(name).blocks[2][0]  # stride-2 3x3/5x5/7x7 MixedConv2d (Conv2dSame in tf_mixnet_s)
-    model = mbkernels.patch(copy.deepcopy(stock), backend=backend)
+    model = mbkernels.patch(copy.deepcopy(stock), backend=backend, blocks=False)
     assert any(isinstance(m, MixedDWConvBNAct) for m in model.modules())
     for size in (9, 10):
         x = torch.randn(1, stock.conv_pw.in_channels, size, size + 1)
@@ -266,7 +267,7 @@ def test_item8_mixed_block_through_triton(name, backend, poisoned_outputs):
 
 @pytest.mark.parametrize("name", ["convnext_atto", "edgenext_xx_small"])
 def test_item9_convnext_depthwise_taken_over_alone(name):
-    model = mbkernels.patch(stock_model(name), backend="reference")
+    model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, DWConvBNAct)]
     assert fused and all(m.activation == "identity" and isinstance(m.bn, nn.Identity) for m in fused)
     assert all(m.conv.kernel_size in ((7, 7), (3, 3), (5, 5), (9, 9)) for m in fused)
@@ -274,7 +275,7 @@ def test_item9_convnext_depthwise_taken_over_alone(name):
 
 @pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *KERNEL_BACKENDS])
 def test_item10_depth_multiplier(backend, poisoned_outputs):
-    model = mbkernels.patch(stock_model("fastvit_t8"), backend="reference")
+    model = mbkernels.patch(stock_model("fastvit_t8"), backend="reference", blocks=False)
     multiplied = [m for m in model.modules() if isinstance(m, DWConvBNAct) and m.conv.out_channels > m.conv.in_channels]
     assert len(multiplied) == 4
     torch.manual_seed(0)
@@ -308,8 +309,8 @@ def test_effective_se_with_one_layer_is_fused(make, backend, poisoned_outputs):
     with the identity as its expand layer."""
     torch.manual_seed(0)
     stock = nn.Sequential(nn.Conv2d(3, 16, 1), make()).eval()
-    model = mbkernels.patch(copy.deepcopy(stock), backend=backend)
-    [entry] = mbkernels.patch_report(model).fused
+    model = mbkernels.patch(copy.deepcopy(stock), backend=backend, blocks=False)
+    [entry] = mbkernels.patch_report(model, blocks=False).fused
     assert entry.kind == "squeeze_excite" and entry.shape == "C=16 R=16 (one layer)"
     x = torch.randn(2, 3, 7, 6)
     with torch.no_grad():
@@ -326,7 +327,7 @@ def test_se_like_module_the_op_cannot_take_is_reported():
         def forward(self, x):
             return x + self.gate(self.fc(x))
 
-    report = mbkernels.patch_report(nn.Sequential(nn.Conv2d(3, 16, 1), GatedResidual()))
+    report = mbkernels.patch_report(nn.Sequential(nn.Conv2d(3, 16, 1), GatedResidual()), blocks=False)
     [entry] = report.skipped
     assert entry.kind == "squeeze_excite" and entry.shape == "C=16"
     assert "GatedResidual has the layers of a squeeze-excite module" in entry.reason
@@ -351,7 +352,7 @@ def test_tf_same_and_mixed_conv_trace_whole_at_odd_and_even_sizes():
     """torch.compile(fullgraph=True) traces the per-call TF 'SAME' padding and the stacked mixed weight; the second
     size recompiles with dynamic shapes, where the padding must still come out as plain ints."""
     stock = stock_model("tf_mixnet_s").blocks[2][0]
-    model = mbkernels.patch(copy.deepcopy(stock), backend="reference")
+    model = mbkernels.patch(copy.deepcopy(stock), backend="reference", blocks=False)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     for size in (9, 10):
         x = torch.randn(1, stock.conv_pw.in_channels, size, size + 1)
@@ -364,7 +365,7 @@ def test_tf_same_and_mixed_conv_trace_whole_at_odd_and_even_sizes():
 def test_patched_model_loads_a_stock_checkpoint(name):
     """The fused modules' state_dict entries keep their stock names (a MixedConv2d's groups, an SE's folded norm,
     a nested slot): a stock checkpoint loads strictly into the patched model and changes what it computes."""
-    model = mbkernels.patch(stock_model(name), backend="reference")
+    model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     other = randomize_batchnorm(stock_model(name), torch.Generator().manual_seed(7))
     with torch.no_grad():
         for p in other.parameters():
