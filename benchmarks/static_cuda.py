@@ -28,7 +28,9 @@ class Arch:
     max_blocks_per_sm: int
     registers_per_sm: int
     shared_bytes_per_sm: int
-    reserved_shared_bytes_per_block: int  # the driver's share of each resident block's shared memory
+    # The system's share of each block's shared memory. cuobjdump counts it in a kernel's static SHARED (every
+    # kernel of the sm_90 build shows 1024, those without shared memory too).
+    reserved_shared_bytes_per_block: int
 
 
 # The GPUs the targets are stated for: H100/H200 (sm_90, 132 SMs) and A100 (sm_80, 108 SMs).
@@ -151,14 +153,15 @@ def kernels(library: str, arch: str) -> dict:
     return by_name
 
 
-def blocks_per_sm(code: KernelCode, threads: int, shared_bytes: int, arch: Arch) -> int:
-    """Resident blocks per SM, limited by warps, blocks, registers and shared memory."""
+def blocks_per_sm(code: KernelCode, threads: int, dynamic_shared_bytes: int, arch: Arch) -> int:
+    """Resident blocks per SM, limited by warps, blocks, registers and shared memory (dynamic, plus static with
+    the system reserve at least)."""
     warps = math.ceil(threads / 32)
     registers_per_warp = math.ceil(code.registers * 32 / REGISTER_GRANULE) * REGISTER_GRANULE
     limits = [arch.max_warps_per_sm // warps, arch.max_blocks_per_sm,
               arch.registers_per_sm // (registers_per_warp * warps)]
-    if shared_bytes:
-        limits.append(arch.shared_bytes_per_sm // (shared_bytes + arch.reserved_shared_bytes_per_block))
+    shared_bytes = dynamic_shared_bytes + max(code.static_shared_bytes, arch.reserved_shared_bytes_per_block)
+    limits.append(arch.shared_bytes_per_sm // shared_bytes)
     return min(limits)
 
 
@@ -189,14 +192,14 @@ def records(cases, arch: str = "9.0") -> list:
     for case in cases:
         for index, launch in enumerate(launch_plan(case)):
             code = code_of[launch["kernel"]]
-            shared = launch["shared_bytes"] + code.static_shared_bytes
-            resident = blocks_per_sm(code, launch["block"], shared, target)
+            resident = blocks_per_sm(code, launch["block"], launch["shared_bytes"], target)
             out.append({
                 "backend": "cuda", "op": case.op, "case": case.label, "layer": case.layer_name,
                 "batch": case.batch, "dtype": DTYPE_NAMES[case.dtype], "layout": layout_name(case.channels_last),
                 "launch": index, "kernel": launch["kernel"], "symbol": code.symbol, "arch": arch,
                 "registers": code.registers, "spill_bytes": code.stack_bytes + code.local_bytes,
-                "local_bytes": code.local_bytes, "shared_bytes": shared, "threads": launch["block"],
+                "local_bytes": code.local_bytes,
+                "shared_bytes": launch["shared_bytes"] + code.static_shared_bytes, "threads": launch["block"],
                 "grid": launch["grid"], "blocks_per_sm": resident,
                 "occupancy": resident * math.ceil(launch["block"] / 32) / target.max_warps_per_sm,
                 "waves": launch["grid"] / (resident * target.sms),
