@@ -98,7 +98,7 @@ def _large_depthwise_layers():
 
 
 @needs_c
-@pytest.mark.parametrize("entry", _large_depthwise_layers())
+@pytest.mark.parametrize("entry", list(_large_depthwise_layers()))
 def test_batch_1_depthwise_fills_the_gpu(C, entry):
     (launch,) = dwconv_plan(C, 1, entry["channels"], entry["height"], entry["width"], True, entry["kernel"][0],
                             entry["stride"][0], "float16")
