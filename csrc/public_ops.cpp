@@ -5,6 +5,7 @@
 // the CUDA kernels call the CUDA kernels' ops (csrc/registration.cpp) through the dispatcher.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -142,4 +143,11 @@ TORCH_LIBRARY_IMPL(mbkernels, CPU, m) {
 TORCH_LIBRARY_IMPL(mbkernels, CUDA, m) {
   m.impl("dwconv_bn_act", &dwconv_bn_act);
   m.impl("squeeze_excite", &squeeze_excite);
+}
+
+// Inference ops: backward through them fails with a clear error (the fused modules run the stock layers when
+// gradients are needed), rather than the dispatcher's warn-only fallback.
+TORCH_LIBRARY_IMPL(mbkernels, Autograd, m) {
+  m.impl("dwconv_bn_act", torch::autograd::autogradNotImplementedFallback());
+  m.impl("squeeze_excite", torch::autograd::autogradNotImplementedFallback());
 }
