@@ -21,11 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU: read when the kernels' @triton.jit runs
+import torch
 
-import torch  # noqa: E402
-
-from .shapes import load_shapes  # noqa: E402
+from .shapes import load_shapes
 
 BATCHES = (1, 32, 256)
 # (dtype, channels_last): the configurations the benchmarks run.
@@ -163,7 +161,7 @@ def _dwconv_case(entry: dict, batch: int, dtype, channels_last: bool):
     size = dtype.itemsize
     moved = x.numel() * size + batch * c * out_h * out_w * size + 4 * c * (kernel[0] * kernel[1] + 1)
     name = f"dw c{c} {entry['height']}x{entry['width']} k{kernel[0]} s{entry['stride'][0]} {entry['activation']}"
-    return "dwconv_bn_act", name, args, moved
+    return "dwconv_bn_act", name, args, moved, entry
 
 
 def _se_case(entry: dict, batch: int, dtype, channels_last: bool):
@@ -176,7 +174,7 @@ def _se_case(entry: dict, batch: int, dtype, channels_last: bool):
                                            _stand_in((c,), f32), entry["activation"], entry["gate"]))
     moved = 2 * x.numel() * dtype.itemsize + 4 * (2 * r * c + r + c)  # x read once, written once
     name = f"se c{c} {entry['height']}x{entry['width']} r{r} {entry['activation']}/{entry['gate']}"
-    return "squeeze_excite", name, args, moved
+    return "squeeze_excite", name, args, moved, entry
 
 
 def cases():
@@ -208,7 +206,7 @@ def triton_records(capability: int, log=print) -> list:
     planners = {"dwconv_bn_act": dwconv.plan, "squeeze_excite": squeeze_excite.plan}
     compiler = TritonCompiler(capability)
     records, seen = [], set()
-    for batch, dtype, channels_last, (op, name, args, moved) in cases():
+    for batch, dtype, channels_last, (op, name, args, moved, entry) in cases():
         _, launches = planners[op](args, multiprocessors=MULTIPROCESSORS)
         for launch in launches:
             key = compiler.key(launch)
@@ -220,13 +218,13 @@ def triton_records(capability: int, log=print) -> list:
             except Exception as error:  # noqa: BLE001 -- a kernel that does not compile is a gate failure, named
                 resources = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}")
             records.append(_record("triton", launch.kernel.__name__, op, name, batch, dtype, channels_last,
-                                   args, moved, launch.grid, resources, capability, key))
+                                   args, moved, launch.grid, resources, capability, key, entry))
     return records
 
 
 def _record(backend, kernel, op, case, batch, dtype, channels_last, args, moved, grid, resources, capability,
-            config) -> dict:
-    record = dict(backend=backend, kernel=kernel, op=op, case=case, batch=batch, dtype=str(dtype).replace("torch.", ""),
+            config, entry) -> dict:
+    record = dict({key: value for key, value in entry.items() if key != "models"}, backend=backend, kernel=kernel, op=op, case=case, batch=batch, dtype=str(dtype).replace("torch.", ""),
                   layout="channels_last" if channels_last else "nchw", channels=int(args.x.shape[1]),
                   bytes=moved, floor_us=round(moved / COPY_BANDWIDTH * 1e6, 2), arch=capability / 10, config=config,
                   **resources)
@@ -264,6 +262,22 @@ def cuda_records(capability: int, log=print) -> tuple[list, str]:
         records.append(dict(backend="cuda", kernel=name, op=None, case=None, batch=None, dtype=None, layout=None,
                             arch=capability / 10, occupancy=None, waves=None, bytes=None, **resources))
     return records, ""
+
+
+# ------------------------------------------------------------------------- measured times beside the floor
+SHAPE_KEYS = ("channels", "height", "width", "kernel", "stride", "padding", "dilation", "reduced", "activation",
+              "gate")
+
+
+def layer_key(record: dict) -> tuple:
+    """What identifies a layer case in both a static record and a benchmark results record."""
+    return (record.get("op"), int(record["batch"]), str(record["dtype"]), str(record["layout"]).lower(),
+            *(json.dumps(record.get(key)) for key in SHAPE_KEYS))
+
+
+def floors(static_records: list) -> dict:
+    """layer_key -> (bytes, floor_us) of every layer case the static report holds."""
+    return {layer_key(r): (r["bytes"], r["floor_us"]) for r in static_records if r.get("floor_us") is not None}
 
 
 # ---------------------------------------------------------------------------------------------- gates
@@ -326,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="write the records as JSON here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a gate fails, naming each")
     options = parser.parse_args(argv)
+    # Compile for the GPU: read when the kernels' @triton.jit runs (they are imported below, on first use).
+    os.environ["TRITON_INTERPRET"] = "0"
     capability = int(float(options.arch) * 10)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731 -- progress on stderr, the table on stdout
     records = []
