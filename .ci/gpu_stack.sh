@@ -20,7 +20,9 @@ if [ ! -x "$PYTHON312" ]; then
 fi
 VENV=${MBKERNELS_GPU_STACK_VENV:-.ci-gpu-stack-venv}
 WHEELS="$HOME/.cache/mbkernels-gpu-stack/wheels"
-PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm pytest hypothesis numpy)
+# numpy < 2.4: triton 3.6's interpreter takes int() of size-1 arrays (a loop bound that is a kernel argument),
+# which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); triton 3.8 does not.
+PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm pytest hypothesis "numpy<2.4")
 
 step "venv: $VENV from $PYTHON312"
 [ -x "$VENV/bin/python" ] || "$PYTHON312" -m venv "$VENV"
