@@ -334,11 +334,33 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def floor_section(records: list, static_path: Path) -> str:
+    """Each measured layer time beside its floor from the static report (python -m benchmarks.static --output):
+    the minimum bytes at the H200's copy bandwidth."""
+    from .static import floors, layer_key
+
+    floor_of = floors(json.loads(static_path.read_text()))
+    lines = ["", f"## Measured times beside the static floor ({static_path.name})", "",
+             "| case | provider | median µs | floor µs | floor / measured |", "|---|---|---|---|---|"]
+    for r in records:
+        if r.get("family") != "layer" or not r.get("median_ms"):
+            continue
+        found = floor_of.get(layer_key(r))
+        if found:
+            measured_us = r["median_ms"] * 1e3
+            lines.append(f"| {r['case']} | {r['provider']} | {measured_us:.1f} | {found[1]:.1f} | "
+                         f"{found[1] / measured_us:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*", type=Path, help="results files (default: the newest)")
     parser.add_argument("--out", type=Path, help="output folder (default: beside the results file)")
+    parser.add_argument("--static", type=Path, action="append", default=[],
+                        help="JSON of python -m benchmarks.static --output (repeatable; missing files are skipped): "
+                             "each layer's floor beside its time")
     args = parser.parse_args(argv)
     try:
         sources = args.results or [newest_results(results_dir())]
@@ -354,7 +376,8 @@ def main(argv=None) -> int:
     stem = sources[-1].stem
     plots = plot(records, out_dir, stem)
     report = out_dir / f"{stem}.md"
-    report.write_text(render_markdown(records, sources, plots))
+    report.write_text(render_markdown(records, sources, plots)
+                      + "".join(floor_section(records, path) for path in args.static if path.exists()))
     print(f"wrote {report} and {len(plots)} plots")
     return 0
 

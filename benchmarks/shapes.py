@@ -13,7 +13,7 @@ from torch import nn
 
 from mbkernels.activations import identify_activation, identify_gate
 
-MODELS = ("mobilenetv3_large_100", "mobilenetv3_small_100")
+MODELS = ("mobilenetv3_large_100", "mobilenetv3_small_100", "efficientnet_b0")
 IMAGE_SIZE = 224
 SHAPES_FILE = Path(__file__).with_name("layer_shapes.json")
 

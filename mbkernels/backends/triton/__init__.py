@@ -54,7 +54,11 @@ def run_launches(launches, device) -> None:
     # Triton launches on the current device (device_of is a no-op for CPU tensors).
     with torch.cuda.device_of(device), launch_lock():
         for launch in launches:
-            torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.constexprs)
+            # Under the interpreter, Triton before 3.7 makes @triton.jit an InterpretedFunction, which torch 2.11's
+            # wrap_triton rejects ("only works on functions annotated with triton.jit"); interpreted kernels are
+            # never traced by torch.compile, so they launch directly.
+            kernel = launch.kernel if interpreting() else torch.library.wrap_triton(launch.kernel)
+            kernel[launch.grid](*launch.args, **launch.constexprs)
 
 
 def _dwconv_bn_act(args):
