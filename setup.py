@@ -6,6 +6,7 @@ build is versioned and pinned to it: 0.1.0+cu130.torch2.14 requires torch>=2.14,
 extension is plain 0.1.0 and takes any torch from TORCH_FLOOR on. Knobs (environment variables):
   MBKERNELS_SKIP_CUDA_BUILD=1   pure-Python package: Triton and reference backends only
   MBKERNELS_CUDA_ARCHS          compute capabilities, e.g. "8.0;9.0+PTX" (default: 7.5;8.0;8.6;8.9;9.0+PTX)
+  MBKERNELS_DEBUG=1             a debug build of the extension: -O0 -g for the host code, -G for device code
   MAX_JOBS                      parallel compile jobs (default: cores, at most one per 3 GB of memory)
   CUDA_HOME                     the toolkit to use
 """
@@ -19,7 +20,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
-BASE_VERSION = "0.1.0"
+# The version lives in mbkernels/_version.py alone (read as text: importing mbkernels needs torch).
+BASE_VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "mbkernels", "_version.py")).read())[1]
 TORCH_FLOOR = "2.6"  # the oldest torch the Python code supports
 
 
@@ -110,6 +112,14 @@ def native_torch_requirement(torch_version: str) -> str:
     return f"torch>={major}.{minor},<{major}.{minor + 1}"
 
 
+def compile_flags() -> dict:
+    """Release flags, or with MBKERNELS_DEBUG=1 debuggable ones (cuda-gdb, compute-sanitizer line numbers)."""
+    if os.environ.get("MBKERNELS_DEBUG", "0") not in ("", "0"):
+        log("MBKERNELS_DEBUG is set: a debug build (-O0 -g, device code -G), slow kernels")
+        return {"cxx": ["-O0", "-g"], "nvcc": ["-O0", "-g", "-G"]}
+    return {"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}
+
+
 def cuda_extension(cuda_home: str):
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     os.environ["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + os.environ.get("PATH", "")
@@ -135,10 +145,7 @@ def cuda_extension(cuda_home: str):
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=defines,
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "-lineinfo"],
-        },
+        extra_compile_args=compile_flags(),
     )
     version = native_version(torch.__version__, torch.version.cuda)
     requirement = native_torch_requirement(torch.__version__)

@@ -19,7 +19,7 @@ else
   trap 'rm -rf "$WORK"' EXIT
 fi
 
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # not /usr/local/bin/nvcc's wrapper: see shared/toolchain.md
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # the toolkit's root, not a wrapper script's folder (setup.py's find_cuda_home)
 # nvcc, and the cmake (4.x: torch's CUDA20 dialect) and ninja that pip put beside $PY.
 export PATH="$CUDA_HOME/bin:$(dirname "$PY"):$PATH"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}

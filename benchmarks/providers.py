@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import mbkernels
+from mbkernels.patch import randomize_batchnorm
 from mbkernels import _contract, activations, ops
 
 from .cases import LayerCase, ModelCase, compile_mode
@@ -29,25 +30,10 @@ COMPILING_PROVIDERS = ("compile", "patched+compile", "compile-reduce-overhead")
 LAYER_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
 MODEL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2}
 
-_MODULE_OF_ACTIVATION = {name: cls for cls, name in activations.ACTIVATION_MODULES.items()}
 _MODULE_OF_GATE = {name: cls for cls, name in activations.GATE_MODULES.items()}
 
 
 # ------------------------------------------------------------------------------------------ stock modules
-@torch.no_grad()
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters: with a fresh model's (mean 0, var 1,
-    weight 1, bias 0) folding is an identity and a kernel that skipped the BN would pass."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-            module.weight.copy_(0.75 + 0.5 * torch.rand(n, generator=generator))
-            module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-    return model
-
-
 def stock_layer(case: LayerCase, generator: torch.Generator) -> nn.Module:
     """The float32 CPU stock module of a layer case, in eval mode with random weights and statistics."""
     g = case.get
@@ -55,13 +41,13 @@ def stock_layer(case: LayerCase, generator: torch.Generator) -> nn.Module:
         channels = g("channels")
         conv = nn.Conv2d(channels, channels, g("kernel"), g("stride"), g("padding"), g("dilation"),
                          groups=channels, bias=False)
-        module = nn.Sequential(conv, nn.BatchNorm2d(channels), _MODULE_OF_ACTIVATION[g("activation")]())
+        module = nn.Sequential(conv, nn.BatchNorm2d(channels), activations.stock_module(g("activation")))
         randomize_batchnorm(module, generator)
     else:
         from timm.models._efficientnet_blocks import SqueezeExcite
 
         module = SqueezeExcite(g("channels"), rd_channels=g("reduced"),
-                               act_layer=_MODULE_OF_ACTIVATION[g("activation")],
+                               act_layer=lambda **_: activations.stock_module(g("activation")),
                                gate_layer=_MODULE_OF_GATE[g("gate")])
     return module.eval()
 
@@ -104,32 +90,17 @@ def compiled(module: nn.Module, mode: Optional[str], example: torch.Tensor) -> C
     return fn
 
 
-def _folded_dwconv(module: nn.Sequential, activation: str, backend: str) -> Callable:
-    conv, bn = module[0], module[1]
-    weight, bias = ops.fold_bn(conv, bn)
-    return lambda x: ops.dwconv_bn_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, activation,
-                                       backend)
-
-
-def _float32_squeeze_excite(module: nn.Module, activation: str, gate: str, backend: str) -> Callable:
-    def f32(t):
-        return t.detach().to(torch.float32).contiguous()
-
-    w_reduce, b_reduce = f32(module.conv_reduce.weight.flatten(1)), f32(module.conv_reduce.bias)
-    w_expand, b_expand = f32(module.conv_expand.weight.flatten(1)), f32(module.conv_expand.bias)
-    return lambda x: ops.squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend)
-
-
 def layer_provider(provider: str, case: LayerCase, module: nn.Module, example: torch.Tensor) -> Callable:
     """The callable `provider` runs for a layer case; `module` is the stock module on x's device and dtype."""
     if provider == "eager":
         return module
     if provider == "compile":
         return compiled(module, compile_mode(case), example)
+    # The package's own fused modules: they fold once and call the op as a patched model does.
     backend = provider.removeprefix("mbkernels-")
     if case.op == "dwconv_bn_act":
-        return _folded_dwconv(module, case.get("activation"), backend)
-    return _float32_squeeze_excite(module, case.get("activation"), case.get("gate"), backend)
+        return mbkernels.nn.DWConvBNAct(*module, backend=backend).eval()
+    return mbkernels.nn.SqueezeExcite.from_module(module, backend=backend).eval()
 
 
 def cuda_graphed(module: nn.Module, example: torch.Tensor) -> Callable:

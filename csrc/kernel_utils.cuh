@@ -1,18 +1,23 @@
-// What the kernels of csrc/*.cu share: float conversions of the storage types, 16-byte packs, read-only loads,
-// the dtype switch, and the host emulation of a CUDA grid.
+// What the kernels of csrc/*.cu share: float conversions of the storage types, 16-byte packs and predicated
+// loads, the dtype switch, the launch limits, and the one helper that launches a kernel or emulates it.
 //
 // Emulation model. A kernel's body is written as `__host__ __device__` functions of (params, block index,
 // thread index, shared memory), one function per phase between two __syncthreads(). The __global__ kernel calls
-// the phases in order with a barrier between them; on the host, `emulate_grid` runs the blocks one after
+// the phases in order with a barrier between them; on the host, launch_or_emulate runs the blocks one after
 // another and the block's runner calls `emulate_phase` for each phase: phase 1 for every thread, then phase 2,
 // and so on. That is exactly the ordering guarantee __syncthreads() gives, so code that is correct under the
-// emulation for every (block, thread) ordering of a phase is correct on the GPU. Emulated shared memory starts
-// as NaN, so reading a slot nobody wrote shows up in the output.
+// emulation for every (block, thread) ordering of a phase is correct on the GPU. Values a thread keeps in
+// registers across a barrier are a state struct: a local on the GPU, one per thread in the block's runner.
+// Emulated shared memory starts as NaN, so reading a slot nobody wrote shows up in the output.
 #pragma once
 
 #include "activations.cuh"  // MBK_HOST_DEVICE
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace mbkernels {
@@ -48,29 +54,69 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// N consecutive elements (one vector load when N * sizeof(T) is 16) as floats; p must be aligned to the pack.
+// N consecutive elements in 16-byte pieces (one piece when N * sizeof(T) <= 16): p must be aligned to a piece.
+template <class T, int N>
+constexpr int kPiece = N * sizeof(T) >= 16 ? kVec16<T> : N;
+
+template <class T, int N>
+MBK_HOST_DEVICE Pack<T, N> load_pack(const T* p) {
+  static_assert(N % kPiece<T, N> == 0, "a pack is a whole number of pieces");
+  constexpr int PIECE = kPiece<T, N>;
+  Pack<T, N> pack;
+#pragma unroll
+  for (int i = 0; i < N; i += PIECE) {
+#ifdef __CUDA_ARCH__
+    *reinterpret_cast<Pack<T, PIECE>*>(pack.v + i) = *reinterpret_cast<const Pack<T, PIECE>*>(p + i);
+#else
+    std::memcpy(pack.v + i, p + i, sizeof(Pack<T, PIECE>));
+#endif
+  }
+  return pack;
+}
+
+// load_pack where `valid`, zeros elsewhere: a predicated load, no branch around it. The zeros are whole 32-bit
+// words (zeroing 16-bit elements one by one splits the pack over twice the registers).
+template <class T, int N>
+MBK_HOST_DEVICE Pack<T, N> load_pack_if(const T* p, bool valid) {
+  if constexpr (sizeof(Pack<T, N>) % 4 == 0) {
+    union {
+      Pack<T, N> pack;
+      uint32_t words[sizeof(Pack<T, N>) / 4];
+    } bits;
+#pragma unroll
+    for (int i = 0; i < int(sizeof(bits.words) / 4); ++i) bits.words[i] = 0;
+    if (valid) bits.pack = load_pack<T, N>(p);
+    return bits.pack;
+  } else {
+    Pack<T, N> pack;
+#pragma unroll
+    for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(0.f);
+    if (valid) pack = load_pack<T, N>(p);
+    return pack;
+  }
+}
+
 template <class T, int N>
 MBK_HOST_DEVICE void load_floats(const T* p, float (&out)[N]) {
-  Pack<T, N> pack;
-#ifdef __CUDA_ARCH__
-  pack = *reinterpret_cast<const Pack<T, N>*>(p);
-#else
-  std::memcpy(&pack, p, sizeof(pack));
-#endif
+  const Pack<T, N> pack = load_pack<T, N>(p);
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_float(pack.v[i]);
 }
 
 template <class T, int N>
 MBK_HOST_DEVICE void store_floats(T* p, const float (&in)[N]) {
+  constexpr int PIECE = kPiece<T, N>;
   Pack<T, N> pack;
 #pragma unroll
   for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
+#pragma unroll
+  for (int i = 0; i < N; i += PIECE) {
 #ifdef __CUDA_ARCH__
-  *reinterpret_cast<Pack<T, N>*>(p) = pack;
+    *reinterpret_cast<Pack<T, PIECE>*>(p + i) = *reinterpret_cast<const Pack<T, PIECE>*>(pack.v + i);
 #else
-  std::memcpy(p, &pack, sizeof(pack));
+    std::memcpy(p + i, pack.v + i, sizeof(Pack<T, PIECE>));
 #endif
+  }
 }
 
 // A float that every thread of a block reads (weights, biases): the read-only cache path on the GPU.
@@ -88,6 +134,9 @@ template <class I>
 MBK_HOST_DEVICE I ceil_div(I a, I b) {
   return (a + b - 1) / b;
 }
+
+// a / b rounded towards minus infinity (b > 0).
+MBK_HOST_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((b - 1 - a) / b); }
 
 // std::min is constexpr-only on the device (needs --expt-relaxed-constexpr, which not every build passes).
 MBK_HOST_DEVICE int min_int(int a, int b) { return a < b ? a : b; }
@@ -107,16 +156,46 @@ void dispatch_float_types(c10::ScalarType type, const char* what, F&& f) {
   }
 }
 
-// Where a launcher runs its kernels: on the GPU (on `stream`), or emulated on the host.
-struct Executor {
-  bool on_device;
-  cudaStream_t stream;
+// Offsets within one sample (and counts of planes, blocks) are 32-bit; offsets across samples are 64-bit.
+constexpr int64_t kInt32Limit = int64_t(1) << 31;
+// Shared memory a block gets without opting in.
+constexpr int64_t kDefaultSmemBytes = 48 * 1024;
+// Blocks for one per SM of an H100/H200 (132 SMs): launchers split work finer rather than launch fewer.
+constexpr int64_t kFillBlocks = 132;
+
+// NCHW- or channels_last-contiguous x: which of the two (a tensor that is both, e.g. C == 1, counts as NCHW).
+inline bool is_channels_last(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+// Where a launcher runs its kernels: on the GPU (on the current stream of x's device), or emulated on the host.
+class Executor {
+ public:
+  explicit Executor(const at::Tensor& x) : on_device_(x.is_cuda()) {
+    if (on_device_) {
+      guard_.emplace(x.device());
+      stream_ = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+    }
+  }
+  bool on_device() const { return on_device_; }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  bool on_device_;
+  cudaStream_t stream_ = nullptr;
+  std::optional<c10::cuda::CUDAGuard> guard_;
+};
+
+struct LaunchShape {
+  int64_t blocks;
+  int threads;
+  int64_t smem_floats;  // dynamic shared memory
 };
 
 // Runs blocks [0, blocks) one after another; run_block(block, smem) gets `smem_floats` of NaN-filled shared memory.
 template <class RunBlock>
-void emulate_grid(int64_t blocks, size_t smem_floats, RunBlock&& run_block) {
-  std::vector<float> smem(std::max<size_t>(smem_floats, 1));
+void emulate_grid(int64_t blocks, int64_t smem_floats, RunBlock&& run_block) {
+  std::vector<float> smem(std::max<int64_t>(smem_floats, 1));
   for (int64_t block = 0; block < blocks; ++block) {
     std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
     run_block(block, smem.data());
@@ -127,6 +206,21 @@ void emulate_grid(int64_t blocks, size_t smem_floats, RunBlock&& run_block) {
 template <class Phase>
 void emulate_phase(int threads, Phase&& phase) {
   for (int thread = 0; thread < threads; ++thread) phase(thread);
+}
+
+// The one place kernels start: `kernel<<<shape>>>(params)` on the device, or on the host
+// emulate_block(block, smem) for every block (the kernel's phases, each through emulate_phase).
+template <class Params, class EmulateBlock>
+void launch_or_emulate(const Executor& ex, const LaunchShape& shape, void (*kernel)(Params), const Params& params,
+                       EmulateBlock&& emulate_block) {
+  TORCH_INTERNAL_ASSERT(shape.blocks < kInt32Limit && shape.smem_floats * 4 <= kDefaultSmemBytes,
+                        "the launch limits are checked before planning");
+  if (!ex.on_device()) return emulate_grid(shape.blocks, shape.smem_floats, emulate_block);
+#ifdef __CUDACC__
+  kernel<<<static_cast<unsigned>(shape.blocks), shape.threads, shape.smem_floats * sizeof(float), ex.stream()>>>(
+      params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
 
 }  // namespace mbkernels

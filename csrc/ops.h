@@ -1,31 +1,47 @@
-// The native ops' C++ entry points. Schemas: csrc/registration.cpp. Each op has a CUDA kernel and a
-// host emulation that runs the very same kernel code on CPU tensors (for testing without a GPU).
+// The native ops' C++ entry points and their limits. Schemas: csrc/registration.cpp. Each op runs its CUDA
+// kernels on CUDA tensors and their host emulation (the very same kernel code) on CPU tensors, for testing
+// without a GPU.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <array>
+#include <cstdint>
 #include <optional>
+#include <string>
 
 namespace mbkernels {
 
-// act(depthwise_conv2d(x, weight, bias)); weight [C, 1, kh, kw] and bias [C] float32 (BN folded in);
-// x [N, C, H, W] float32/float16/bfloat16, NCHW- or channels_last-contiguous; the output keeps x's layout.
+// act(depthwise_conv2d(x, weight, bias)) with depth multiplier M = C_out / C (output channel o reads input
+// channel o / M). x [N, C, H, W] float32/float16/bfloat16, NCHW- or channels_last-contiguous; the output
+// [N, C_out, out_h, out_w] keeps x's dtype and layout. weight [C_out, 1, kh, kw] and bias [C_out] float32 (BN
+// folded in), any strides: tap-major weight (stride(0) == 1, element (o, 0, i, j) at (i * kw + j) * C_out + o)
+// is used as it is, any other layout is copied to it. padding is [top, bottom, left, right]. activation is
+// "name" or "name:param" (kActivationNames in activations.cuh).
 at::Tensor dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               c10::string_view activation);
-at::Tensor dwconv_bn_act_emulated(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  c10::string_view activation);
 
-// x * gate(w_expand @ act(w_reduce @ mean_hw(x) + b_reduce) + b_expand); weights float32 [R, C] / [C, R].
+// x * gate(w_expand @ act(w_reduce @ mean_hw(x) + b_reduce) + b_expand); weights float32 [R, C] / [C, R],
+// contiguous; act any activation of the table, gate "sigmoid" or "hardsigmoid".
 at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
                                const std::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
                                const std::optional<at::Tensor>& b_expand, c10::string_view activation,
                                c10::string_view gate);
-at::Tensor squeeze_excite_emulated(const at::Tensor& x, const at::Tensor& w_reduce,
-                                   const std::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
-                                   const std::optional<at::Tensor>& b_expand, c10::string_view activation,
-                                   c10::string_view gate);
+
+// What a dwconv_bn_act_cuda call's launcher needs to know to tell whether it can run it.
+struct DwconvShape {
+  int64_t N, C, H, W;
+  bool channels_last;
+  int64_t C_out, kh, kw;
+  std::array<int64_t, 2> stride;
+  std::array<int64_t, 4> padding;  // top, bottom, left, right
+  std::array<int64_t, 2> dilation;
+};
+
+// "" when the launchers can run the case, else why not (one line): exactly the conditions they TORCH_CHECK.
+std::string dwconv_bn_act_limit_reason(const DwconvShape& shape);
+std::string squeeze_excite_limit_reason(int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, int64_t R);
 
 }  // namespace mbkernels

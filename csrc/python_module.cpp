@@ -2,8 +2,10 @@
 // what it was built for, so mbkernels can refuse a library built against another torch or CUDA.
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "activations.cuh"
+#include "ops.h"
 
 #ifndef MBKERNELS_TORCH_VERSION
 #error "setup.py defines MBKERNELS_TORCH_VERSION, MBKERNELS_CUDA_VERSION and MBKERNELS_CUDA_ARCHS"
@@ -19,4 +21,18 @@ PYBIND11_MODULE(_C, m) {
   for (int i = 0; i < mbkernels::kNumGates; ++i) gates[i] = mbkernels::kGateNames[i];
   m.attr("ACTIVATIONS") = activations;
   m.attr("GATES") = gates;
+  m.def(
+      "dwconv_bn_act_limit_reason",
+      [](int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, int64_t C_out, int64_t kh, int64_t kw,
+         std::array<int64_t, 2> stride, std::array<int64_t, 4> padding, std::array<int64_t, 2> dilation) {
+        return mbkernels::dwconv_bn_act_limit_reason({N, C, H, W, channels_last, C_out, kh, kw, stride, padding,
+                                                      dilation});
+      },
+      "'' when dwconv_bn_act_cuda can run this case, else why not (padding: [top, bottom, left, right])",
+      pybind11::arg("N"), pybind11::arg("C"), pybind11::arg("H"), pybind11::arg("W"),
+      pybind11::arg("channels_last"), pybind11::arg("C_out"), pybind11::arg("kh"), pybind11::arg("kw"),
+      pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"));
+  m.def("squeeze_excite_limit_reason", &mbkernels::squeeze_excite_limit_reason,
+        "'' when squeeze_excite_cuda can run this case, else why not", pybind11::arg("N"), pybind11::arg("C"),
+        pybind11::arg("H"), pybind11::arg("W"), pybind11::arg("channels_last"), pybind11::arg("R"));
 }

@@ -9,62 +9,57 @@
 //      big planes with few channels (112x112, C=16) split over several blocks.
 //    - channels_last <T, VEC>: threads along channel vectors (channel_threads) x rows (row_threads, a power of
 //      two), each summing rows of its chunk for its vector of channels; reduced over the rows in shared memory.
-// 2. mlp: one 512-thread block per sample computes the whole MLP once: pooled means into shared memory, then
-//    two matrix-vector products. In each, `lanes` threads share one output row (a warp reads a row contiguously),
-//    write their partial dot products to shared memory, and after a barrier one thread per row adds its lanes in
-//    order and applies the bias and activation (act for the hidden layer, gate for the scale[n][c] it writes).
-// 3. scale <T, VEC>: y = x * scale[n][c], 4 vectors per thread.
+// 2. mlp: two launches of one batched matrix-vector kernel, hidden = act(w_reduce @ mean + b_reduce) then
+//    scale = gate(w_expand @ hidden + b_expand). A block computes a tile of rows for kMlpSamples samples, so each
+//    weight is read once per tile of samples, not once per sample. Per chunk of the inputs: the samples' inputs
+//    are staged in shared memory (the reduce layer sums the pool's splits there), then `row_threads` threads per
+//    row walk the chunk in 16-byte weight vectors, several in flight, each feeding every sample. The lanes'
+//    partial sums meet in shared memory and one thread per (row, sample) adds them in order. Few rows or samples
+//    (batch 1) give each row more threads (split rows) so the grid still fills the GPU.
+// 3. scale <T, VEC>: y = x * scale[n][c] in VEC-element vectors, the float32 scale loaded as vectors too; blocks
+//    never straddle samples, so the in-sample offsets and the channel of a vector are 32-bit arithmetic.
 // VEC is 16 bytes (8 half/bfloat16, 4 float) where the vectors line up with the planes (NCHW: H*W a multiple of
 // VEC) or with the channels (channels_last: C a multiple of VEC) and the pointers are aligned, else 1.
 //
 // Emulation (kernel_utils.cuh): every kernel is a sequence of __host__ __device__ phase functions of (params,
-// block, thread, shared memory) separated by __syncthreads() on the GPU; squeeze_excite_emulated runs the same
-// plan and phases on CPU tensors, each phase for all threads of a block before the next.
+// block, thread, shared memory) separated by __syncthreads() on the GPU; on CPU tensors the launcher runs the
+// same plan and phases, each phase for all threads of a block before the next. The mlp's accumulators live
+// across barriers: they are a per-thread state (registers on the GPU, kept per thread by the emulation).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "activations.cuh"
 #include "kernel_utils.cuh"
 #include "ops.h"
 
-#include <optional>
+#include <string>
 
 namespace mbkernels {
 namespace {
 
 constexpr int kPoolThreads = 256;
-constexpr int kMlpThreads = 512;
+constexpr int kMlpThreads = 256;
+constexpr int kMlpSamples = 8;     // samples per mlp block: each weight tile is read once for all of them
+constexpr int kMlpChunk = 512;     // inputs per sample staged in shared memory at a time
 constexpr int kScaleThreads = 256;
-constexpr int kScaleVectorsPerThread = 4;
+constexpr int kScaleVectorsPerThread = 4;  // at most; 1 on grids too small to fill the GPU
 constexpr int64_t kPoolTargetBlocks = 1024;  // enough blocks to fill an H100/H200 several times over
 constexpr int kMinPoolLoadsPerThread = 4;
-constexpr int64_t kDefaultSmemBytes = 48 * 1024;
 
 struct SeParams {
   const void* x;
   void* y;
   float* partial;  // [N, splits, C]
   float* scale;    // [N, C]
-  const float* w_reduce;  // [R, C]
-  const float* b_reduce;  // [R] or null
-  const float* w_expand;  // [C, R]
-  const float* b_expand;  // [C] or null
-  int N, C, HW, R;
-  Activation activation;
-  Gate gate;
+  int N, C, HW;
   // pool
-  int splits;         // chunks per plane
-  int chunk;          // NCHW: vectors per chunk; channels_last: rows per chunk
-  int group_threads;  // NCHW: threads per plane (power of two); channels_last: threads along channel vectors
-  int groups;         // NCHW: planes per block; channels_last: threads along rows (power of two)
-  int channel_blocks; // channels_last: blocks along the channel vectors
-  // mlp
-  int reduce_lanes, expand_lanes;
+  int splits;          // chunks per plane
+  int chunk;           // NCHW: vectors per chunk; channels_last: rows per chunk
+  int group_threads;   // NCHW: threads per plane (power of two); channels_last: threads along channel vectors
+  int groups;          // NCHW: planes per block; channels_last: threads along rows (power of two)
+  int channel_blocks;  // channels_last: blocks along the channel vectors
   // scale
-  int64_t vectors;
+  int vectors_per_sample, blocks_per_sample, vectors_per_thread;
 };
 
 // --------------------------------------------------------------------------------------------------- pool
@@ -80,7 +75,7 @@ MBK_HOST_DEVICE void pool_nchw_sum_thread(const SeParams& p, int64_t block, int 
     const int end = min_int(begin + p.chunk, p.HW / VEC);
     for (int v = begin + lane; v < end; v += p.group_threads) {
       float xv[VEC];
-      load_floats<T, VEC>(x + int64_t(v) * VEC, xv);
+      load_floats<T, VEC>(x + v * VEC, xv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc += xv[i];
     }
@@ -129,7 +124,7 @@ MBK_HOST_DEVICE void pool_cl_sum_thread(const SeParams& p, int64_t block, int th
     const int end = min_int(begin + p.chunk, p.HW);
     for (int r = begin + t.row_thread; r < end; r += p.groups) {
       float xv[VEC];
-      load_floats<T, VEC>(x + int64_t(r) * p.C, xv);
+      load_floats<T, VEC>(x + r * p.C, xv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += xv[i];
     }
@@ -160,7 +155,7 @@ MBK_HOST_DEVICE void pool_cl_store_thread(const SeParams& p, int64_t block, int 
 
 template <class T, int VEC>
 __global__ void __launch_bounds__(kPoolThreads) pool_nchw_kernel(const SeParams p) {
-  __shared__ float smem[kPoolThreads];
+  extern __shared__ float smem[];
   pool_nchw_sum_thread<T, VEC>(p, blockIdx.x, threadIdx.x, smem);
   for (int stride = p.group_threads / 2; stride > 0; stride /= 2) {
     __syncthreads();
@@ -172,7 +167,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_nchw_kernel(const SeParams 
 
 template <class T, int VEC>
 __global__ void __launch_bounds__(kPoolThreads) pool_cl_kernel(const SeParams p) {
-  __shared__ float smem[kPoolThreads * VEC];
+  extern __shared__ float smem[];
   pool_cl_sum_thread<T, VEC>(p, blockIdx.x, threadIdx.x, smem);
   for (int stride = p.groups / 2; stride > 0; stride /= 2) {
     __syncthreads();
@@ -183,106 +178,151 @@ __global__ void __launch_bounds__(kPoolThreads) pool_cl_kernel(const SeParams p)
 }
 
 // ---------------------------------------------------------------------------------------------------- mlp
-// Shared memory of the mlp block: pooled[C], hidden[R], then the partial dot products [rows][lanes + 1].
-struct MlpSmem {
-  float* pooled;
-  float* hidden;
-  float* partial;
+// out[n][row] = finish(sum_k weight[row][k] * in(n, k) + bias[row]) with in(n, k) = in_scale * the sum over
+// `splits` of in[n][split][k], and finish the activation (hidden layer) or the gate (scale).
+struct MatvecParams {
+  const float* in;
+  int splits;
+  float in_scale;
+  const float* weight;  // [rows, K]
+  const float* bias;    // [rows] or null
+  float* out;           // [N, rows]
+  int N, rows, K;
+  int row_threads;  // threads per row: 32 .. kMlpThreads, a power of two
+  int row_blocks;   // blocks along the rows
+  bool is_gate;
+  ActivationSpec activation;
+  Gate gate;
 };
 
-MBK_HOST_DEVICE MlpSmem mlp_smem(const SeParams& p, float* smem) { return {smem, smem + p.C, smem + p.C + p.R}; }
+struct MatvecState {
+  float acc[kMlpSamples];
+};
 
-MBK_HOST_DEVICE void mlp_pool_thread(const SeParams& p, int64_t n, int thread, float* smem) {
-  const MlpSmem s = mlp_smem(p, smem);
-  for (int c = thread; c < p.C; c += kMlpThreads) {
-    float sum = 0.f;
-    for (int split = 0; split < p.splits; ++split) sum += p.partial[(n * p.splits + split) * p.C + c];
-    s.pooled[c] = sum / static_cast<float>(p.HW);
+struct MatvecThread {
+  int row, lane, n0, block_row;
+};
+
+MBK_HOST_DEVICE MatvecThread matvec_thread(const MatvecParams& p, int64_t block, int thread) {
+  const int b = static_cast<int>(block);
+  const int rows_per_block = kMlpThreads / p.row_threads;
+  const int block_row = thread / p.row_threads;
+  return {b % p.row_blocks * rows_per_block + block_row, thread % p.row_threads, b / p.row_blocks * kMlpSamples,
+          block_row};
+}
+
+// Phase: the block's samples' inputs k0 .. k0 + kMlpChunk into smem[sample][k - k0] (zeros past N and K), VW at
+// a time (VW divides K).
+template <int VW>
+MBK_HOST_DEVICE void matvec_stage_thread(const MatvecParams& p, int64_t block, int thread, int k0, float* smem) {
+  const int n0 = matvec_thread(p, block, thread).n0;
+  for (int i = thread * VW; i < kMlpSamples * kMlpChunk; i += kMlpThreads * VW) {
+    const int n = n0 + i / kMlpChunk;
+    const int k = k0 + i % kMlpChunk;
+    float sum[VW] = {};
+    if (n < p.N && k < p.K) {
+      const float* in = p.in + int64_t(n) * p.splits * p.K + k;
+      for (int split = 0; split < p.splits; ++split) {
+        float part[VW];
+        load_floats<float, VW>(in + split * p.K, part);
+#pragma unroll
+        for (int j = 0; j < VW; ++j) sum[j] += part[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VW; ++j) sum[j] *= p.in_scale;
+    store_floats<float, VW>(smem + i, sum);
   }
 }
 
-// `lanes` threads per row of m [rows, cols]: partial[row][lane] = sum over cols = lane (mod lanes).
-MBK_HOST_DEVICE void matvec_partial_thread(const float* m, const float* v, int rows, int cols, int lanes, float* partial,
-                                  int thread) {
-  const int lane = thread % lanes;
-  for (int row = thread / lanes; row < rows; row += kMlpThreads / lanes) {
-    const float* m_row = m + int64_t(row) * cols;
-    float acc = 0.f;
-    for (int col = lane; col < cols; col += lanes) acc = fmaf(load_ro(m_row + col), v[col], acc);
-    partial[row * (lanes + 1) + lane] = acc;
+// Phase: this thread's lane of its row over the staged chunk, VW weights per load, for every sample.
+template <int VW>
+MBK_HOST_DEVICE void matvec_accumulate_thread(const MatvecParams& p, int64_t block, int thread, int k0,
+                                              const float* smem, MatvecState& state) {
+  const MatvecThread t = matvec_thread(p, block, thread);
+  if (t.row >= p.rows) return;
+  const float* w_row = p.weight + int64_t(t.row) * p.K;
+  const int end = min_int(k0 + kMlpChunk, p.K);
+#pragma unroll 4
+  for (int k = k0 + t.lane * VW; k < end; k += p.row_threads * VW) {
+    float w[VW];
+    load_floats<float, VW>(w_row + k, w);
+#pragma unroll
+    for (int s = 0; s < kMlpSamples; ++s) {
+      float in[VW];
+      load_floats<float, VW>(smem + s * kMlpChunk + (k - k0), in);
+#pragma unroll
+      for (int i = 0; i < VW; ++i) state.acc[s] = fmaf(w[i], in[i], state.acc[s]);
+    }
   }
 }
 
-MBK_HOST_DEVICE float matvec_row(const float* partial, int row, int lanes) {
-  float sum = 0.f;
-  for (int lane = 0; lane < lanes; ++lane) sum += partial[row * (lanes + 1) + lane];
-  return sum;
+// Phase: the accumulators into smem[block_row][sample][lane] (padded: no bank conflicts).
+MBK_HOST_DEVICE void matvec_partials_thread(const MatvecParams& p, int64_t block, int thread, float* smem,
+                                            const MatvecState& state) {
+  const MatvecThread t = matvec_thread(p, block, thread);
+#pragma unroll
+  for (int s = 0; s < kMlpSamples; ++s)
+    smem[(t.block_row * kMlpSamples + s) * (p.row_threads + 1) + t.lane] = state.acc[s];
 }
 
-MBK_HOST_DEVICE void mlp_reduce_thread(const SeParams& p, int thread, float* smem) {
-  const MlpSmem s = mlp_smem(p, smem);
-  matvec_partial_thread(p.w_reduce, s.pooled, p.R, p.C, p.reduce_lanes, s.partial, thread);
-}
-
-MBK_HOST_DEVICE void mlp_hidden_thread(const SeParams& p, int thread, float* smem) {
-  const MlpSmem s = mlp_smem(p, smem);
-  for (int r = thread; r < p.R; r += kMlpThreads) {
-    const float bias = p.b_reduce ? load_ro(p.b_reduce + r) : 0.f;
-    s.hidden[r] = apply_activation(matvec_row(s.partial, r, p.reduce_lanes) + bias, p.activation);
+// Phase: one thread per (row, sample) adds the lanes in order, the bias, and finishes.
+MBK_HOST_DEVICE void matvec_finish_thread(const MatvecParams& p, int64_t block, int thread, const float* smem) {
+  const int rows_per_block = kMlpThreads / p.row_threads;
+  const MatvecThread first = matvec_thread(p, block, 0);
+  for (int i = thread; i < rows_per_block * kMlpSamples; i += kMlpThreads) {
+    const int row = first.row + i / kMlpSamples;
+    const int n = first.n0 + i % kMlpSamples;
+    if (row >= p.rows || n >= p.N) continue;
+    float sum = p.bias ? load_ro(p.bias + row) : 0.f;
+    for (int lane = 0; lane < p.row_threads; ++lane) sum += smem[i * (p.row_threads + 1) + lane];
+    p.out[int64_t(n) * p.rows + row] = p.is_gate ? apply_gate(sum, p.gate) : apply_activation(sum, p.activation);
   }
 }
 
-MBK_HOST_DEVICE void mlp_expand_thread(const SeParams& p, int thread, float* smem) {
-  const MlpSmem s = mlp_smem(p, smem);
-  matvec_partial_thread(p.w_expand, s.hidden, p.C, p.R, p.expand_lanes, s.partial, thread);
-}
-
-MBK_HOST_DEVICE void mlp_gate_thread(const SeParams& p, int64_t n, int thread, float* smem) {
-  const MlpSmem s = mlp_smem(p, smem);
-  for (int c = thread; c < p.C; c += kMlpThreads) {
-    const float bias = p.b_expand ? load_ro(p.b_expand + c) : 0.f;
-    p.scale[n * p.C + c] = apply_gate(matvec_row(s.partial, c, p.expand_lanes) + bias, p.gate);
-  }
-}
-
-__global__ void __launch_bounds__(kMlpThreads) mlp_kernel(const SeParams p) {
+template <int VW>
+__global__ void __launch_bounds__(kMlpThreads) matvec_kernel(const MatvecParams p) {
   extern __shared__ float smem[];
-  mlp_pool_thread(p, blockIdx.x, threadIdx.x, smem);
+  MatvecState state{};
+  for (int k0 = 0; k0 < p.K; k0 += kMlpChunk) {
+    matvec_stage_thread<VW>(p, blockIdx.x, threadIdx.x, k0, smem);
+    __syncthreads();
+    matvec_accumulate_thread<VW>(p, blockIdx.x, threadIdx.x, k0, smem, state);
+    __syncthreads();
+  }
+  matvec_partials_thread(p, blockIdx.x, threadIdx.x, smem, state);
   __syncthreads();
-  mlp_reduce_thread(p, threadIdx.x, smem);
-  __syncthreads();
-  mlp_hidden_thread(p, threadIdx.x, smem);
-  __syncthreads();
-  mlp_expand_thread(p, threadIdx.x, smem);
-  __syncthreads();
-  mlp_gate_thread(p, blockIdx.x, threadIdx.x, smem);
+  matvec_finish_thread(p, blockIdx.x, threadIdx.x, smem);
 }
 
 // -------------------------------------------------------------------------------------------------- scale
 template <class T, int VEC, bool CHANNELS_LAST>
 MBK_HOST_DEVICE void scale_thread(const SeParams& p, int64_t block, int thread) {
+  const int b = static_cast<int>(block);
+  const int n = b / p.blocks_per_sample;
+  const int first = (b - n * p.blocks_per_sample) * p.vectors_per_thread * kScaleThreads + thread;
+  const int64_t sample = int64_t(n) * p.HW * p.C;
+  const T* x = static_cast<const T*>(p.x) + sample;
+  T* y = static_cast<T*>(p.y) + sample;
+  const float* scale = p.scale + n * p.C;
 #pragma unroll
   for (int k = 0; k < kScaleVectorsPerThread; ++k) {
-    const int64_t vector = (block * kScaleVectorsPerThread + k) * kScaleThreads + thread;
-    if (vector >= p.vectors) return;
-    const int64_t e = vector * VEC;
+    const int vector = first + k * kScaleThreads;
+    if (k >= p.vectors_per_thread || vector >= p.vectors_per_sample) return;
+    const int e = vector * VEC;
     float s[VEC];
     if (CHANNELS_LAST) {
-      const int64_t pixel = e / p.C;  // n * HW + hw
-      const int c = static_cast<int>(e - pixel * p.C);
-      const float* scale = p.scale + pixel / p.HW * p.C + c;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) s[i] = scale[i];
+      load_floats<float, VEC>(scale + e % p.C, s);
     } else {
-      const float plane_scale = p.scale[e / p.HW];  // VEC divides HW: a vector lies in one plane
+      const float plane_scale = scale[e / p.HW];  // VEC divides HW: a vector lies in one plane
 #pragma unroll
       for (int i = 0; i < VEC; ++i) s[i] = plane_scale;
     }
     float xv[VEC];
-    load_floats<T, VEC>(static_cast<const T*>(p.x) + e, xv);
+    load_floats<T, VEC>(x + e, xv);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) xv[i] *= s[i];
-    store_floats<T, VEC>(static_cast<T*>(p.y) + e, xv);
+    store_floats<T, VEC>(y + e, xv);
   }
 }
 
@@ -291,7 +331,7 @@ __global__ void __launch_bounds__(kScaleThreads) scale_kernel(const SeParams p) 
   scale_thread<T, VEC, CHANNELS_LAST>(p, blockIdx.x, threadIdx.x);
 }
 
-// ------------------------------------------------------------------------------------------------ launcher
+// ------------------------------------------------------------------------------------------------- plans
 int pow2_floor(int v) {
   int p = 1;
   while (p * 2 <= v) p *= 2;
@@ -312,12 +352,11 @@ int pool_splits(int64_t blocks, int units, int threads_per_unit) {
   return static_cast<int>(std::max<int64_t>(1, std::min(most, wanted)));
 }
 
-// The pool's tiles and splits (params' pool fields); returns its number of blocks.
-template <int VEC>
-int64_t plan_pool(SeParams& p, bool channels_last) {
+// The pool's tiles and splits (params' pool fields).
+LaunchShape plan_pool(SeParams& p, bool channels_last, int vec) {
   int64_t blocks;
   if (channels_last) {
-    const int vectors = p.C / VEC;
+    const int vectors = p.C / vec;
     p.group_threads = std::min(vectors, kPoolThreads);
     p.groups = pow2_floor(kPoolThreads / p.group_threads);
     p.channel_blocks = ceil_div(vectors, p.group_threads);
@@ -326,7 +365,7 @@ int64_t plan_pool(SeParams& p, bool channels_last) {
     p.splits = ceil_div(p.HW, p.chunk);
     blocks = int64_t(p.N) * p.channel_blocks * p.splits;
   } else {
-    const int vectors = p.HW / VEC;
+    const int vectors = p.HW / vec;
     p.group_threads = std::clamp(pow2_ceil(ceil_div(vectors, kMinPoolLoadsPerThread)), 32, kPoolThreads);
     p.groups = kPoolThreads / p.group_threads;
     const int64_t plane_blocks = ceil_div<int64_t>(int64_t(p.N) * p.C, p.groups);
@@ -335,109 +374,119 @@ int64_t plan_pool(SeParams& p, bool channels_last) {
     p.splits = ceil_div(vectors, p.chunk);
     blocks = plane_blocks * p.splits;
   }
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "squeeze_excite_cuda: x is too large (", blocks, " pool blocks)");
-  return blocks;
+  return {blocks, kPoolThreads, int64_t(kPoolThreads) * vec};
 }
 
+LaunchShape plan_scale(SeParams& p, int vec) {
+  p.vectors_per_sample = p.HW * p.C / vec;
+  auto blocks = [&] {
+    p.blocks_per_sample = ceil_div(p.vectors_per_sample, kScaleThreads * p.vectors_per_thread);
+    return int64_t(p.N) * p.blocks_per_sample;
+  };
+  p.vectors_per_thread = kScaleVectorsPerThread;
+  if (blocks() < kFillBlocks) p.vectors_per_thread = 1;
+  return {blocks(), kScaleThreads, 0};
+}
+
+// Threads per row: a warp, doubled (split rows) while the grid leaves SMs idle and each lane keeps >= 2 loads.
+LaunchShape plan_matvec(MatvecParams& p, int vw) {
+  const int64_t sample_tiles = ceil_div(p.N, kMlpSamples);
+  p.row_threads = 32;
+  auto blocks = [&] { return ceil_div(p.rows, kMlpThreads / p.row_threads) * sample_tiles; };
+  while (p.row_threads < kMlpThreads && blocks() < kFillBlocks && p.K >= 4 * p.row_threads * vw)
+    p.row_threads *= 2;
+  p.row_blocks = ceil_div(p.rows, kMlpThreads / p.row_threads);
+  return {blocks(), kMlpThreads, kMlpSamples * kMlpChunk};
+}
+
+// --------------------------------------------------------------------------------------------------- launch
 template <class T, int VEC>
-void run_pool(const SeParams& p, bool channels_last, int64_t blocks, const Executor& ex) {
-  if (ex.on_device) {
-    if (channels_last)
-      pool_cl_kernel<T, VEC><<<blocks, kPoolThreads, 0, ex.stream>>>(p);
-    else
-      pool_nchw_kernel<T, VEC><<<blocks, kPoolThreads, 0, ex.stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const int tree_width = channels_last ? p.groups : p.group_threads;
-  emulate_grid(blocks, kPoolThreads * VEC, [&](int64_t block, float* smem) {
-    emulate_phase(kPoolThreads, [&](int t) {
-      if (channels_last)
-        pool_cl_sum_thread<T, VEC>(p, block, t, smem);
-      else
-        pool_nchw_sum_thread<T, VEC>(p, block, t, smem);
-    });
-    for (int stride = tree_width / 2; stride > 0; stride /= 2)
-      emulate_phase(kPoolThreads, [&](int t) {
-        if (channels_last)
-          pool_cl_tree_thread<VEC>(p, t, stride, smem);
-        else
-          pool_nchw_tree_thread(p, t, stride, smem);
-      });
-    emulate_phase(kPoolThreads, [&](int t) {
-      if (channels_last)
-        pool_cl_store_thread<VEC>(p, block, t, smem);
-      else
-        pool_nchw_store_thread(p, block, t, smem);
-    });
-  });
-}
-
-// Lanes per matrix row: up to a warp, about 8 columns per lane, halved while the partials do not fit.
-int matvec_lanes(int rows, int cols, int64_t other_floats) {
-  int lanes = std::min(32, pow2_floor(std::max(1, cols / 8)));
-  while (lanes > 1 && (other_floats + int64_t(rows) * (lanes + 1)) * int64_t(sizeof(float)) > kDefaultSmemBytes)
-    lanes /= 2;
-  return lanes;
-}
-
-void run_mlp(SeParams& p, const Executor& ex) {
-  p.reduce_lanes = matvec_lanes(p.R, p.C, p.C + p.R);
-  p.expand_lanes = matvec_lanes(p.C, p.R, p.C + p.R);
-  const int64_t smem_floats =
-      p.C + p.R + std::max(int64_t(p.R) * (p.reduce_lanes + 1), int64_t(p.C) * (p.expand_lanes + 1));
-  const int64_t smem_bytes = smem_floats * int64_t(sizeof(float));
-  if (ex.on_device) {
-    if (smem_bytes > kDefaultSmemBytes) {
-      int device = 0, most = 0;
-      C10_CUDA_CHECK(cudaGetDevice(&device));
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-      TORCH_CHECK(smem_bytes <= most, "squeeze_excite_cuda: C = ", p.C, " and R = ", p.R, " need ", smem_bytes,
-                  " bytes of shared memory; this GPU has ", most, " per block");
-      C10_CUDA_CHECK(cudaFuncSetAttribute(mlp_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem_bytes)));
-    }
-    mlp_kernel<<<p.N, kMlpThreads, smem_bytes, ex.stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  emulate_grid(p.N, smem_floats, [&](int64_t n, float* smem) {
-    emulate_phase(kMlpThreads, [&](int t) { mlp_pool_thread(p, n, t, smem); });
-    emulate_phase(kMlpThreads, [&](int t) { mlp_reduce_thread(p, t, smem); });
-    emulate_phase(kMlpThreads, [&](int t) { mlp_hidden_thread(p, t, smem); });
-    emulate_phase(kMlpThreads, [&](int t) { mlp_expand_thread(p, t, smem); });
-    emulate_phase(kMlpThreads, [&](int t) { mlp_gate_thread(p, n, t, smem); });
-  });
-}
-
-template <class T, int VEC, bool CHANNELS_LAST>
-void run_scale(SeParams& p, const Executor& ex) {
-  p.vectors = int64_t(p.N) * p.C * p.HW / VEC;
-  const int64_t blocks = ceil_div<int64_t>(p.vectors, kScaleThreads * kScaleVectorsPerThread);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "squeeze_excite_cuda: x is too large (", blocks, " scale blocks)");
-  if (ex.on_device) {
-    scale_kernel<T, VEC, CHANNELS_LAST><<<blocks, kScaleThreads, 0, ex.stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  emulate_grid(blocks, 0, [&](int64_t block, float*) {
-    emulate_phase(kScaleThreads, [&](int t) { scale_thread<T, VEC, CHANNELS_LAST>(p, block, t); });
-  });
-}
-
-// Scratch (float32, one allocation): the pool's partial sums [N, splits, C], then the scale [N, C].
-template <class T, int VEC>
-void run_squeeze_excite(SeParams& p, bool channels_last, const at::Tensor& x, const Executor& ex) {
-  const int64_t pool_blocks = plan_pool<VEC>(p, channels_last);
-  const at::Tensor scratch = at::empty({int64_t(p.N) * p.C * (p.splits + 1)}, x.options().dtype(at::kFloat));
-  p.partial = scratch.data_ptr<float>();
-  p.scale = p.partial + int64_t(p.N) * p.splits * p.C;
-  run_pool<T, VEC>(p, channels_last, pool_blocks, ex);
-  run_mlp(p, ex);
+void launch_pool(SeParams& p, bool channels_last, const Executor& ex) {
+  const LaunchShape shape = plan_pool(p, channels_last, VEC);
+  auto emulate = [&](auto sum, auto tree, auto store, int tree_width) {
+    return [&, sum, tree, store, tree_width](int64_t block, float* smem) {
+      emulate_phase(kPoolThreads, [&](int t) { sum(p, block, t, smem); });
+      for (int stride = tree_width / 2; stride > 0; stride /= 2)
+        emulate_phase(kPoolThreads, [&](int t) { tree(p, t, stride, smem); });
+      emulate_phase(kPoolThreads, [&](int t) { store(p, block, t, smem); });
+    };
+  };
   if (channels_last)
-    run_scale<T, VEC, true>(p, ex);
+    launch_or_emulate(ex, shape, pool_cl_kernel<T, VEC>, p,
+                      emulate(pool_cl_sum_thread<T, VEC>, pool_cl_tree_thread<VEC>, pool_cl_store_thread<VEC>,
+                              p.groups));
   else
-    run_scale<T, VEC, false>(p, ex);
+    launch_or_emulate(ex, shape, pool_nchw_kernel<T, VEC>, p,
+                      emulate(pool_nchw_sum_thread<T, VEC>, pool_nchw_tree_thread, pool_nchw_store_thread,
+                              p.group_threads));
+}
+
+void launch_matvec(MatvecParams& p, const Executor& ex) {
+  auto run = [&](auto vw) {
+    constexpr int VW = decltype(vw)::value;
+    const LaunchShape shape = plan_matvec(p, VW);
+    launch_or_emulate(ex, shape, matvec_kernel<VW>, p, [&](int64_t block, float* smem) {
+      std::vector<MatvecState> states(kMlpThreads);  // zeros, as on the GPU
+      for (int k0 = 0; k0 < p.K; k0 += kMlpChunk) {
+        emulate_phase(kMlpThreads, [&](int t) { matvec_stage_thread<VW>(p, block, t, k0, smem); });
+        emulate_phase(kMlpThreads, [&](int t) { matvec_accumulate_thread<VW>(p, block, t, k0, smem, states[t]); });
+      }
+      emulate_phase(kMlpThreads, [&](int t) { matvec_partials_thread(p, block, t, smem, states[t]); });
+      emulate_phase(kMlpThreads, [&](int t) { matvec_finish_thread(p, block, t, smem); });
+    });
+  };
+  if (p.K % 4 == 0 && aligned16(p.weight) && aligned16(p.in))
+    run(std::integral_constant<int, 4>{});
+  else
+    run(std::integral_constant<int, 1>{});
+}
+
+template <class T, int VEC>
+void launch_scale(SeParams& p, bool channels_last, const Executor& ex) {
+  const LaunchShape shape = plan_scale(p, VEC);
+  auto run = [&](auto kernel, auto thread_body) {
+    launch_or_emulate(ex, shape, kernel, p, [&](int64_t block, float*) {
+      emulate_phase(kScaleThreads, [&](int t) { thread_body(p, block, t); });
+    });
+  };
+  if (channels_last)
+    run(scale_kernel<T, VEC, true>, scale_thread<T, VEC, true>);
+  else
+    run(scale_kernel<T, VEC, false>, scale_thread<T, VEC, false>);
+}
+
+struct SeLayers {
+  const float* w_reduce;
+  const float* b_reduce;
+  const float* w_expand;
+  const float* b_expand;
+  int R;
+  ActivationSpec activation;
+  Gate gate;
+};
+
+// Scratch (float32, one allocation): the pool's partial sums [N, splits, C], the scale [N, C], the hidden [N, R],
+// each starting on a 16-byte boundary for the vector loads.
+template <class T, int VEC>
+void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, const at::Tensor& x,
+                        const Executor& ex) {
+  plan_pool(p, channels_last, VEC);
+  const int64_t n = p.N;
+  auto whole_vectors = [](int64_t floats) { return ceil_div<int64_t>(floats, 4) * 4; };
+  const int64_t partial_floats = whole_vectors(n * p.splits * p.C), scale_floats = whole_vectors(n * p.C);
+  const at::Tensor scratch =
+      at::empty({partial_floats + scale_floats + n * layers.R}, x.options().dtype(at::kFloat));
+  p.partial = scratch.data_ptr<float>();
+  p.scale = p.partial + partial_floats;
+  float* hidden = p.scale + scale_floats;
+  launch_pool<T, VEC>(p, channels_last, ex);
+  MatvecParams reduce{p.partial, p.splits, 1.f / static_cast<float>(p.HW), layers.w_reduce, layers.b_reduce,
+                      hidden,    p.N,      layers.R, p.C, 0, 0, false, layers.activation, layers.gate};
+  launch_matvec(reduce, ex);
+  MatvecParams expand{hidden, 1,   1.f, layers.w_expand, layers.b_expand, p.scale, p.N, p.C,
+                      layers.R, 0, 0,   true,            layers.activation, layers.gate};
+  launch_matvec(expand, ex);
+  launch_scale<T, VEC>(p, channels_last, ex);
 }
 
 void check_weight(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
@@ -455,13 +504,29 @@ void check_weight(const at::Tensor& t, const char* name, const at::Tensor& x, in
   }
 }
 
-at::Tensor squeeze_excite_impl(const at::Tensor& x, const at::Tensor& w_reduce,
+}  // namespace
+
+std::string squeeze_excite_limit_reason(int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, int64_t R) {
+  const int64_t HW = H * W;
+  if (std::max({HW * C, C * R, N * C, N * R}) >= kInt32Limit)
+    return "one sample of x [" + std::to_string(N) + ", " + std::to_string(C) + ", " + std::to_string(H) + ", " +
+           std::to_string(W) + "] or the weights (R = " + std::to_string(R) +
+           ") are too large for the kernels' 32-bit offsets within a sample";
+  // The scalar path's plans have the most blocks.
+  SeParams p{};
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.HW = static_cast<int>(HW);
+  if (N * C * HW == 0) return "";  // nothing to launch
+  const int64_t blocks = std::max(plan_pool(p, channels_last, 1).blocks, plan_scale(p, 1).blocks);
+  if (blocks >= kInt32Limit) return "x is too large (" + std::to_string(blocks) + " blocks)";
+  return "";
+}
+
+at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
                                const std::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
                                const std::optional<at::Tensor>& b_expand, c10::string_view activation,
-                               c10::string_view gate, bool on_device) {
-  const char* where = on_device ? "a CUDA tensor" : "a CPU tensor (the host emulation of the CUDA kernel)";
-  TORCH_CHECK(on_device ? x.is_cuda() : x.is_cpu(), "squeeze_excite_cuda: x must be ", where, ", got ",
-              x.device());
+                               c10::string_view gate) {
   TORCH_CHECK(x.dim() == 4, "squeeze_excite_cuda: x must be [N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "squeeze_excite_cuda: x must be contiguous (NCHW or channels_last), got strides ", x.strides());
@@ -473,17 +538,14 @@ at::Tensor squeeze_excite_impl(const at::Tensor& x, const at::Tensor& w_reduce,
   check_weight(w_expand, "w_expand", x, C, R);
   if (b_reduce) check_weight(*b_reduce, "b_reduce", x, R, -1);
   if (b_expand) check_weight(*b_expand, "b_expand", x, C, -1);
-  const int act = activation_index(activation);
-  TORCH_CHECK(act == static_cast<int>(Activation::ReLU) || act == static_cast<int>(Activation::SiLU),
-              "squeeze_excite_cuda: unknown activation '", activation, "'; expected relu or silu");
-  const int gate_code = gate_index(gate);
+  const ActivationSpec spec =
+      parse_activation(std::string_view(activation.data(), activation.size()), "squeeze_excite_cuda");
+  const int gate_code = gate_index(std::string_view(gate.data(), gate.size()));
   TORCH_CHECK(gate_code >= 0, "squeeze_excite_cuda: unknown gate '", gate, "'; expected sigmoid or hardsigmoid");
-  constexpr int64_t kInt32 = int64_t(1) << 31;
-  const int64_t HW = x.size(2) * x.size(3);
-  TORCH_CHECK(HW * C < kInt32 && C * R < kInt32 && x.size(0) * C < kInt32,
-              "squeeze_excite_cuda: one sample of x or the weights are too large (x ", x.sizes(), ", R ", R, ")");
+  const bool channels_last = is_channels_last(x);
+  const std::string limit = squeeze_excite_limit_reason(x.size(0), C, x.size(2), x.size(3), channels_last, R);
+  TORCH_CHECK(limit.empty(), "squeeze_excite_cuda: ", limit);
 
-  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                              : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
@@ -491,50 +553,28 @@ at::Tensor squeeze_excite_impl(const at::Tensor& x, const at::Tensor& w_reduce,
   SeParams p{};
   p.x = x.data_ptr();
   p.y = y.data_ptr();
-  p.w_reduce = w_reduce.data_ptr<float>();
-  p.b_reduce = b_reduce ? b_reduce->data_ptr<float>() : nullptr;
-  p.w_expand = w_expand.data_ptr<float>();
-  p.b_expand = b_expand ? b_expand->data_ptr<float>() : nullptr;
   p.N = static_cast<int>(x.size(0));
   p.C = static_cast<int>(C);
-  p.HW = static_cast<int>(HW);
-  p.R = static_cast<int>(R);
-  p.activation = static_cast<Activation>(act);
-  p.gate = static_cast<Gate>(gate_code);
-
-  std::optional<c10::cuda::CUDAGuard> guard;
-  Executor ex{on_device, nullptr};
-  if (on_device) {
-    guard.emplace(x.device());
-    ex.stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  }
+  p.HW = static_cast<int>(x.size(2) * x.size(3));
+  const SeLayers layers{w_reduce.data_ptr<float>(),
+                        b_reduce ? b_reduce->data_ptr<float>() : nullptr,
+                        w_expand.data_ptr<float>(),
+                        b_expand ? b_expand->data_ptr<float>() : nullptr,
+                        static_cast<int>(R),
+                        spec,
+                        static_cast<Gate>(gate_code)};
+  const Executor ex(x);
   dispatch_float_types(x.scalar_type(), "squeeze_excite_cuda: x", [&](auto tag) {
     using T = decltype(tag);
     constexpr int VEC = kVec16<T>;
     const bool vectorized =
         (channels_last ? p.C % VEC == 0 : p.HW % VEC == 0) && aligned16(p.x) && aligned16(p.y);
     if (vectorized)
-      run_squeeze_excite<T, VEC>(p, channels_last, x, ex);
+      run_squeeze_excite<T, VEC>(p, layers, channels_last, x, ex);
     else
-      run_squeeze_excite<T, 1>(p, channels_last, x, ex);
+      run_squeeze_excite<T, 1>(p, layers, channels_last, x, ex);
   });
   return y;
-}
-
-}  // namespace
-
-at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
-                               const std::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
-                               const std::optional<at::Tensor>& b_expand, c10::string_view activation,
-                               c10::string_view gate) {
-  return squeeze_excite_impl(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, true);
-}
-
-at::Tensor squeeze_excite_emulated(const at::Tensor& x, const at::Tensor& w_reduce,
-                                   const std::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
-                                   const std::optional<at::Tensor>& b_expand, c10::string_view activation,
-                                   c10::string_view gate) {
-  return squeeze_excite_impl(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, false);
 }
 
 }  // namespace mbkernels

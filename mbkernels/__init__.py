@@ -14,5 +14,5 @@ from .patch import patch, patch_report, unpatch
 try:
     __version__ = _metadata.version("mbkernels")  # e.g. 0.1.0+cu130.torch2.14: names what _C was built for
 except _metadata.PackageNotFoundError:
-    __version__ = "0.1.0"
+    from ._version import __version__
 __all__ = ["backends", "nn", "ops", "patch", "patch_report", "unpatch"]

@@ -94,6 +94,16 @@ def _module_activation(module) -> "str | None":
     return None
 
 
+def stock_module(spec: str) -> torch.nn.Module:
+    """The torch.nn module that computes an activation spec (benchmarks build stock layers from it)."""
+    name, parameter = parse_activation(spec)
+    builders = {"identity": torch.nn.Identity, "relu": torch.nn.ReLU, "relu6": torch.nn.ReLU6,
+                "hardswish": torch.nn.Hardswish, "silu": torch.nn.SiLU, "gelu": torch.nn.GELU,
+                "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+                "leaky_relu": lambda: torch.nn.LeakyReLU(parameter)}
+    return builders[name]()
+
+
 GATE_MODULES = {
     torch.nn.Sigmoid: "sigmoid",
     torch.nn.Hardsigmoid: "hardsigmoid",

@@ -15,6 +15,7 @@ and reported. In a parent other than a plain Sequential the whole parent runs, s
 the BN right after the conv is caught. All swaps are made at the end, all or none.
 """
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -25,7 +26,6 @@ from . import activations
 from .nn.dwconv import DWConvBNAct, FusedInto, carried_activation, check_depthwise, check_norm
 from .nn.squeeze_excite import SqueezeExcite
 
-KINDS = {"dwconv_bn_act": "dwconv+bn+act", "squeeze_excite": "squeeze-excite"}
 # Largest relative error (to the probe output's largest value) of float32 fused vs float64 stock: float32
 # rounding stays near 1e-6; a wrong activation, padding or fold is off by far more.
 VERIFY_TOLERANCE = 1e-4
@@ -171,7 +171,155 @@ def _probe(channels: int, height: int, width: int, generator: torch.Generator) -
     return torch.randn(1, channels, height, width, dtype=torch.float64, generator=generator)
 
 
-# ------------------------------------------------------------------------------------------------ matching
+# ------------------------------------------------------------------------------------------ fusion kinds
+class Skip(Exception):
+    """A candidate that a fusion kind leaves alone; the message is the reason the report shows."""
+
+
+@dataclass
+class Candidate:
+    """One match a fusion kind found among a parent's children, not yet checked."""
+    path: str  # the model path of the module that the fused module replaces (its first slot)
+    shape: str
+    # Builds the swap: [(slot name in the parent, new module, stock module)], the fused module first; raises Skip.
+    build: Callable[[], list]
+    # Compares, on a probe, the stock modules with a reference-backend copy of the fused ones: None or a difference.
+    check: Callable[[], Optional[str]]
+
+
+class FusionKind:
+    """One kind of fusion behind the planner's protocol: find candidates among a parent's children, build and
+    check each, describe fused modules for the report. Kinds run in FUSION_KINDS order; a child a kind takes is
+    not offered to the later ones, and a planned swap's modules are not visited further."""
+    kind = ""  # the report's key, e.g. "dwconv_bn_act"
+    label = ""  # the report's words, e.g. "dwconv+bn+act"
+    fused_type: type = type(None)  # the fused module class this kind puts in
+
+    def __init__(self, planner: "_Planner"):
+        self.planner = planner
+
+    def candidates(self, parent: nn.Module, path: str, children: list, taken: set):
+        """Yield Candidates (or raise Skip per child through `skipped`) among parent's (name, child) children."""
+        raise NotImplementedError
+
+    def describe(self, fused: nn.Module) -> tuple[str, str]:
+        """(shape, activation) of a fused module of this kind, for the report."""
+        raise NotImplementedError
+
+
+class DWConvKind(FusionKind):
+    """A depthwise nn.Conv2d followed, in its parent, by a BatchNorm2d (and, in a plain Sequential, by an
+    activation with a kernel; a BatchNormAct2d brings its own)."""
+    kind, label, fused_type = "dwconv_bn_act", "dwconv+bn+act", DWConvBNAct
+
+    def candidates(self, parent, path, children, taken):
+        plain_sequential = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+        for i, (name, conv) in enumerate(children):
+            if not (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels > 1) or name in taken:
+                continue
+            yield Candidate(f"{path}{name}", _conv_shape(conv),
+                            functools.partial(self.build, parent, children, i, plain_sequential),
+                            functools.partial(self.check, parent, children, i, plain_sequential))
+
+    def run(self, children, i, plain_sequential):
+        """((bn name, bn), (act name, act) or None) for the depthwise conv children[i]; Skip with the reason."""
+        conv = children[i][1]
+        try:
+            check_depthwise(conv)
+        except ValueError as error:
+            raise Skip(str(error)) from None
+        if i + 1 == len(children):
+            raise Skip("not followed by a BatchNorm2d (it is the last module of its parent)")
+        bn_name, bn = children[i + 1]
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise Skip(f"not followed by a BatchNorm2d (the next module is {type(bn).__name__})")
+        try:
+            check_norm(bn)
+        except ValueError as error:
+            raise Skip(str(error)) from None
+        if not plain_sequential or carried_activation(bn) is not None or i + 2 == len(children):
+            return (bn_name, bn), None
+        act_name, act = children[i + 2]
+        if activations.identify_activation(act) is not None:
+            return (bn_name, bn), (act_name, act)
+        if _is_activation_module(act):
+            raise Skip(f"activation {type(act).__name__} after the BatchNorm has no fused kernel; supported: "
+                       f"{', '.join(activations.ACTIVATIONS)}")
+        return (bn_name, bn), None  # something else follows: fuse conv + BN alone
+
+    def build(self, parent, children, i, plain_sequential):
+        name, conv = children[i]
+        (bn_name, bn), act_item = self.run(children, i, plain_sequential)
+        slots = {"conv": name, "bn": bn_name}
+        act = None
+        if act_item is not None:
+            slots["act"], act = act_item
+        try:
+            fused = DWConvBNAct(conv, bn, act, backend=self.planner.backend, stock_slots=slots)
+        except ValueError as error:
+            raise Skip(str(error)) from None
+        items = [(name, fused, conv), (bn_name, FusedInto(name, bn), bn)]
+        if act_item is not None:
+            items.append((act_item[0], FusedInto(name, act), act))
+        return items
+
+    def check(self, parent, children, i, plain_sequential):
+        name, conv = children[i]
+        (bn_name, bn), act_item = self.run(children, i, plain_sequential)
+        generator = self.planner.generator
+        if plain_sequential:
+            act = [act_item[1]] if act_item is not None else []
+            stock = _probe_copy(nn.Sequential(conv, bn, *act), generator)
+            reference = DWConvBNAct(*copy.deepcopy(list(stock)), backend="reference")
+            reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            return _compare(stock, reference, _probe(conv.in_channels, reach[0] + 3, reach[1] + 4, generator))
+        # Any other parent runs whole, so a forward that does not apply the BN right after the conv is caught.
+        stock = _probe_copy(parent, generator)
+        swapped = copy.deepcopy(stock)
+        conv_copy, bn_copy = getattr(swapped, name), getattr(swapped, bn_name)
+        setattr(swapped, name, DWConvBNAct(conv_copy, bn_copy, backend="reference"))
+        setattr(swapped, bn_name, nn.Identity())
+        first_conv = next(m for m in stock.modules() if isinstance(m, nn.Conv2d))
+        size = 4 + max(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+        return _compare(stock, swapped, _probe(first_conv.in_channels, size, size + 1, generator))
+
+    def describe(self, fused):
+        return _conv_shape(fused.conv), fused.activation
+
+
+class SqueezeExciteKind(FusionKind):
+    """A module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C), offered to
+    mbkernels.nn.SqueezeExcite.from_module."""
+    kind, label, fused_type = "squeeze_excite", "squeeze-excite", SqueezeExcite
+
+    def candidates(self, parent, path, children, taken):
+        for name, module in children:
+            if name in taken or _se_layers(module) is None:
+                continue
+            yield Candidate(f"{path}{name}", _se_shape(module), functools.partial(self.build, name, module),
+                            functools.partial(self.check, module))
+
+    def build(self, name, module):
+        try:
+            return [(name, SqueezeExcite.from_module(module, backend=self.planner.backend), module)]
+        except ValueError as error:
+            raise Skip(str(error)) from None
+
+    def check(self, module):
+        generator = self.planner.generator
+        stock = _probe_copy(module, generator)
+        reference = SqueezeExcite.from_module(copy.deepcopy(stock), backend="reference")
+        return _compare(stock, reference, _probe(_se_layers(module)[0][0], 5, 7, generator))
+
+    def describe(self, fused):
+        return _se_shape(fused), _se_activation(fused)
+
+
+FUSION_KINDS = (DWConvKind, SqueezeExciteKind)
+KINDS = {kind.kind: kind.label for kind in FUSION_KINDS}
+
+
+# ------------------------------------------------------------------------------------------------ planning
 @dataclass
 class _Swap:
     parent: nn.Module
@@ -180,151 +328,57 @@ class _Swap:
 
 
 class _Planner:
-    def __init__(self, backend: Optional[str], dwconv: bool, se: bool):
-        self.backend, self.dwconv, self.se = backend, dwconv, se
+    def __init__(self, backend: Optional[str], kinds: tuple):
+        self.backend = backend
+        self.kinds = [kind(self) for kind in kinds]
         self.report = PatchReport()
         self.swaps = []
         self.generator = torch.Generator().manual_seed(0)
 
-    # -- walk
     def visit(self, parent: nn.Module, path: str) -> None:
         children = list(parent.named_children())
-        taken = self.match_dwconv_runs(parent, path, children) if self.dwconv else set()
+        taken = {name for name, child in children if isinstance(child, FusedInto) or self.record_fused(child, path + name)}
+        skipped = {}  # child name -> the skip entries of candidates that child started
+        for kind in self.kinds:
+            for candidate in list(kind.candidates(parent, path, children, taken)):
+                try:
+                    taken.update(self.plan(parent, kind, candidate))
+                except Skip as skip:
+                    entry = PatchEntry(candidate.path, kind.kind, candidate.shape, "", str(skip))
+                    self.report.skipped.append(entry)
+                    skipped.setdefault(candidate.path[len(path):].partition(".")[0], []).append(entry)
         for name, child in children:
-            child_path = f"{path}{name}"
-            if name in taken or isinstance(child, FusedInto):
+            if name in taken:
                 continue
-            if self.record_fused(child, child_path):
-                continue
-            if self.se and _se_layers(child) is not None and self.try_squeeze_excite(parent, name, child, child_path):
-                continue
-            self.visit(child, child_path + ".")
+            fused_before = len(self.report.fused) + len(self.swaps)
+            self.visit(child, f"{path}{name}.")
+            if len(self.report.fused) + len(self.swaps) > fused_before:
+                # A wrapper around what was fused inside it (an SE inside a module with the SE's layers): the
+                # match is inside, so the wrapper's own refusal is no news.
+                for entry in skipped.get(name, []):
+                    self.report.skipped.remove(entry)
 
     def record_fused(self, module: nn.Module, path: str) -> bool:
-        if isinstance(module, DWConvBNAct):
-            entry = PatchEntry(path, "dwconv_bn_act", _conv_shape(module.conv), module.activation)
-        elif isinstance(module, SqueezeExcite):
-            entry = PatchEntry(path, "squeeze_excite", _se_shape(module), _se_activation(module))
-        else:
-            return False
-        self.report.fused.append(entry)
-        return True
+        for kind in self.kinds:
+            if isinstance(module, kind.fused_type):
+                self.report.fused.append(PatchEntry(path, kind.kind, *kind.describe(module)))
+                return True
+        return False
 
-    def skip(self, path: str, kind: str, shape: str, reason: str) -> None:
-        self.report.skipped.append(PatchEntry(path, kind, shape, "", reason))
-
-    # -- squeeze-excite
-    def try_squeeze_excite(self, parent: nn.Module, name: str, module: nn.Module, path: str) -> bool:
-        """True when module was matched (a swap planned) or reported; False: look inside it instead."""
-        shape = _se_shape(module)
-        try:
-            fused = SqueezeExcite.from_module(module, backend=self.backend)
-        except ValueError as error:
-            # Perhaps a wrapper around the real SE: look inside; report this module only if nothing inside matches.
-            before = len(self.report.fused) + len(self.swaps)
-            skipped = len(self.report.skipped)
-            self.visit(module, path + ".")
-            if len(self.report.fused) + len(self.swaps) == before:
-                del self.report.skipped[skipped:]
-                self.skip(path, "squeeze_excite", shape, str(error))
-            return True
-
-        def check():
-            stock = _probe_copy(module, self.generator)
-            reference = SqueezeExcite.from_module(copy.deepcopy(stock), backend="reference")
-            return _compare(stock, reference, _probe(_se_layers(module)[0][0], 5, 7, self.generator))
-
-        entry = PatchEntry(path, "squeeze_excite", shape, _se_activation(fused))
-        return self.plan(parent, [(name, fused, module)], entry, check)
-
-    # -- depthwise conv + BN + activation
-    def match_dwconv_runs(self, parent: nn.Module, path: str, children: list) -> set:
-        """Plan the swaps of the conv -> BN (-> act) runs among parent's children; the names they take."""
-        taken = set()
-        plain_sequential = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
-        for i, (name, conv) in enumerate(children):
-            if not (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels > 1) or name in taken:
-                continue
-            path_i, shape = f"{path}{name}", _conv_shape(conv)
-            run = self.dwconv_run(children, i, plain_sequential)
-            if isinstance(run, str):
-                self.skip(path_i, "dwconv_bn_act", shape, run)
-                continue
-            (bn_name, bn), act_item = run
-            slots = {"conv": name, "bn": bn_name}
-            if act_item is not None:
-                slots["act"] = act_item[0]
-            act = act_item[1] if act_item is not None else None
-            try:
-                fused = DWConvBNAct(conv, bn, act, backend=self.backend, stock_slots=slots)
-            except ValueError as error:
-                self.skip(path_i, "dwconv_bn_act", shape, str(error))
-                continue
-            if plain_sequential:
-                def check(conv=conv, bn=bn, act=act):
-                    stock = _probe_copy(nn.Sequential(conv, bn, *([act] if act is not None else [])), self.generator)
-                    reference = DWConvBNAct(*copy.deepcopy(list(stock)), backend="reference")
-                    return _compare(stock, reference, self.conv_probe(conv))
-            else:
-                def check(name=name, bn_name=bn_name):
-                    stock = _probe_copy(parent, self.generator)
-                    swapped = copy.deepcopy(stock)
-                    conv_copy, bn_copy = getattr(swapped, name), getattr(swapped, bn_name)
-                    setattr(swapped, name, DWConvBNAct(conv_copy, bn_copy, backend="reference"))
-                    setattr(swapped, bn_name, nn.Identity())
-                    first_conv = next(m for m in stock.modules() if isinstance(m, nn.Conv2d))
-                    size = 4 + max(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
-                    return _compare(stock, swapped, _probe(first_conv.in_channels, size, size + 1, self.generator))
-            stock_items = [(name, fused, conv), (bn_name, FusedInto(name, bn), bn)]
-            if act_item is not None:
-                stock_items.append((act_item[0], FusedInto(name, act), act))
-            activation = fused.activation
-            if self.plan(parent, stock_items, PatchEntry(path_i, "dwconv_bn_act", shape, activation), check):
-                taken.update(item[0] for item in stock_items)
-        return taken
-
-    def dwconv_run(self, children: list, i: int, plain_sequential: bool):
-        """((bn name, bn), (act name, act) or None) for the depthwise conv children[i], or why it is left alone."""
-        conv = children[i][1]
-        try:
-            check_depthwise(conv)
-        except ValueError as error:
-            return str(error)
-        if i + 1 == len(children):
-            return "not followed by a BatchNorm2d (it is the last module of its parent)"
-        bn_name, bn = children[i + 1]
-        if not isinstance(bn, nn.BatchNorm2d):
-            return f"not followed by a BatchNorm2d (the next module is {type(bn).__name__})"
-        try:
-            check_norm(bn)
-        except ValueError as error:
-            return str(error)
-        if not plain_sequential or carried_activation(bn) is not None or i + 2 == len(children):
-            return (bn_name, bn), None
-        act_name, act = children[i + 2]
-        if activations.identify_activation(act) is not None:
-            return (bn_name, bn), (act_name, act)
-        if _is_activation_module(act):
-            return (f"activation {type(act).__name__} after the BatchNorm has no fused kernel; supported: "
-                    f"{', '.join(activations.ACTIVATIONS)}")
-        return (bn_name, bn), None  # something else follows: fuse conv + BN alone
-
-    def conv_probe(self, conv: nn.Conv2d) -> torch.Tensor:
-        reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        return _probe(conv.in_channels, reach[0] + 3, reach[1] + 4, self.generator)
-
-    def plan(self, parent: nn.Module, items: list, entry: PatchEntry, check: Callable) -> bool:
-        """Plan one swap (items: (slot name, new module, stock module)) if the probe check passes."""
-        failure = _checked(check)
+    def plan(self, parent: nn.Module, kind: FusionKind, candidate: Candidate) -> list:
+        """Build and check one candidate and plan its swap; the slots it takes. Skip when it cannot be fused."""
+        items = candidate.build()
+        failure = _checked(candidate.check)
         if failure is not None:
-            self.report.skipped.append(PatchEntry(entry.path, entry.kind, entry.shape, entry.activation, failure))
-            return True
+            raise Skip(failure)
         fused = items[0][1]
         object.__setattr__(fused, _RESTORE, tuple((slot, stock) for slot, _, stock in items))
         for _, new, stock in items:
             new.training = stock.training  # new modules start in training mode; take the stock one's
+        shape, activation = kind.describe(fused)
+        entry = PatchEntry(candidate.path, kind.kind, shape, activation)
         self.swaps.append(_Swap(parent, [(slot, new) for slot, new, _ in items], entry))
-        return True
+        return [slot for slot, _, _ in items]
 
 
 def _is_activation_module(module: nn.Module) -> bool:
@@ -347,7 +401,8 @@ def _refuse_meta_tensors(model: nn.Module) -> None:
 
 def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool) -> _Planner:
     _refuse_meta_tensors(model)
-    planner = _Planner(backend, dwconv, se)
+    wanted = {"dwconv_bn_act": dwconv, "squeeze_excite": se}
+    planner = _Planner(backend, tuple(kind for kind in FUSION_KINDS if wanted.get(kind.kind, True)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
     try:

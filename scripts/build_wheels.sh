@@ -2,7 +2,7 @@
 # Builds the mbkernels wheels for GPU servers: one per torch version, each with mbkernels._C compiled against
 # that torch and versioned and pinned for it (0.1.0+cu130.torch2.14 requires torch>=2.14,<2.15), repaired to a
 # manylinux tag without bundling torch's or CUDA's libraries (they come with the torch that is installed);
-# and one pure-Python wheel (0.1.0, any torch>=2.4, Triton and reference backends only).
+# and one pure-Python wheel (any torch from setup.py's TORCH_FLOOR on, Triton and reference backends only).
 #
 #   scripts/build_wheels.sh [TORCH_VERSION ...]      e.g. scripts/build_wheels.sh 2.14.1 2.13.0
 #

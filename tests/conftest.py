@@ -12,11 +12,15 @@ if not torch.cuda.is_available():
     # One intra-op thread: on 2 shared cores torch's thread pool spins and small float64 references take seconds.
     torch.set_num_threads(1)
 
+import zlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 import mbkernels  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 
 # Max elementwise error allowed, relative to the element and to the largest reference value (float64 reference).
@@ -75,3 +79,14 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Fresh random data in every test, the same on every run of that test."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def random_x(shape, dtype=torch.float32, layout="nchw", device=DEVICE) -> torch.Tensor:
+    """A random input in one of LAYOUTS (never zeros: they hide unwritten or misread elements)."""
+    return torch.randn(shape, device=device).to(dtype).contiguous(memory_format=LAYOUTS[layout])

@@ -6,7 +6,6 @@ registered ops (opcheck, torch.compile), the DWConvBNAct module, bad input, and 
 """
 import copy
 import itertools
-import zlib
 
 import pytest
 import torch
@@ -15,42 +14,25 @@ from torch import nn
 
 import mbkernels
 from oracle import dwconv64, stock_activation
-from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, KERNEL_BACKENDS, assert_close_to_reference, backend_unavailable
+from conftest import (ALL_BACKENDS, DEVICE, DTYPES, HAS_GPU, KERNEL_BACKENDS, LAYOUTS, assert_close_to_reference,
+                      backend_unavailable, random_x)
 from mbkernels import _contract, _native, activations, dispatch, ops
 from mbkernels._contract import DWConvArgs
 from mbkernels.backends import OpSupport, declared as declared_backends, reference
 from mbkernels.nn import DWConvBNAct
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-
-@pytest.fixture(autouse=True)
-def _seed(request):
-    """Fresh random data in every test, the same on every run of that test."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+from mbkernels.patch import randomize_batchnorm
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def random_bn(channels: int, affine: bool = True) -> nn.BatchNorm2d:
     """An eval-mode BatchNorm2d with random statistics and affine parameters (the defaults would fold to ~1)."""
-    bn = nn.BatchNorm2d(channels, affine=affine)
-    with torch.no_grad():
-        bn.running_mean.normal_(0.0, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        if affine:
-            bn.weight.normal_(1.0, 0.5)
-            bn.bias.normal_(0.0, 0.5)
-    return bn.eval()
+    return randomize_batchnorm(nn.BatchNorm2d(channels, affine=affine)).eval()
 
 
 def depthwise_conv(channels, kernel_size, stride=1, padding=None, dilation=1, bias=False) -> nn.Conv2d:
     if padding is None:
         padding = dilation * (kernel_size // 2)
     return nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=bias)
-
-
-def random_x(shape, dtype=torch.float32, layout="nchw", device=DEVICE) -> torch.Tensor:
-    return torch.randn(shape, device=device).to(dtype).contiguous(memory_format=LAYOUTS[layout])
 
 
 def random_weights(channels, kh, kw, device=DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,3 +525,26 @@ def test_fused_module_leaves_inputs_the_op_does_not_take_to_the_stock_layers():
     with torch.inference_mode():
         x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
         torch.testing.assert_close(fused(x), stock(x), rtol=0, atol=0)
+
+
+def test_dispatch_falls_through_what_a_launcher_refuses(monkeypatch):
+    """A backend's limit (the cuda launchers' are stated in C++) makes auto-dispatch pick the next backend."""
+    args = normalised_args(_op_args("nchw"))
+    cuda = mbkernels.backends.cuda.BACKEND
+    refused = OpSupport(cuda.ops["dwconv_bn_act"].run, lambda args: "refused by a test")
+    monkeypatch.setitem(cuda.ops, "dwconv_bn_act", refused)
+    if backend_unavailable("cuda") is None:
+        assert dispatch.why_not(cuda, "dwconv_bn_act", args, explicit=True) == "refused by a test"
+    assert dispatch.select("dwconv_bn_act", None, args) is not refused.run
+
+
+def test_cuda_limits_come_from_the_launcher():
+    if backend_unavailable("cuda"):
+        pytest.skip(f"cuda backend unavailable: {backend_unavailable('cuda')}")
+    args = normalised_args(_op_args("nchw"))
+    assert mbkernels.backends.cuda.dwconv_bn_act_limit(args) is None
+    # An NCHW tile for a 7x7 kernel dilated by 40 does not fit the launcher's shared memory: C++ says so.
+    huge_halo = normalised_args((random_x((1, 8, 300, 300)), *random_weights(8, 7, 7), [1, 1], [120, 120], [40, 40],
+                                 "relu"))
+    reason = mbkernels.backends.cuda.dwconv_bn_act_limit(huge_halo)
+    assert reason and "shared memory" in reason, reason

@@ -9,7 +9,7 @@ Two profiles, picked by MBKERNELS_FUZZ_PROFILE:
 A failing example hypothesis finds is kept below as an @example, with a comment saying what it caught.
 """
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import DEVICE, KERNEL_BACKENDS, assert_close_to_reference
 from mbkernels import _contract, activations, ops
+from oracle import dwconv64, se64
 
 
 class Profile(NamedTuple):
@@ -158,9 +159,8 @@ def dwconv_cases(draw) -> DWCase:
 
 
 def dwconv_reference(x, weight, bias, case: DWCase) -> torch.Tensor:
-    y = F.conv2d(x.double(), weight.float().double(), bias.float().double(), case.stride, case.padding,
-                 case.dilation, groups=x.shape[1])
-    return activations.apply_activation(case.activation, y)
+    # The op takes float32 weights: the reference starts from the same rounding.
+    return dwconv64(x, weight.float(), bias.float(), case.stride, case.padding, case.dilation, case.activation)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -228,13 +228,9 @@ def se_cases(draw) -> SECase:
 
 
 def se_reference(x, w_reduce, b_reduce, w_expand, b_expand, case: SECase) -> torch.Tensor:
-    def as64(t: Optional[torch.Tensor]):
-        return None if t is None else t.float().double().flatten(1) if t.dim() > 1 else t.float().double()
-
-    pooled = x.double().mean(dim=(2, 3))
-    hidden = activations.apply_activation(case.activation, F.linear(pooled, as64(w_reduce), as64(b_reduce)))
-    scale = activations.apply_gate(case.gate, F.linear(hidden, as64(w_expand), as64(b_expand)))
-    return x.double() * scale[:, :, None, None]
+    # The op takes float32 weights: the reference starts from the same rounding.
+    weights = [None if t is None else t.float() for t in (w_reduce, b_reduce, w_expand, b_expand)]
+    return se64(x, *weights, case.activation, case.gate)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -17,10 +17,7 @@ from models.mobilenetv3 import SELayer, h_swish, mobilenetv3_large, mobilenetv3_
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
-try:
-    from mbkernels.nn.squeeze_excite import SqueezeExcite
-except ImportError:  # another part of the project, still being written
-    SqueezeExcite = None
+from mbkernels.nn.squeeze_excite import SqueezeExcite
 
 HAND_WRITTEN = {"hand:mobilenetv3_small": mobilenetv3_small, "hand:mobilenetv3_large": mobilenetv3_large}
 MODELS = [
@@ -103,7 +100,6 @@ def test_every_depthwise_conv_is_fused(name):
     assert [e for e in report.skipped if e.kind == "dwconv_bn_act"] == []
 
 
-@pytest.mark.skipif(SqueezeExcite is None, reason="mbkernels.nn.SqueezeExcite is not written yet")
 @pytest.mark.parametrize("name", MODELS)
 def test_every_squeeze_excite_is_fused(name):
     model = stock_model(name)
@@ -150,7 +146,7 @@ def test_outputs_match_stock(name, backend, dtype, ran_on):
 
 def ops_in(model: nn.Module) -> set:
     ops = {"dwconv_bn_act"} if count(model, lambda m: isinstance(m, DWConvBNAct)) else set()
-    if SqueezeExcite is not None and count(model, lambda m: isinstance(m, SqueezeExcite)):
+    if count(model, lambda m: isinstance(m, SqueezeExcite)):
         ops.add("squeeze_excite")
     return ops
 

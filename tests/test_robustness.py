@@ -15,25 +15,15 @@ from torch import nn
 
 import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, KERNEL_BACKENDS, assert_close_to_reference
-from mbkernels import activations, ops
+from mbkernels import ops
+from mbkernels.patch import randomize_batchnorm
+from oracle import dwconv64, se64
 
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 THREADS = 4
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def dwconv_reference(x, weight, bias, stride, padding, dilation, activation):
-    y = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation, groups=x.shape[1])
-    return activations.apply_activation(activation, y)
-
-
-def se_reference(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-    pooled = x.double().mean(dim=(2, 3))
-    hidden = activations.apply_activation(activation, F.linear(pooled, w_reduce.double(), b_reduce.double()))
-    scale = activations.apply_gate(gate, F.linear(hidden, w_expand.double(), b_expand.double()))
-    return x.double() * scale[:, :, None, None]
-
-
 def dwconv_args(x, kernel=(3, 3), generator=None):
     c = x.shape[1]
     weight = torch.randn(c, 1, *kernel, generator=generator).to(x.device)
@@ -46,27 +36,13 @@ def se_args(x, reduced, generator=None):
                                                                                  (c,))]
 
 
-def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters: a fresh model's near-zero outputs would pass any check."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def mobilenet():
     """(stock, patched) timm mobilenetv3_small_100 on the CPU, float32, random BN; patched once (it takes
     seconds). Tests move copies where they need them; the backend comes from MBKERNELS_BACKEND at each call."""
     timm = pytest.importorskip("timm")
     patch = mbkernels.patch
-    stock = randomize_batchnorms(timm.create_model("mobilenetv3_small_100", pretrained=False)).eval()
+    stock = randomize_batchnorm(timm.create_model("mobilenetv3_small_100", pretrained=False), torch.Generator().manual_seed(0)).eval()
     patched = patch(copy.deepcopy(stock))
     fused = sum(isinstance(m, mbkernels.nn.DWConvBNAct) for m in patched.modules())
     assert fused > 0, "patch fused no depthwise conv in mobilenetv3_small_100"
@@ -107,10 +83,10 @@ def test_ops_from_many_threads(backend):
             x = torch.randn(1 + i % 2, 6 + i, 9 + step, 7 + i, generator=generator).to(DEVICE)
             weight, bias = dwconv_args(x, (5, 3), generator)
             y = ops.dwconv_bn_act(x, weight, bias, 2, [4, 1], [2, 1], "relu6", backend)
-            results.append((y, dwconv_reference(x, weight, bias, [2, 2], [4, 1], [2, 1], "relu6")))
+            results.append((y, dwconv64(x, weight, bias, [2, 2], [4, 1], [2, 1], "relu6")))
             se = se_args(x, 3, generator)
             y = ops.squeeze_excite(x, *se, "silu", "sigmoid", backend)
-            results.append((y, se_reference(x, *se, "silu", "sigmoid")))
+            results.append((y, se64(x, *se, "silu", "sigmoid")))
         return results
 
     for results in run_in_threads(work):
@@ -125,7 +101,7 @@ def fused_block(channels: int, seed: int) -> nn.Module:
     for kernel, stride, act in ((3, 1, nn.Hardswish()), (5, 2, nn.ReLU())):
         conv = nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False)
         layers.append(mbkernels.nn.DWConvBNAct(conv, nn.BatchNorm2d(channels), act))
-    return randomize_batchnorms(nn.Sequential(*layers), seed).eval()
+    return randomize_batchnorm(nn.Sequential(*layers), torch.Generator().manual_seed(seed)).eval()
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -190,9 +166,9 @@ def test_ops_run_on_the_current_stream(backend, op, poisoned_outputs):
         done.record(side)
     torch.cuda.current_stream().wait_event(done)
     if op == "dwconv_bn_act":
-        reference = dwconv_reference(source, weight, bias, [1, 1], [1, 1], [1, 1], "hardswish")
+        reference = dwconv64(source, weight, bias, [1, 1], [1, 1], [1, 1], "hardswish")
     else:
-        reference = se_reference(source, *se, "relu", "hardsigmoid")
+        reference = se64(source, *se, "relu", "hardsigmoid")
     assert_close_to_reference(out, reference, torch.float32)
 
 
@@ -208,9 +184,9 @@ def test_ops_follow_the_input_device(backend, poisoned_outputs):
         z = ops.squeeze_excite(x, *se, "relu", "sigmoid", backend)
         assert torch.cuda.current_device() == 0
     assert y.device == z.device == torch.device("cuda:1")
-    assert_close_to_reference(y, dwconv_reference(x, weight, bias, [2, 2], [1, 1], [1, 1], "hardswish"),
+    assert_close_to_reference(y, dwconv64(x, weight, bias, [2, 2], [1, 1], [1, 1], "hardswish"),
                               torch.float32)
-    assert_close_to_reference(z, se_reference(x, *se, "relu", "sigmoid"), torch.float32)
+    assert_close_to_reference(z, se64(x, *se, "relu", "sigmoid"), torch.float32)
 
 
 # --------------------------------------------------------------------------------- CUDA graphs, compile
@@ -290,7 +266,7 @@ def test_dwconv_beyond_int32_indexing(backend, memory_format, poisoned_outputs):
     assert x.numel() > 2**31
     weight, bias = dwconv_args(x)
     out = ops.dwconv_bn_act(x, weight, bias, activation="hardswish", backend=backend)
-    check_huge_output(out, lambda chunk: dwconv_reference(x[chunk], weight, bias, [1, 1], [1, 1], [1, 1],
+    check_huge_output(out, lambda chunk: dwconv64(x[chunk], weight, bias, [1, 1], [1, 1], [1, 1],
                                                           "hardswish"))
 
 
@@ -301,4 +277,4 @@ def test_squeeze_excite_beyond_int32_indexing(backend, memory_format, poisoned_o
     x = huge_input(memory_format)
     se = se_args(x, 24)
     out = ops.squeeze_excite(x, *se, "relu", "hardsigmoid", backend)
-    check_huge_output(out, lambda chunk: se_reference(x[chunk], *se, "relu", "hardsigmoid"))
+    check_huge_output(out, lambda chunk: se64(x[chunk], *se, "relu", "hardsigmoid"))

@@ -11,14 +11,13 @@ from mbkernels._contract import SEArgs
 from mbkernels.backends.triton import squeeze_excite as triton_se
 from mbkernels.nn import SqueezeExcite
 from models.mobilenetv3 import h_sigmoid, make_divisible
+from oracle import se64
 from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference, backend_unavailable
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
 timm_layers = pytest.importorskip("timm.layers")
 torchvision_misc = pytest.importorskip("torchvision.ops.misc")
 
-ACTIVATION_MATH = {"relu": F.relu, "silu": F.silu}
-GATE_MATH = {"sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -41,13 +40,7 @@ def make_weights(c, r, bias=True, seed=1):
 
 
 def reference64(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
-    """The op's definition in float64, written out here independently of the package."""
-    as64 = lambda t: None if t is None else t.detach().to(torch.float64).cpu()  # noqa: E731
-    x64 = as64(x)
-    pooled = x64.mean(dim=(2, 3))
-    hidden = ACTIVATION_MATH[activation](F.linear(pooled, as64(w_reduce).flatten(1), as64(b_reduce)))
-    scale = GATE_MATH[gate](F.linear(hidden, as64(w_expand).flatten(1), as64(b_expand)))
-    return x64 * scale[:, :, None, None]
+    return se64(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ bool check_dwconv_bn_act(const c10::Device& device) {
   const at::Tensor reference = at::hardswish(
       at::conv2d(x.to(at::kDouble), weight.to(at::kDouble), bias.to(at::kDouble), {2, 1}, {1, 1}, {1, 1}, channels));
   return check("dwconv_bn_act on " + device.str(), [&] {
-    return op.call(x.to(device), weight.to(device), bias.to(device), {2, 1}, {1, 1}, {1, 1}, "hardswish");
+    return op.call(x.to(device), weight.to(device), bias.to(device), {2, 1}, {1, 1, 1, 1}, {1, 1}, "hardswish");
   }, reference);
 }
 

@@ -1,0 +1,3 @@
+# The one version source: setup.py and CMakeLists.txt read this line; an installed wheel adds its build tag
+# (e.g. 0.1.0+cu130.torch2.14, see setup.py).
+__version__ = "0.1.0"
