@@ -102,7 +102,7 @@ def _tile(channels: int, pixels: int, channels_last: bool) -> tuple[int, int, in
     return block_c, block_p, num_warps
 
 
-def plan(args: DWConvArgs) -> tuple[torch.Tensor, list]:
+def plan(args: DWConvArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     """The output (allocated) and the launches that fill it."""
     x, weight = args.x, args.weight
     batch, _, height, width = x.shape
