@@ -41,7 +41,7 @@ MIN_OCCUPANCY = 0.25
 ANALYSIS_VERSION = 1  # bump when what a cached record holds changes
 CACHE_DIR = Path(os.environ.get("MBKERNELS_STATIC_CACHE", Path.home() / ".cache" / "mbkernels-static"))
 # Kernels that read x along channels in channels_last: the 16-byte load gate applies to them.
-VECTOR_GATED_KERNELS = ("_dwconv_cl_kernel", "_pool_kernel", "_scale_kernel")
+VECTOR_GATED_KERNELS = ("_dwconv_bn_act_kernel", "_pool_kernel", "_scale_kernel")
 
 
 # ------------------------------------------------------------------------------------ toolchain (one place)

@@ -51,10 +51,14 @@ class Launch(NamedTuple):
 
 
 def run_launches(launches, device) -> None:
-    # Triton launches on the current device (device_of is a no-op for CPU tensors).
+    # Triton launches on the current device (device_of is a no-op for CPU tensors). wrap_triton makes the launch
+    # traceable (torch.compile, export); under the interpreter the kernel is called directly: there triton.jit
+    # returns an InterpretedFunction, which older torch (2.11) rejects ("wrap_triton only works on functions
+    # annotated with triton.jit or triton.autotune"), and nothing traces CPU interpreter launches.
     with torch.cuda.device_of(device), launch_lock():
         for launch in launches:
-            torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.constexprs)
+            kernel = launch.kernel if interpreting() else torch.library.wrap_triton(launch.kernel)
+            kernel[launch.grid](*launch.args, **launch.constexprs)
 
 
 def _dwconv_bn_act(args):

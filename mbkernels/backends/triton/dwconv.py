@@ -31,8 +31,19 @@ def _dwconv_bn_act_kernel(
     MULTIPLIER: tl.constexpr,  # depth multiplier: output channel o reads input channel o // MULTIPLIER
     CHANNELS_LAST: tl.constexpr,  # the tile is [pixels, channels] (channels contiguous), else [channels, pixels]
     INT64: tl.constexpr,  # offsets in int64 (big tensors)
+    VEC: tl.constexpr,  # C and the pixel strides are multiples of VEC (the launcher checked): 16-byte loads
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    if VEC > 1:
+        # Identities when the launcher's check holds, they tell the compiler what it cannot see: a C of 72 or 120
+        # is no multiple of 16, so without them every load along channels would be scalar.
+        C = C // VEC * VEC
+        x_stride_n = x_stride_n // VEC * VEC
+        x_stride_h = x_stride_h // VEC * VEC
+        x_stride_w = x_stride_w // VEC * VEC
+        out_stride_n = out_stride_n // VEC * VEC
+        out_stride_h = out_stride_h // VEC * VEC
+        out_stride_w = out_stride_w // VEC * VEC
     # Pixels of all images form one axis (N * OUT_H * OUT_W), so small planes still fill a tile. One flat grid
     # axis (limit 2**31 - 1, where the others stop at 65535): pixel blocks, then channel blocks.
     pid = tl.program_id(0)
@@ -61,7 +72,7 @@ def _dwconv_bn_act_kernel(
     x_taps = x_ptr + (n * x_stride_n + (channels // MULTIPLIER) * x_stride_c)
     # Tap-major weights (tap * C + c): one tap's weights for the tile's channels are contiguous.
     weight_taps = weight_ptr + channels
-    for kh in range(KH):  # a loop over rows, unrolled along the row: big kernels compile quickly too
+    for kh in range(KH):  # rows in a loop, taps along a row unrolled: a 5x5 kernel keeps 5 loads in flight, not 25
         ih = ih0 + kh * DIL_H
         row_ok = out_mask & (ih >= 0) & (ih < H)
         x_row = x_taps + ih * x_stride_h
@@ -83,16 +94,16 @@ def _tile(channels: int, pixels: int, channels_last: bool) -> tuple[int, int, in
     dimension takes what it can of the tile, the other the rest.
 
     The interpreter's time grows with the number of programs (not elements), so it gets huge tiles. On a GPU a
-    big layer gets 8 contiguous elements per load and, in channels_last, 4 pixels per thread, so the weights a
-    thread loads per tap (one per channel it holds) serve 4 outputs each; a small layer gets small tiles, so
-    that there are programs enough to fill the GPU.
+    thread holds a few vectors of 8 contiguous elements (channels_last: 16 per thread, each tap's weights serving
+    2 pixels; NCHW: 4), few enough to stay in registers with the unrolled taps of a 5x5 kernel and leave >= 25%
+    occupancy; a small layer gets small tiles, so that there are programs enough to fill the GPU.
     """
     if interpreting():
         tile, max_block_c, max_block_p, num_warps = 65536, 128, 65536, 4
     elif channels * pixels >= 2**20:
-        tile, max_block_c, max_block_p, num_warps = (4096 if channels_last else 1024), 64, 256, 4
+        tile, max_block_c, max_block_p, num_warps = (1024 if channels_last else 512), 64, 256, 4
     else:
-        tile, max_block_c, max_block_p, num_warps = 256, 32, 128, 2
+        tile, max_block_c, max_block_p, num_warps = (1024, 64, 128, 4) if channels_last else (256, 64, 128, 2)
     if channels_last:
         block_c = min(triton.next_power_of_2(channels), max_block_c)
         block_p = min(triton.next_power_of_2(pixels), tile // block_c)
@@ -102,8 +113,21 @@ def _tile(channels: int, pixels: int, channels_last: bool) -> tuple[int, int, in
     return block_c, block_p, num_warps
 
 
+def _vector_width(args: DWConvArgs, out: torch.Tensor) -> int:
+    """Elements per 16-byte vector along channels when every pixel of x and out starts on a 16-byte boundary and
+    each output channel reads its own input channel, else 1."""
+    x = args.x
+    vector = 16 // x.element_size()
+    pixel_strides = (*x.stride()[:1], *x.stride()[2:], *out.stride()[:1], *out.stride()[2:])
+    aligned = all(t.data_ptr() % 16 == 0 for t in (x, out, args.weight, args.bias))
+    if args.multiplier == 1 and aligned and all(s % vector == 0 for s in (args.out_channels, *pixel_strides)):
+        return vector
+    return 1
+
+
 def plan(args: DWConvArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
-    """The output (allocated) and the launches that fill it."""
+    """The output (allocated) and the launches that fill it. `multiprocessors` is accepted like squeeze_excite's
+    plan (the static report passes it to every planner); this tile choice does not depend on it."""
     x, weight = args.x, args.weight
     batch, _, height, width = x.shape
     channels = args.out_channels
@@ -117,6 +141,7 @@ def plan(args: DWConvArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     block_c, block_p, num_warps = _tile(channels, outputs_per_channel, channels_last)
     programs = triton.cdiv(channels, block_c) * triton.cdiv(outputs_per_channel, block_p)
     name, parameter = activations.parse_activation(args.activation)
+    vector = _vector_width(args, out) if channels_last else 1
     launch = Launch(
         _dwconv_bn_act_kernel, (programs,),
         (x, weight, args.bias, out,
@@ -130,6 +155,7 @@ def plan(args: DWConvArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
              MULTIPLIER=args.multiplier,
              CHANNELS_LAST=channels_last,
              INT64=max(x.numel(), out.numel()) >= INT64_ELEMENTS,
+             VEC=vector,
              BLOCK_C=block_c, BLOCK_P=block_p,
              num_warps=num_warps),
     )

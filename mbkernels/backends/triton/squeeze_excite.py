@@ -150,10 +150,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _target_pool_programs(multiprocessors: int) -> int:
-    """Enough pooling programs to fill the GPU. The interpreter's time grows with the number of programs, so it
-    gets few; large planes of a single sample still split there, which keeps the split path tested."""
-    return 4 if interpreting() else 4 * multiprocessors
+def _target_pool_programs(device: torch.device, multiprocessors) -> int:
+    """Enough pooling programs to fill the GPU (`multiprocessors` SMs, default: the device's). The interpreter's
+    time grows with the number of programs, so it gets few; large planes of a single sample still split there,
+    which keeps the split path tested."""
+    if interpreting():
+        return 4
+    return 4 * (multiprocessors or _multiprocessors(device))
 
 
 def _tile(batch: int, channels: int, pixels: int, channels_last: bool) -> tuple[int, int, int]:
@@ -183,18 +186,19 @@ def _mlp_tile(batch: int, channels: int, reduced: int) -> tuple[int, int, int]:
     return block_n, block_r, block_c
 
 
-def _pool_splits(sample_blocks: int, channel_blocks: int, pixels: int, block_p: int,
-                 multiprocessors: int) -> tuple[int, int]:
+def _pool_splits(sample_blocks: int, channel_blocks: int, pixels: int, block_p: int, device,
+                 multiprocessors) -> tuple[int, int]:
     """(pixels per split, splits): each plane's pixels split into runs of whole BLOCK_P steps, so that there are
     enough pooling programs when there are few samples and channel blocks."""
     pixel_blocks = triton.cdiv(pixels, block_p)
-    wanted_splits = triton.cdiv(_target_pool_programs(multiprocessors), sample_blocks * channel_blocks)
+    wanted_splits = triton.cdiv(_target_pool_programs(device, multiprocessors), sample_blocks * channel_blocks)
     pixels_per_split = triton.cdiv(pixel_blocks, min(pixel_blocks, wanted_splits)) * block_p
     return pixels_per_split, triton.cdiv(pixels, pixels_per_split)
 
 
 def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
-    """The output (allocated) and the launches that fill it: pool, MLP, scale."""
+    """The output (allocated) and the launches that fill it: pool, MLP, scale. `multiprocessors`: the SM count to
+    fill (default: x's device's; the static report plans for an H200 on a machine without one)."""
     x, w_reduce, b_reduce, w_expand, b_expand = args.x, args.w_reduce, args.b_reduce, args.w_expand, args.b_expand
     # Plain ints: the tiles are picked per shape (when traced with dynamic shapes, this specialises them).
     batch, channels, height, width = (int(size) for size in x.shape)
@@ -208,8 +212,8 @@ def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     channel_blocks = triton.cdiv(channels, block_c)
     pixel_blocks = triton.cdiv(pixels, block_p)
 
-    pixels_per_split, splits = _pool_splits(sample_blocks, channel_blocks, pixels, block_p,
-                                            multiprocessors or _multiprocessors(x.device))
+    pixels_per_split, splits = _pool_splits(sample_blocks, channel_blocks, pixels, block_p, x.device,
+                                            multiprocessors)
     partial_sums = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
     scale = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     mlp_block_n, block_r, mlp_block_c = _mlp_tile(batch, channels, reduced)
