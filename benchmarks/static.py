@@ -21,11 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU: read when the kernels' @triton.jit runs
+import torch
 
-import torch  # noqa: E402
-
-from .shapes import load_shapes  # noqa: E402
+from .shapes import load_shapes
 
 BATCHES = (1, 32, 256)
 # (dtype, channels_last): the configurations the benchmarks run.
@@ -150,6 +148,13 @@ def _stand_in(shape, dtype, channels_last=False) -> torch.Tensor:
     return t.to(memory_format=torch.channels_last) if channels_last else t
 
 
+def _label(op: str, entry: dict, batch: int, dtype, channels_last: bool) -> str:
+    """The layer benchmarks' case label, so that benchmarks/report.py puts the floor beside the measured time."""
+    from .cases import LayerCase, _frozen
+
+    return LayerCase(op, _frozen(entry), batch, dtype, channels_last).label
+
+
 def _dwconv_case(entry: dict, batch: int, dtype, channels_last: bool):
     from mbkernels._contract import DWConvArgs, normalise_dwconv_bn_act
 
@@ -162,8 +167,7 @@ def _dwconv_case(entry: dict, batch: int, dtype, channels_last: bool):
     out_h, out_w = args.out_hw
     size = dtype.itemsize
     moved = x.numel() * size + batch * c * out_h * out_w * size + 4 * c * (kernel[0] * kernel[1] + 1)
-    name = f"dw c{c} {entry['height']}x{entry['width']} k{kernel[0]} s{entry['stride'][0]} {entry['activation']}"
-    return "dwconv_bn_act", name, args, moved
+    return "dwconv_bn_act", _label("dwconv_bn_act", entry, batch, dtype, channels_last), args, moved
 
 
 def _se_case(entry: dict, batch: int, dtype, channels_last: bool):
@@ -175,8 +179,7 @@ def _se_case(entry: dict, batch: int, dtype, channels_last: bool):
     args = normalise_squeeze_excite(SEArgs(x, _stand_in((r, c), f32), _stand_in((r,), f32), _stand_in((c, r), f32),
                                            _stand_in((c,), f32), entry["activation"], entry["gate"]))
     moved = 2 * x.numel() * dtype.itemsize + 4 * (2 * r * c + r + c)  # x read once, written once
-    name = f"se c{c} {entry['height']}x{entry['width']} r{r} {entry['activation']}/{entry['gate']}"
-    return "squeeze_excite", name, args, moved
+    return "squeeze_excite", _label("squeeze_excite", entry, batch, dtype, channels_last), args, moved
 
 
 def cases():
@@ -326,6 +329,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="write the records as JSON here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a gate fails, naming each")
     options = parser.parse_args(argv)
+    # Compile for the GPU: read when the kernels' @triton.jit runs, so before triton_records imports them (a
+    # process that imported them under the interpreter cannot compile them).
+    os.environ["TRITON_INTERPRET"] = "0"
     capability = int(float(options.arch) * 10)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731 -- progress on stderr, the table on stdout
     records = []

@@ -1,100 +1,88 @@
 #!/usr/bin/env bash
-# One GPU session in one device call (at most 10 minutes): build the extension, run the test suite, run the
-# benchmarks, write the report; logs, results and report land under $OUT (8 files at most come back).
+# One GPU session in one device call of at most 8 minutes, build included; what decides most runs first:
+#   1. build the extension for sm_90 only (MAX_JOBS=16)                                              budget 150 s
+#   2. the static sm_90 report of both backends, in the background on the CPU (python -m benchmarks.static
+#      --output $OUT/static.json): the floors the report puts beside the measured times
+#   3. the cuda and triton tests of both ops (on the GPU: the first run of the Triton kernels compiled for real) 90 s
+#   4. the layer benchmarks at batch 256 fp16 channels_last: eager, compile, mbkernels-cuda, mbkernels-triton 100 s
+#   5. the model benchmarks (quick matrix)                                                     what is left - 40 s
+#   6. the report, each layer's measured time beside its static floor                                     20 s
+# Each step gets min(its budget, what is left); the benchmarks start no case that could end past their deadline
+# (benchmarks/conftest.py) and rewrite the results file after every case, so a stopped step keeps what it measured.
 #
-#   bash scripts/gpu_session.sh [extra pytest arguments for benchmarks/, e.g. -k model]
+#   bash scripts/gpu_session.sh                 logs, results, static table and report under $OUT
+#   DRY_RUN=1 bash scripts/gpu_session.sh       print the plan (commands and budgets), run nothing
 #
-# Knobs (environment):
-#   SESSION_BUDGET_S=570         wall-clock seconds for the whole script (the device call's limit is 600)
-#   RUN_BUILD=1                  0 skips the build (a follow-up call on a machine still warm: built in place)
-#   RUN_TESTS=1                  0 skips the test suite (a follow-up call)
-#   TESTS_BUDGET_S=200           the test suite is stopped after this long
-#   MBKERNELS_BENCH_QUICK=1      the reduced matrix (default here); 0 for the full one
-#   MBKERNELS_BENCH_RESUME=0     1 skips (case, provider) pairs already in benchmarks/results/<gpu>-<date>.json:
-#                                copy the previous call's results file there first, then call again
-#   MBKERNELS_BENCH_COMPILE_MODE forces the torch.compile mode of the compile providers ("default" for none)
-#
-# Runtime estimate (H100, 16 cores). Estimated, not measured yet: the first GPU run tells (every record keeps
-# setup_s, the seconds its provider took to build and compile).
-#   build ~2 min; test suite ~2 min (stopped at TESTS_BUDGET_S); report ~15 s.
-#   Quick matrix, 160 cases, in the order they run:
-#     102 layer cases needing no compilation (eager, mbkernels-cuda, mbkernels-triton; all 34 layer shapes at
-#         batch 256 fp16 channels_last)                                                 ~1.5 min
-#      15 model cases needing no compilation (eager, patched at batch 256 and 1; patched-cudagraph at 1)  ~1 min
-#      34 layer compiles (default mode in the quick matrix)                            ~1.5-2 min
-#       9 model compiles (compile and patched+compile at batch 256, compile reduce-overhead at batch 1;
-#         default mode), 30-60 s each                                                   ~5-9 min
-#   One call therefore measures every comparison except most model compiles: no case starts that could
-#   run past the deadline, and the report runs on what was measured. To finish, copy the returned results
-#   JSON into benchmarks/results/ and call again with RUN_TESTS=0 MBKERNELS_BENCH_RESUME=1, until bench.log
-#   shows no case skipped for "time budget spent" (one more call is likely enough).
-#   Full matrix (MBKERNELS_BENCH_QUICK=0), 900 cases: 612 uncompiled layer cases ~10 min, 204 layer compiles
-#   in max-autotune-no-cudagraphs ~8 s each ~27 min, 42 uncompiled model cases ~2 min, 42 model compiles
-#   (max-autotune for the 6 at batch 256 fp16 channels_last, ~3 min each; default for the rest) ~40 min:
-#   about 80 min, several sessions, resumable the same way.
+# Knobs: SESSION_BUDGET_S=480 (the whole script), RUN_BUILD=0 (a follow-up call on a machine still warm),
+# MBKERNELS_BENCH_QUICK=1 (the reduced matrix, default here), MBKERNELS_BENCH_RESUME=1 (skip what today's
+# results file holds: copy the previous call's results into benchmarks/results/ first).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-BUDGET=${SESSION_BUDGET_S:-570}
+BUDGET=${SESSION_BUDGET_S:-480}
 DEADLINE=$((START + BUDGET))
 OUT=${OUT:-build/gpu-session}
-mkdir -p "$OUT" benchmarks/results
-LOG="$OUT/session.log"
-MARKER=$(mktemp)  # results written after this are this session's
-
-# Compiled Triton/inductor kernels kept in the (ignored) build folder: a later call on a still-warm machine
-# reuses them instead of compiling again.
-export TORCHINDUCTOR_CACHE_DIR="$PWD/build/inductor-cache" TRITON_CACHE_DIR="$PWD/build/triton-cache"
+DRY_RUN=${DRY_RUN:-0}
 export MBKERNELS_BENCH_QUICK=${MBKERNELS_BENCH_QUICK:-1}
+# Compiled Triton/inductor kernels kept in the (ignored) build folder: a later call on a warm machine reuses them.
+export TORCHINDUCTOR_CACHE_DIR="$PWD/build/inductor-cache" TRITON_CACHE_DIR="$PWD/build/triton-cache"
+export MBKERNELS_STATIC_CACHE="$PWD/build/static-cache"
+[ "$DRY_RUN" = 1 ] || mkdir -p "$OUT" benchmarks/results
+LOG="$OUT/session.log"
 
-say() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+say() { if [ "$DRY_RUN" = 1 ]; then echo "$*"; else echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; fi; }
 left() { echo $((DEADLINE - $(date +%s))); }
-at_least_1() { if [ "$1" -gt 1 ]; then echo "$1"; else echo 1; fi; }
+STATUS=0
+# step NAME BUDGET_S LOGFILE COMMAND...: runs COMMAND for at most min(BUDGET_S, time left), output to LOGFILE.
+step() {
+  local name=$1 budget=$2 logfile=$3; shift 3
+  local limit; limit=$(( budget < $(left) ? budget : $(left) ))
+  if [ "$DRY_RUN" = 1 ]; then echo "step $name: budget ${budget}s: $(printf '%q ' "$@")> $logfile"; return 0; fi
+  if [ "$limit" -lt 5 ]; then say "$name: skipped, the session's time is spent"; STATUS=1; return 0; fi
+  say "$name (at most ${limit}s): $*"
+  timeout "$limit" "$@" > "$logfile" 2>&1
+  local rc=$?
+  tail -n 3 "$logfile" | tee -a "$LOG"
+  say "$name exit $rc (124: stopped at its time limit)"
+  [ "$rc" = 0 ] || STATUS=1
+}
 
-say "gpu_session: budget ${BUDGET}s, quick=${MBKERNELS_BENCH_QUICK}, out=$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1
-  python -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1
-} >> "$LOG"
-
-BUILD=skipped
-if [ "${RUN_BUILD:-1}" != "0" ]; then
-  say "build: pip install --no-build-isolation --no-deps -e ."
-  MBKERNELS_CUDA_ARCHS=9.0 MAX_JOBS=16 python -m pip install --no-build-isolation --no-deps -e . >> "$LOG" 2>&1
-  BUILD=$?
-  say "build exit $BUILD"
-fi
-python -c 'import mbkernels; [print(f"  {k}: {v}") for k, v in mbkernels.backends().items()]' 2>&1 | tee -a "$LOG"
-
-TESTS=skipped
-if [ "${RUN_TESTS:-1}" != "0" ]; then
-  say "tests: pytest tests/ -x -q (at most ${TESTS_BUDGET_S:-200}s)"
-  timeout "$(at_least_1 "${TESTS_BUDGET_S:-200}")" python -m pytest tests/ -x -q > "$OUT/tests.log" 2>&1
-  TESTS=$?
-  tail -n 3 "$OUT/tests.log" | tee -a "$LOG"
-  say "tests exit $TESTS (124: stopped at the time limit)"
+say "gpu_session: budget ${BUDGET}s, quick=${MBKERNELS_BENCH_QUICK}, out=$OUT, dry run=$DRY_RUN"
+if [ "$DRY_RUN" != 1 ]; then
+  { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
+    python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>&1; } >> "$LOG"
 fi
 
-# The benchmarks start no case that could run into the report's reserve (per-kind allowances in
-# benchmarks/conftest.py); timeout is the backstop (the results file is rewritten after every case, so a
-# stopped run keeps what it measured).
-REPORT_RESERVE=30
+if [ "${RUN_BUILD:-1}" != 0 ]; then
+  step build 150 "$OUT/build.log" env MBKERNELS_CUDA_ARCHS=9.0 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    python -m pip install --no-build-isolation --no-deps -e .
+fi
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "background: python -m benchmarks.static --backend all --arch 9.0 --output $OUT/static.json > $OUT/static.md"
+else
+  python -m benchmarks.static --backend all --arch 9.0 --output "$OUT/static.json" > "$OUT/static.md" \
+    2> "$OUT/static.log" &
+  STATIC_PID=$!
+fi
+
+step tests 90 "$OUT/tests.log" python -m pytest -q -x -k "cuda or triton" \
+  tests/test_cuda_kernels.py tests/test_dwconv_bn_act.py tests/test_squeeze_excite.py
+
+REPORT_RESERVE=20
+export MBKERNELS_BENCH_DEADLINE=$(( START + 330 < DEADLINE - REPORT_RESERVE ? START + 330 : DEADLINE - REPORT_RESERVE ))
+step layers 100 "$OUT/layers.log" python -m pytest benchmarks/test_layers.py -q -rfE \
+  -k "test_layer and b256-fp16-cl"
 export MBKERNELS_BENCH_DEADLINE=$((DEADLINE - REPORT_RESERVE))
-say "benchmarks: pytest benchmarks/ (deadline in $(( $(left) - REPORT_RESERVE ))s)"
-timeout "$(at_least_1 $(( $(left) - REPORT_RESERVE + 20 )))" python -m pytest benchmarks/ -q -rfE \
-  --benchmark-columns=min,median,iqr,rounds,iterations --benchmark-sort=name "$@" > "$OUT/bench.log" 2>&1
-BENCH=$?
-grep -E "^(FAILED|ERROR)|passed|failed|mbkernels benchmark results" "$OUT/bench.log" | tail -n 20 | tee -a "$LOG"
-say "benchmarks exit $BENCH"
+step models $(( $(left) - REPORT_RESERVE )) "$OUT/models.log" python -m pytest benchmarks/test_models.py -q -rfE \
+  -k "test_model and not smoke"
 
-say "report: python -m benchmarks.report"
-python -m benchmarks.report >> "$LOG" 2>&1
-REPORT=$?
-say "report exit $REPORT"
-
-find benchmarks/results -maxdepth 1 -type f -newer "$MARKER" \( -name '*.json' -o -name '*.md' -o -name '*.png' \) \
-  -exec cp {} "$OUT/" \;
-rm -f "$MARKER"
-say "done: build $BUILD, tests $TESTS, benchmarks $BENCH, report $REPORT; files: $(ls "$OUT" | tr '\n' ' ')"
-ok() { [ "$1" = 0 ] || [ "$1" = skipped ]; }
-ok "$BUILD" && ok "$TESTS" && [ "$BENCH" = 0 ] && [ "$REPORT" = 0 ]
+if [ "$DRY_RUN" != 1 ]; then
+  wait "$STATIC_PID"; say "static report exit $? ($(tail -n 1 "$OUT/static.log"))"
+fi
+RESULTS=$(ls -t benchmarks/results/*.json 2>/dev/null | head -n 1)
+step report 20 "$OUT/report.log" python -m benchmarks.report ${RESULTS:+"$RESULTS"} --out "$OUT" --static "$OUT/static.json"
+[ "$DRY_RUN" = 1 ] || cp ${RESULTS:+"$RESULTS"} "$OUT/" 2>/dev/null
+say "done: exit $STATUS; files: $( [ "$DRY_RUN" = 1 ] || ls "$OUT" | tr '\n' ' ')"
+exit "$STATUS"
