@@ -217,7 +217,7 @@ def triton_records(capability: int, log=print) -> list:
             key = compiler.key(launch)
             if key not in seen:
                 seen.add(key)
-                log(f"  compile {len(seen)}: {launch.kernel.__name__} ({name}, batch {batch}, {dtype})")
+                log(f"  compile {len(seen)}: {launch.kernel.__name__} ({name})")
             try:
                 resources = _cached(key, lambda: compiler.compile(launch))
             except Exception as error:  # noqa: BLE001 -- a kernel that does not compile is a gate failure, named
