@@ -86,7 +86,8 @@ class TritonCompiler:
 
     def key(self, launch) -> str:
         signature, constexprs, attrs, options = self.specialise(launch)
-        text = repr((ANALYSIS_VERSION, self.version, self.capability, launch.kernel.cache_key, sorted(signature.items()),
+        text = repr((ANALYSIS_VERSION, self.version, self.capability, launch.kernel.cache_key,
+                     sorted(signature.items()),
                      sorted((str(k), repr(v)) for k, v in constexprs.items()),
                      sorted((str(k), repr(v)) for k, v in attrs.items()), sorted(options.__dict__.items(), key=str)))
         return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -161,7 +162,8 @@ def _dwconv_case(entry: dict, batch: int, dtype, channels_last: bool):
     c, kernel = entry["channels"], entry["kernel"]
     x = _stand_in((batch, c, entry["height"], entry["width"]), dtype, channels_last)
     top, left = entry["padding"]
-    args = normalise_dwconv_bn_act(DWConvArgs(x, _stand_in((c, 1, *kernel), torch.float32), _stand_in((c,), torch.float32),
+    weight, bias = _stand_in((c, 1, *kernel), torch.float32), _stand_in((c,), torch.float32)
+    args = normalise_dwconv_bn_act(DWConvArgs(x, weight, bias,
                                               entry["stride"], [top, top, left, left], entry["dilation"],
                                               entry["activation"]))
     out_h, out_w = args.out_hw
@@ -244,7 +246,7 @@ def _record(backend, kernel, op, case, batch, dtype, channels_last, args, moved,
     return record
 
 
-def cuda_records(capability: int, log=print) -> tuple[list, str]:
+def cuda_records(capability: int) -> tuple[list, str]:
     """(one record per kernel symbol of the built extension, why none when skipped)."""
     import mbkernels
 
@@ -338,7 +340,7 @@ def main(argv=None) -> int:
     if options.backend in ("triton", "all"):
         records += triton_records(capability, log)
     if options.backend in ("cuda", "all"):
-        found, skipped = cuda_records(capability, log)
+        found, skipped = cuda_records(capability)
         if skipped:
             print(f"cuda backend skipped: {skipped}")
         records += found

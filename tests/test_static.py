@@ -90,7 +90,7 @@ def test_report_puts_the_floor_beside_the_measured_time():
     assert "other" not in table
 
 
-def test_one_layer_compiles_for_sm90_with_16_byte_loads(tmp_path):
+def test_one_layer_compiles_for_sm90_with_16_byte_loads():
     """A real ahead-of-time compile (a fresh process: this one runs Triton under the interpreter) of the launch
     the launcher plans for C = 72 fp16 channels_last, the case that needs the divisibility identities."""
     code = """
