@@ -2,7 +2,8 @@
 # CI: mbkernels as its users get it. Builds and repairs the wheel (scripts/build_wheels.sh), installs it into a
 # fresh venv outside the source tree, checks that the INSTALLED mbkernels._C loads and registers its ops, runs
 # the CPU tests that reach it against the installed package, then builds and installs the CMake library and
-# builds and runs the C++ program of tests/cpp against the installed copy. Prints the time of each step.
+# builds and runs the C++ programs of tests/cpp against the installed copy (the ops through the dispatcher, and an
+# AOTInductor package of a patched MobileNetV3 made by the installed package). Prints the time of each step.
 #
 #   .ci/wheel_and_cmake.sh [PYTHON]     PYTHON: one with torch (and pytest) installed; default `python` on PATH
 #
@@ -114,6 +115,12 @@ cmake_consumer() {
   readelf -d "$WORK/cpp-build/check_ops" | grep -q 'NEEDED.*libmbkernels' \
     || { echo "check_ops does not link libmbkernels: the linker dropped it" >&2; exit 1; }
   "$WORK/cpp-build/check_ops"
+  # An AOTInductor package of a patched MobileNetV3, made by the installed package (from the copy of tests/ that
+  # run_tests made, where no mbkernels sources lie), run by a C++ program: its mbkernels ops are libmbkernels'.
+  (cd "$WORK" && "$VENV_PY" "$WORK/pytest/tests/cpp/make_package.py" "$WORK/package")
+  readelf -d "$WORK/cpp-build/run_package" | grep -q 'NEEDED.*libmbkernels' \
+    || { echo "run_package does not link libmbkernels: the linker dropped it" >&2; exit 1; }
+  "$WORK/cpp-build/run_package" "$WORK/package/patched.pt2" "$WORK/package/tensors.bin"
 }
 
 started=$SECONDS
@@ -122,7 +129,7 @@ step "wheel: install into a fresh venv" install_wheel
 step "wheel: the installed _C loads, ops registered" check_installed
 step "wheel: CPU tests against the installed package" run_tests
 step "cmake: build and install the library" cmake_library
-step "cmake: build and run tests/cpp" cmake_consumer
+step "cmake: build and run tests/cpp (ops, AOTI package)" cmake_consumer
 echo "=== timings"
 printf '%s\n' "${TIMINGS[@]}"
 printf '%-48s %4d s\n' "total" $((SECONDS - started))

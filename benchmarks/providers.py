@@ -19,7 +19,8 @@ from .cases import LayerCase, ModelCase, compile_mode
 
 LAYER_PROVIDERS_GPU = ("eager", "compile", "mbkernels-cuda", "mbkernels-triton")
 LAYER_PROVIDERS_CPU = ("eager", "mbkernels-reference")
-MODEL_PROVIDERS_GPU = ("eager", "compile", "patched", "patched+compile")
+# patched: the planner's choice per block; patched-layers: layer fusion only; patched-blocks: every block fused.
+MODEL_PROVIDERS_GPU = ("eager", "compile", "patched", "patched+compile", "patched-layers", "patched-blocks")
 MODEL_PROVIDERS_BATCH1 = ("compile-reduce-overhead", "patched-cudagraph")
 MODEL_PROVIDERS_CPU = ("eager", "patched-reference")
 COMPILING_PROVIDERS = ("compile", "patched+compile", "compile-reduce-overhead")
@@ -134,8 +135,8 @@ def _reduce_overhead(model: nn.Module, example: torch.Tensor) -> Callable:
     return step
 
 
-def patched(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    return mbkernels.patch(copy.deepcopy(model), backend=backend)
+def patched(model: nn.Module, backend: Optional[str] = None, blocks=True) -> nn.Module:
+    return mbkernels.patch(copy.deepcopy(model), backend=backend, blocks=blocks)
 
 
 def model_provider(provider: str, case: ModelCase, model: nn.Module, example: torch.Tensor) -> Callable:
@@ -146,6 +147,10 @@ def model_provider(provider: str, case: ModelCase, model: nn.Module, example: to
         return compiled(model, compile_mode(case), example)
     if provider == "patched":
         return patched(model)
+    if provider == "patched-layers":
+        return patched(model, blocks=False)
+    if provider == "patched-blocks":
+        return patched(model, blocks="all")
     if provider == "patched-reference":
         return patched(model, backend="reference")
     if provider == "patched+compile":

@@ -18,7 +18,8 @@ from .results import record_key, results_dir
 
 BASELINES = ("eager", "compile", "compile-reduce-overhead")
 PROVIDER_ORDER = ("eager", "compile", "compile-reduce-overhead", "mbkernels-cuda", "mbkernels-triton",
-                  "mbkernels-reference", "patched", "patched+compile", "patched-cudagraph", "patched-reference")
+                  "mbkernels-reference", "patched", "patched+compile", "patched-cudagraph", "patched-reference",
+                  "patched-layers", "patched-blocks")
 RESULTS_NAME = re.compile(r".+-(\d{8})\.json$")
 
 
@@ -60,6 +61,8 @@ TARGETS = (
            _headline_model, "batch 256 float16 channels_last"),
     Target("model: CUDA-graph latency, patched-cudagraph over compile-reduce-overhead", "model", None,
            ("patched-cudagraph",), "compile-reduce-overhead", 1.0, lambda r: r["batch"] == 1, "batch 1"),
+    Target("model: every block fused, patched-blocks over compile (issue 12)", "model", None, ("patched-blocks",),
+           "compile", 2.0, _headline_model, "batch 256 float16 channels_last"),
 )
 
 

@@ -468,7 +468,7 @@ void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
     const LaunchShape shape = plan_nchw(p);
     const bool fast = with_fast_shape(p, [&](auto k, auto s) {
       constexpr int K = decltype(k)::value, S = decltype(s)::value;
-      launch_or_emulate(ex, shape, dwconv_nchw_fast_kernel<T, K, S>, p, [&](int64_t block, float* smem) {
+      launch_or_emulate<dwconv_nchw_fast_kernel<T, K, S>>(ex, shape, p, [&](int64_t block, float* smem) {
         emulate_phase(shape.threads, [&](int t) {
           dwconv_nchw_stage_thread<T>(p, block, t, shape.threads, smem, kRowsPerThread);
         });
@@ -476,7 +476,7 @@ void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
       });
     });
     if (fast) return;
-    launch_or_emulate(ex, shape, dwconv_nchw_generic_kernel<T>, p, [&](int64_t block, float* smem) {
+    launch_or_emulate<dwconv_nchw_generic_kernel<T>>(ex, shape, p, [&](int64_t block, float* smem) {
       emulate_phase(shape.threads, [&](int t) { dwconv_nchw_stage_thread<T>(p, block, t, shape.threads, smem, 1); });
       emulate_phase(shape.threads, [&](int t) { dwconv_nchw_generic_compute_thread<T>(p, block, t, smem); });
     });
@@ -489,7 +489,7 @@ void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
     return with_fast_shape(p, [&](auto k, auto s) {
       constexpr int K = decltype(k)::value, S = decltype(s)::value;
       const LaunchShape shape = plan_channels_last(p, PIX, VEC);
-      launch_or_emulate(ex, shape, dwconv_cl_fast_kernel<T, K, S, PIX>, p, [&](int64_t block, float*) {
+      launch_or_emulate<dwconv_cl_fast_kernel<T, K, S, PIX>>(ex, shape, p, [&](int64_t block, float*) {
         emulate_phase(shape.threads, [&](int t) { dwconv_cl_fast_thread<T, K, S, PIX>(p, block, t, shape.threads); });
       });
     });
@@ -501,7 +501,7 @@ void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
   auto run_generic = [&](auto vec) {
     constexpr int V = decltype(vec)::value;
     const LaunchShape shape = plan_channels_last(p, 1, V);
-    launch_or_emulate(ex, shape, dwconv_cl_generic_kernel<T, V>, p, [&](int64_t block, float*) {
+    launch_or_emulate<dwconv_cl_generic_kernel<T, V>>(ex, shape, p, [&](int64_t block, float*) {
       emulate_phase(shape.threads, [&](int t) { dwconv_cl_generic_thread<T, V>(p, block, t, shape.threads); });
     });
   };
@@ -590,6 +590,21 @@ at::Tensor dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
     launch_dwconv<decltype(tag)>(p, channels_last, ex);
   });
   return y;
+}
+
+std::vector<KernelLaunch> dwconv_bn_act_launch_plan(const DwconvShape& s, c10::ScalarType dtype) {
+  const std::string limit = dwconv_bn_act_limit_reason(s);
+  TORCH_CHECK(limit.empty(), "dwconv_bn_act_launch_plan: ", limit);
+  std::vector<KernelLaunch> plan;
+  const OutputSize out = output_size(s);
+  if (s.N * s.C_out * out.h * out.w == 0) return plan;  // the op launches nothing
+  DwconvParams p = shape_params(s);
+  p.x = p.y = planning_address();
+  p.weight = p.bias = static_cast<const float*>(planning_address());
+  dispatch_float_types(dtype, "dwconv_bn_act_launch_plan: dtype", [&](auto tag) {
+    launch_dwconv<decltype(tag)>(p, s.channels_last, Executor(&plan));
+  });
+  return plan;
 }
 
 }  // namespace mbkernels

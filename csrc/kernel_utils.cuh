@@ -28,7 +28,10 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
+
+#include "ops.h"  // KernelLaunch
 
 namespace mbkernels {
 
@@ -168,7 +171,8 @@ inline bool is_channels_last(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
-// Where a launcher runs its kernels: on the GPU (on the current stream of x's device), or emulated on the host.
+// Where a launcher runs its kernels: on the GPU (on the current stream of x's device), emulated on the host, or
+// nowhere: a planning executor only records each launch the launcher would make (the *_launch_plan functions).
 class Executor {
  public:
   explicit Executor(const at::Tensor& x) : on_device_(x.is_cuda()) {
@@ -177,14 +181,42 @@ class Executor {
       stream_ = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
     }
   }
+  explicit Executor(std::vector<KernelLaunch>* plan) : on_device_(false), plan_(plan) {}
   bool on_device() const { return on_device_; }
   cudaStream_t stream() const { return stream_; }
+  std::vector<KernelLaunch>* plan() const { return plan_; }
 
  private:
   bool on_device_;
   cudaStream_t stream_ = nullptr;
   std::optional<c10::cuda::CUDAGuard> guard_;
+  std::vector<KernelLaunch>* plan_ = nullptr;
 };
+
+// What planning passes for tensor pointers: 16-byte aligned, as the caching allocator's blocks are; never read.
+inline void* planning_address() {
+  alignas(16) static unsigned char storage[16];
+  return storage;
+}
+
+// The unqualified name of kernel template instance Kernel, e.g. "dwconv_cl_fast_kernel<__half, 3, 1, 2>": the
+// demangled device symbol without namespaces, return type and parameters (the host compiler's own spelling).
+template <auto Kernel>
+std::string kernel_name() {
+  const std::string text = __PRETTY_FUNCTION__;  // "... [with auto Kernel = ns::name<args>; ...]" (gcc, clang)
+  const std::size_t begin = text.find("Kernel = ") + 9;
+  std::size_t end = begin;
+  for (int depth = 0; end < text.size(); ++end) {
+    const char c = text[end];
+    if (c == '<') ++depth;
+    if (c == '>') --depth;
+    if (depth == 0 && (c == ';' || c == ']')) break;
+  }
+  std::string name = text.substr(begin, end - begin);
+  if (!name.empty() && name[0] == '&') name.erase(0, 1);
+  const std::size_t qualifier = name.rfind("::", name.find('<'));
+  return qualifier == std::string::npos ? name : name.substr(qualifier + 2);
+}
 
 struct LaunchShape {
   int64_t blocks;
@@ -208,16 +240,22 @@ void emulate_phase(int threads, Phase&& phase) {
   for (int thread = 0; thread < threads; ++thread) phase(thread);
 }
 
-// The one place kernels start: `kernel<<<shape>>>(params)` on the device, or on the host
-// emulate_block(block, smem) for every block (the kernel's phases, each through emulate_phase).
-template <class Params, class EmulateBlock>
-void launch_or_emulate(const Executor& ex, const LaunchShape& shape, void (*kernel)(Params), const Params& params,
+// The one place kernels start: `Kernel<<<shape>>>(params)` on the device, on the host emulate_block(block, smem)
+// for every block (the kernel's phases, each through emulate_phase), or, planning, a record of the launch.
+template <auto Kernel, class Params, class EmulateBlock>
+void launch_or_emulate(const Executor& ex, const LaunchShape& shape, const Params& params,
                        EmulateBlock&& emulate_block) {
   TORCH_INTERNAL_ASSERT(shape.blocks < kInt32Limit && shape.smem_floats * 4 <= kDefaultSmemBytes,
                         "the launch limits are checked before planning");
+  if (ex.plan()) {
+    // The kernels declare no static shared memory (tests/test_cuda_plan.py checks): dynamic is all of it.
+    ex.plan()->push_back({kernel_name<Kernel>(), shape.blocks, shape.threads,
+                          shape.smem_floats * int64_t(sizeof(float))});
+    return;
+  }
   if (!ex.on_device()) return emulate_grid(shape.blocks, shape.smem_floats, emulate_block);
 #ifdef __CUDACC__
-  kernel<<<static_cast<unsigned>(shape.blocks), shape.threads, shape.smem_floats * sizeof(float), ex.stream()>>>(
+  Kernel<<<static_cast<unsigned>(shape.blocks), shape.threads, shape.smem_floats * sizeof(float), ex.stream()>>>(
       params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif

@@ -4,12 +4,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/string_view.h>
 
 #include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace mbkernels {
 
@@ -43,5 +45,21 @@ struct DwconvShape {
 // "" when the launchers can run the case, else why not (one line): exactly the conditions they TORCH_CHECK.
 std::string dwconv_bn_act_limit_reason(const DwconvShape& shape);
 std::string squeeze_excite_limit_reason(int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, int64_t R);
+
+// One kernel launch of a launcher's plan: the kernel's unqualified name as the demangled device symbol spells it
+// ("dwconv_cl_fast_kernel<__half, 3, 1, 2>"), blocks in the grid, threads per block, shared memory per block.
+struct KernelLaunch {
+  std::string kernel;
+  int64_t blocks;
+  int threads;
+  int64_t shared_bytes;
+};
+
+// The launches the op's launcher makes for x of this shape and dtype, in order, computed by the launcher's own
+// code without launching (x, y and the weights taken as 16-byte aligned, as the caching allocator gives them).
+// Throws the op's error for a case it cannot run.
+std::vector<KernelLaunch> dwconv_bn_act_launch_plan(const DwconvShape& shape, c10::ScalarType dtype);
+std::vector<KernelLaunch> squeeze_excite_launch_plan(int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last,
+                                                     int64_t R, c10::ScalarType dtype);
 
 }  // namespace mbkernels

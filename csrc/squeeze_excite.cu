@@ -412,11 +412,11 @@ void launch_pool(SeParams& p, bool channels_last, const Executor& ex) {
     };
   };
   if (channels_last)
-    launch_or_emulate(ex, shape, pool_cl_kernel<T, VEC>, p,
+    launch_or_emulate<pool_cl_kernel<T, VEC>>(ex, shape, p,
                       emulate(pool_cl_sum_thread<T, VEC>, pool_cl_tree_thread<VEC>, pool_cl_store_thread<VEC>,
                               p.groups));
   else
-    launch_or_emulate(ex, shape, pool_nchw_kernel<T, VEC>, p,
+    launch_or_emulate<pool_nchw_kernel<T, VEC>>(ex, shape, p,
                       emulate(pool_nchw_sum_thread<T, VEC>, pool_nchw_tree_thread, pool_nchw_store_thread,
                               p.group_threads));
 }
@@ -425,7 +425,7 @@ void launch_matvec(MatvecParams& p, const Executor& ex) {
   auto run = [&](auto vw) {
     constexpr int VW = decltype(vw)::value;
     const LaunchShape shape = plan_matvec(p, VW);
-    launch_or_emulate(ex, shape, matvec_kernel<VW>, p, [&](int64_t block, float* smem) {
+    launch_or_emulate<matvec_kernel<VW>>(ex, shape, p, [&](int64_t block, float* smem) {
       std::vector<MatvecState> states(kMlpThreads);  // zeros, as on the GPU
       for (int k0 = 0; k0 < p.K; k0 += kMlpChunk) {
         emulate_phase(kMlpThreads, [&](int t) { matvec_stage_thread<VW>(p, block, t, k0, smem); });
@@ -441,18 +441,20 @@ void launch_matvec(MatvecParams& p, const Executor& ex) {
     run(std::integral_constant<int, 1>{});
 }
 
+template <class T, int VEC, bool CHANNELS_LAST>
+void launch_scale_layout(SeParams& p, const Executor& ex) {
+  const LaunchShape shape = plan_scale(p, VEC);
+  launch_or_emulate<scale_kernel<T, VEC, CHANNELS_LAST>>(ex, shape, p, [&](int64_t block, float*) {
+    emulate_phase(kScaleThreads, [&](int t) { scale_thread<T, VEC, CHANNELS_LAST>(p, block, t); });
+  });
+}
+
 template <class T, int VEC>
 void launch_scale(SeParams& p, bool channels_last, const Executor& ex) {
-  const LaunchShape shape = plan_scale(p, VEC);
-  auto run = [&](auto kernel, auto thread_body) {
-    launch_or_emulate(ex, shape, kernel, p, [&](int64_t block, float*) {
-      emulate_phase(kScaleThreads, [&](int t) { thread_body(p, block, t); });
-    });
-  };
   if (channels_last)
-    run(scale_kernel<T, VEC, true>, scale_thread<T, VEC, true>);
+    launch_scale_layout<T, VEC, true>(p, ex);
   else
-    run(scale_kernel<T, VEC, false>, scale_thread<T, VEC, false>);
+    launch_scale_layout<T, VEC, false>(p, ex);
 }
 
 struct SeLayers {
@@ -466,17 +468,20 @@ struct SeLayers {
 };
 
 // Scratch (float32, one allocation): the pool's partial sums [N, splits, C], the scale [N, C], the hidden [N, R],
-// each starting on a 16-byte boundary for the vector loads.
+// each starting on a 16-byte boundary for the vector loads. A planning executor launches nothing: no scratch.
 template <class T, int VEC>
-void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, const at::Tensor& x,
-                        const Executor& ex) {
+void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last,
+                        const at::TensorOptions& scratch_options, const Executor& ex) {
   plan_pool(p, channels_last, VEC);
   const int64_t n = p.N;
   auto whole_vectors = [](int64_t floats) { return ceil_div<int64_t>(floats, 4) * 4; };
   const int64_t partial_floats = whole_vectors(n * p.splits * p.C), scale_floats = whole_vectors(n * p.C);
-  const at::Tensor scratch =
-      at::empty({partial_floats + scale_floats + n * layers.R}, x.options().dtype(at::kFloat));
-  p.partial = scratch.data_ptr<float>();
+  at::Tensor scratch;
+  p.partial = static_cast<float*>(planning_address());
+  if (!ex.plan()) {
+    scratch = at::empty({partial_floats + scale_floats + n * layers.R}, scratch_options.dtype(at::kFloat));
+    p.partial = scratch.data_ptr<float>();
+  }
   p.scale = p.partial + partial_floats;
   float* hidden = p.scale + scale_floats;
   launch_pool<T, VEC>(p, channels_last, ex);
@@ -487,6 +492,21 @@ void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last,
                       layers.R, 0, 0,   true,            layers.activation, layers.gate};
   launch_matvec(expand, ex);
   launch_scale<T, VEC>(p, channels_last, ex);
+}
+
+// The launches for x of `dtype` (16-byte vectors where the layout and the pointers allow).
+void launch_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, c10::ScalarType dtype,
+                           const at::TensorOptions& scratch_options, const Executor& ex) {
+  dispatch_float_types(dtype, "squeeze_excite_cuda: x", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int VEC = kVec16<T>;
+    const bool vectorized =
+        (channels_last ? p.C % VEC == 0 : p.HW % VEC == 0) && aligned16(p.x) && aligned16(p.y);
+    if (vectorized)
+      run_squeeze_excite<T, VEC>(p, layers, channels_last, scratch_options, ex);
+    else
+      run_squeeze_excite<T, 1>(p, layers, channels_last, scratch_options, ex);
+  });
 }
 
 void check_weight(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
@@ -564,17 +584,28 @@ at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
                         spec,
                         static_cast<Gate>(gate_code)};
   const Executor ex(x);
-  dispatch_float_types(x.scalar_type(), "squeeze_excite_cuda: x", [&](auto tag) {
-    using T = decltype(tag);
-    constexpr int VEC = kVec16<T>;
-    const bool vectorized =
-        (channels_last ? p.C % VEC == 0 : p.HW % VEC == 0) && aligned16(p.x) && aligned16(p.y);
-    if (vectorized)
-      run_squeeze_excite<T, VEC>(p, layers, channels_last, x, ex);
-    else
-      run_squeeze_excite<T, 1>(p, layers, channels_last, x, ex);
-  });
+  launch_squeeze_excite(p, layers, channels_last, x.scalar_type(), x.options(), ex);
   return y;
+}
+
+std::vector<KernelLaunch> squeeze_excite_launch_plan(int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last,
+                                                     int64_t R, c10::ScalarType dtype) {
+  TORCH_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0 && R >= 1,
+              "squeeze_excite_launch_plan: sizes must be >= 0 and R >= 1, got N=", N, ", C=", C, ", H=", H, ", W=", W,
+              ", R=", R);
+  const std::string limit = squeeze_excite_limit_reason(N, C, H, W, channels_last, R);
+  TORCH_CHECK(limit.empty(), "squeeze_excite_launch_plan: ", limit);
+  std::vector<KernelLaunch> plan;
+  if (N * C * H * W == 0) return plan;  // the op launches nothing
+  SeParams p{};
+  p.x = p.y = planning_address();
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.HW = static_cast<int>(H * W);
+  const float* weights = static_cast<const float*>(planning_address());
+  const SeLayers layers{weights, weights, weights, weights, static_cast<int>(R), ActivationSpec{}, Gate{}};
+  launch_squeeze_excite(p, layers, channels_last, dtype, at::TensorOptions(), Executor(&plan));
+  return plan;
 }
 
 }  // namespace mbkernels

@@ -221,6 +221,156 @@ def dwconv_bn_act_bundle(x, weight, bias, stride, padding, dilation, activation)
     return DWConvArgs(x, weight, bias, list(stride), padding4(list(padding)), list(dilation), activation)
 
 
+# ------------------------------------------------------------------------------ inverted-residual block
+def input_major(weight: Tensor) -> Tensor:
+    """A 1x1 conv's weight [rows, cols] (or [rows, cols, 1, 1]) as float32 with the row innermost (element (r, c)
+    at c * rows + r): the kernels' tl.dot reads W.T tiles [cols, rows] contiguous along rows. A no-op for a
+    weight already laid out so; the fused block module folds into this layout once."""
+    weight = weight.to(torch.float32)
+    if weight.dim() == 4:
+        weight = weight.flatten(1)
+    if weight.t().is_contiguous():
+        return weight
+    return weight.t().contiguous().t()
+
+
+class BlockArgs(NamedTuple):
+    """An inverted-residual block, every BN folded into its conv:
+        h = expand_act(w_expand @ x + b_expand)            (absent when w_expand is None: h = x)
+        d = dw_act(depthwise_conv2d(h, w_dw, b_dw, stride, padding, dilation))
+        d = post_se_act(d * gate(se(mean_hw(d))))          (absent when w_se_reduce is None)
+        y = project_act(w_project @ d + b_project) [+ x when residual]
+    The SE's MLP is squeeze_excite's: w_se_expand @ se_act(w_se_reduce @ pooled + b_se_reduce) + b_se_expand."""
+    x: Tensor  # [N, C, H, W]
+    w_expand: Optional[Tensor]  # [E, C]
+    b_expand: Optional[Tensor]  # [E]
+    expand_activation: str
+    w_dw: Tensor  # [E, 1, kh, kw]
+    b_dw: Tensor  # [E]
+    stride: list  # [h, w]
+    padding: list  # [top, bottom, left, right]
+    dilation: list  # [h, w]
+    dw_activation: str
+    w_se_reduce: Optional[Tensor]  # [R, E]
+    b_se_reduce: Optional[Tensor]  # [R]
+    w_se_expand: Optional[Tensor]  # [E, R]
+    b_se_expand: Optional[Tensor]  # [E]
+    se_activation: str
+    se_gate: str
+    post_se_activation: str  # after the SE's scale (hand-written blocks apply the dw activation there)
+    w_project: Tensor  # [O, E]
+    b_project: Tensor  # [O]
+    project_activation: str
+    residual: bool
+
+    @property
+    def hidden_channels(self) -> int:
+        return self.w_dw.shape[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.w_project.shape[0]
+
+    @property
+    def has_se(self) -> bool:
+        return self.w_se_reduce is not None
+
+    def depthwise(self, h: Tensor) -> DWConvArgs:
+        """The block's depthwise stage as a dwconv_bn_act bundle on the hidden activations h."""
+        return DWConvArgs(h, self.w_dw, self.b_dw, self.stride, self.padding, self.dilation, self.dw_activation)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.depthwise(self.x).out_hw  # h has x's plane
+
+
+def _check_vector(b, name: str, size: int, device) -> None:
+    check_tensor(b, name, 1, device)
+    if b.shape[0] != size:
+        raise ValueError(f"{name} must be [{size}], got {tuple(b.shape)}")
+
+
+def check_inverted_residual(args: BlockArgs) -> None:
+    x = args.x
+    check_x(x)
+    channels = x.shape[1]
+    check_tensor(args.w_dw, "w_dw", 4, x.device)
+    hidden = args.w_dw.shape[0]
+    if args.w_dw.shape[1] != 1:
+        raise ValueError(f"w_dw must be a depthwise weight [E, 1, kh, kw], got {tuple(args.w_dw.shape)}")
+    if args.w_expand is None:
+        if args.b_expand is not None:
+            raise ValueError("b_expand is given without w_expand")
+        if hidden != channels:
+            raise ValueError(f"without an expand conv the depthwise conv runs on x's {channels} channels, but w_dw "
+                             f"is {tuple(args.w_dw.shape)}")
+    else:
+        if not isinstance(args.w_expand, Tensor) or args.w_expand.dim() not in (2, 4):
+            got = tuple(args.w_expand.shape) if isinstance(args.w_expand, Tensor) else type(args.w_expand).__name__
+            raise ValueError(f"w_expand must be [E, C] (or [E, C, 1, 1]), got {got}")
+        _check_matrix(args.w_expand, "w_expand", hidden, channels, x.device)
+        if args.b_expand is None:
+            raise ValueError("w_expand is given without b_expand (a folded conv has a bias)")
+        _check_vector(args.b_expand, "b_expand", hidden, x.device)
+    _check_vector(args.b_dw, "b_dw", hidden, x.device)
+    if not isinstance(args.w_project, Tensor) or args.w_project.dim() not in (2, 4):
+        got = tuple(args.w_project.shape) if isinstance(args.w_project, Tensor) else type(args.w_project).__name__
+        raise ValueError(f"w_project must be [O, E] (or [O, E, 1, 1]), got {got}")
+    out_channels = args.w_project.shape[0]
+    _check_matrix(args.w_project, "w_project", out_channels, hidden, x.device)
+    _check_vector(args.b_project, "b_project", out_channels, x.device)
+    se_weights = (args.w_se_reduce, args.w_se_expand)
+    if (se_weights[0] is None) != (se_weights[1] is None):
+        raise ValueError("an SE needs both w_se_reduce and w_se_expand (or neither, for a block without SE)")
+    if args.has_se:
+        check_squeeze_excite(SEArgs(x.new_empty((1, hidden, 1, 1)), args.w_se_reduce, args.b_se_reduce,
+                                    args.w_se_expand, args.b_se_expand, args.se_activation, args.se_gate))
+    elif args.b_se_reduce is not None or args.b_se_expand is not None:
+        raise ValueError("SE biases are given without SE weights")
+    elif activations.parse_activation(args.post_se_activation)[0] != "identity":
+        raise ValueError(f"post_se_activation {args.post_se_activation!r} is given for a block without SE; "
+                         f"use dw_activation")
+    for name in ("expand_activation", "post_se_activation", "project_activation"):
+        activations.parse_activation(getattr(args, name))
+    check_dwconv_bn_act(args.depthwise(x.new_empty((1, hidden, x.shape[2], x.shape[3]))))
+    if args.residual and (out_channels != channels or args.out_hw != tuple(x.shape[2:])):
+        raise ValueError(f"a residual add needs the output's shape to be x's: x has {channels} channels of "
+                         f"{x.shape[2]}x{x.shape[3]}, the block gives {out_channels} of "
+                         f"{args.out_hw[0]}x{args.out_hw[1]}")
+
+
+def inverted_residual_output(args: BlockArgs) -> Tensor:
+    x = args.x
+    out_h, out_w = args.out_hw
+    return torch.empty((x.shape[0], args.out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format_of(x))
+
+
+def normalise_inverted_residual(args: BlockArgs) -> BlockArgs:
+    """x contiguous in its layout; 1x1 weights input-major, the depthwise weight tap-major, SE weights and every
+    bias contiguous, all float32."""
+    return args._replace(
+        x=args.x.contiguous(memory_format=memory_format_of(args.x)),
+        w_expand=None if args.w_expand is None else input_major(args.w_expand), b_expand=as_float32(args.b_expand),
+        w_dw=tap_major(args.w_dw), b_dw=as_float32(args.b_dw),
+        w_se_reduce=None if args.w_se_reduce is None else as_float32(args.w_se_reduce.flatten(1)),
+        b_se_reduce=as_float32(args.b_se_reduce),
+        w_se_expand=None if args.w_se_expand is None else as_float32(args.w_se_expand.flatten(1)),
+        b_se_expand=as_float32(args.b_se_expand),
+        w_project=input_major(args.w_project), b_project=as_float32(args.b_project),
+    )
+
+
+def inverted_residual_bundle(x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding, dilation,
+                             dw_activation, w_se_reduce, b_se_reduce, w_se_expand, b_se_expand, se_activation,
+                             se_gate, post_se_activation, w_project, b_project, project_activation,
+                             residual) -> BlockArgs:
+    return BlockArgs(x, w_expand, b_expand, expand_activation, w_dw, b_dw, list(stride), padding4(list(padding)),
+                     list(dilation), dw_activation, w_se_reduce, b_se_reduce, w_se_expand, b_se_expand,
+                     se_activation, se_gate, post_se_activation, w_project, b_project, project_activation,
+                     bool(residual))
+
+
 class OpContract(NamedTuple):
     bundle: callable  # the registered op's arguments (its backend name aside) -> the bundle
     check: callable
@@ -231,4 +381,6 @@ class OpContract(NamedTuple):
 CONTRACTS = {
     "dwconv_bn_act": OpContract(dwconv_bn_act_bundle, check_dwconv_bn_act, dwconv_bn_act_output, normalise_dwconv_bn_act),
     "squeeze_excite": OpContract(SEArgs, check_squeeze_excite, squeeze_excite_output, normalise_squeeze_excite),
+    "inverted_residual": OpContract(inverted_residual_bundle, check_inverted_residual, inverted_residual_output,
+                                    normalise_inverted_residual),
 }

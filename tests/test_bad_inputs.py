@@ -13,6 +13,7 @@ import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, HAS_GPU
 from oracle import dwconv64, se64
 from mbkernels import activations, ops
+from mbkernels.nn import SqueezeExcite
 
 C, R = 5, 3
 
@@ -45,6 +46,45 @@ def se(x=None, w_reduce=None, b_reduce=None, w_expand=None, b_expand=None, **kwa
 
 def depthwise_conv():
     return nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False)
+
+
+class ShiftedConv(nn.Conv2d):
+    """A Conv2d subclass whose forward computes something else."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def mixed_conv(*convs) -> nn.Module:
+    """A MixedConv2d-like module: depthwise convs over consecutive channel groups."""
+    return nn.ModuleDict({str(i): conv for i, conv in enumerate(convs)})
+
+
+class SEModule(nn.Module):
+    """timm's SEModule with a norm after fc1 (rexnet's), here with the norm given."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.fc1, self.bn, self.act = nn.Conv2d(C, R, 1), norm, nn.ReLU()
+        self.fc2, self.gate = nn.Conv2d(R, C, 1), nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.bn(self.fc1(x.mean((2, 3), keepdim=True))))))
+
+
+def se_with_norm(norm: nn.Module) -> nn.Module:
+    return SEModule(norm).eval()
+
+
+class OneLayerSE(nn.Module):
+    """An effective SE (x * gate(fc(mean_hw(x)))), here with fc's width and an activation given."""
+
+    def __init__(self, out_channels: int, act: nn.Module = None):
+        super().__init__()
+        self.fc, self.act, self.gate = nn.Conv2d(C, out_channels, 1), act or nn.Identity(), nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.act(self.fc(x.mean((2, 3), keepdim=True))))
 
 
 # (row id in docs/bad_inputs.md, the call, the exception type, its exact message)
@@ -121,16 +161,11 @@ ROWS = [
     ("fold-bn-features", lambda: ops.fold_bn(depthwise_conv(), nn.BatchNorm2d(4)), ValueError,
      "bn has 4 features but conv has 5 output channels"),
     ("module-not-depthwise", lambda: mbkernels.nn.DWConvBNAct(nn.Conv2d(C, C, 3)), ValueError,
-     "conv is not depthwise: groups=1, in_channels=5, out_channels=5 (all three must be equal)"),
+     "conv is not depthwise: groups=1, in_channels=5, out_channels=5 (groups must equal in_channels, and "
+     "out_channels be a multiple of it)"),
     ("module-activation", lambda: mbkernels.nn.DWConvBNAct(depthwise_conv(), None, nn.Mish()), ValueError,
      "activation Mish has no fused kernel; supported: identity, relu, relu6, hardswish, silu, gelu, gelu_tanh, "
      "leaky_relu"),
-    ("module-padding-same-asymmetric",
-     lambda: mbkernels.nn.DWConvBNAct(nn.Conv2d(C, C, 4, groups=C, padding="same")), ValueError,
-     "conv has padding='same' with kernel (4, 4) and dilation (1, 1), which pads one side more than the other; "
-     "only symmetric padding is fused"),
-    ("module-depth-multiplier", lambda: mbkernels.nn.DWConvBNAct(nn.Conv2d(C, 2 * C, 3, groups=C)), ValueError,
-     "conv has depth multiplier 2 (out_channels=10, in_channels=5); only depth multiplier 1 is fused"),
     ("module-bn-no-stats",
      lambda: mbkernels.nn.DWConvBNAct(depthwise_conv(), nn.BatchNorm2d(C, track_running_stats=False)), ValueError,
      "BatchNorm2d has no running statistics (track_running_stats=False): it normalises with batch statistics and "
@@ -138,6 +173,57 @@ ROWS = [
     ("module-padding-reflect",
      lambda: mbkernels.nn.DWConvBNAct(nn.Conv2d(C, C, 3, groups=C, padding=1, padding_mode="reflect")),
      ValueError, "conv has padding_mode='reflect'; only zero padding is fused"),
+    # Asymmetric padding, depth multiplier, the new activations, the mixed conv and the SE's norm (issue 13).
+    ("dw-padding-asymmetric-empty", lambda: dw(weight=torch.randn(C, 1, 9, 9, device=DEVICE), padding=(0, 1, 0, 1)),
+     ValueError, "the output would be empty (0x2): kernel (9, 9) with dilation [1, 1] does not fit x's 7x9 plane "
+     "padded by [0, 1, 0, 1]"),
+    ("dw-multiplier-bias", lambda: dw(weight=torch.randn(2 * C, 1, 3, 3, device=DEVICE)), ValueError,
+     "bias must be [C * M] = [10], got (5,)"),
+    ("dw-multiplier-not-integral", lambda: dw(weight=torch.randn(7, 1, 3, 3, device=DEVICE), bias=b_(7)), ValueError,
+     "weight must be [C * M, 1, kh, kw] with C = 5 (x's channels) and M >= 1 for a depthwise conv, got (7, 1, 3, 3); "
+     "a conv that is not depthwise (groups != channels) cannot be fused"),
+    ("dw-activation-gelu-parameter", lambda: dw(activation="gelu:0.5"), ValueError,
+     "activation 'gelu' takes no parameter, got 'gelu:0.5'"),
+    ("dw-activation-leaky-inf", lambda: dw(activation="leaky_relu:inf"), ValueError,
+     "activation 'leaky_relu:inf': the parameter must be a finite number"),
+    ("se-activation-leaky-nan", lambda: se(activation="leaky_relu:nan"), ValueError,
+     "activation 'leaky_relu:nan': the parameter must be a finite number"),
+    ("module-grouped", lambda: mbkernels.nn.DWConvBNAct(nn.Conv2d(4, 6, 3, groups=2)), ValueError,
+     "conv is not depthwise: groups=2, in_channels=4, out_channels=6 (groups must equal in_channels, and "
+     "out_channels be a multiple of it)"),
+    ("module-conv-subclass", lambda: mbkernels.nn.DWConvBNAct(ShiftedConv(C, C, 3, groups=C)), ValueError,
+     "conv is a ShiftedConv, whose forward differs from nn.Conv2d's; only nn.Conv2d's own forward and timm's "
+     "Conv2dSame are fused"),
+    ("mixed-odd-even",
+     lambda: mbkernels.nn.MixedDWConvBNAct(mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 4, groups=C))), ValueError,
+     "the kernels of ModuleDict ((3, 3), (4, 4)) cannot all be centred in the largest one (their sizes "
+     "differ by an odd number)"),
+    ("mixed-strides", lambda: mbkernels.nn.MixedDWConvBNAct(
+        mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 5, stride=2, padding=2, groups=C))), ValueError,
+     "the groups of ModuleDict differ in stride, dilation, depth multiplier or padding kind; only groups that differ "
+     "in kernel size alone are fused"),
+    ("mixed-not-convs", lambda: mbkernels.nn.MixedDWConvBNAct(nn.Sequential(depthwise_conv(), nn.ReLU())), ValueError,
+     "Sequential is not a mixed depthwise conv: its children must be two or more Conv2d, got Conv2d, ReLU"),
+    ("mixed-group-not-depthwise",
+     lambda: mbkernels.nn.MixedDWConvBNAct(mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 3))), ValueError,
+     "group 1 of ModuleDict: conv is not depthwise: groups=1, in_channels=5, out_channels=5 (groups must "
+     "equal in_channels, and out_channels be a multiple of it)"),
+    ("mixed-paddings", lambda: mbkernels.nn.MixedDWConvBNAct(
+        mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 5, padding=1, groups=C))), ValueError,
+     "the groups' paddings ([1, 1, 1, 1], [1, 1, 1, 1]) do not line up once their kernels are centred in the largest; "
+     "such a mixed conv cannot run as one depthwise conv"),
+    ("se-norm-batch-stats",
+     lambda: SqueezeExcite.from_module(se_with_norm(nn.BatchNorm2d(R, track_running_stats=False))), ValueError,
+     "SEModule.bn is a BatchNorm2d without running statistics; only a BatchNorm of the 3 reduced channels "
+     "with running statistics can be folded into the reduce layer"),
+    ("se-norm-features", lambda: SqueezeExcite.from_module(se_with_norm(nn.BatchNorm2d(C))), ValueError,
+     "SEModule.bn is a BatchNorm2d of 5 features; only a BatchNorm of the 3 reduced channels with running statistics "
+     "can be folded into the reduce layer"),
+    ("se-one-layer-not-square", lambda: SqueezeExcite.from_module(OneLayerSE(R)), ValueError,
+     "OneLayerSE has one layer, fc, mapping 5 -> 3 channels; a one-layer (effective) SE maps C -> C"),
+    ("se-one-layer-activation", lambda: SqueezeExcite.from_module(OneLayerSE(C, nn.ReLU())), ValueError,
+     "OneLayerSE with one layer needs one gate (sigmoid, hardsigmoid) and no activation: act (ReLU) computes relu, "
+     "gate (Sigmoid) computes sigmoid"),
 ]
 
 

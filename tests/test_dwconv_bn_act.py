@@ -336,8 +336,8 @@ def test_module_refolds_after_dtype_change():
 def test_module_rejects_non_depthwise_conv():
     with pytest.raises(ValueError, match="conv is not depthwise: groups=4"):
         DWConvBNAct(nn.Conv2d(8, 8, 3, groups=4), random_bn(8))
-    with pytest.raises(ValueError, match="conv has depth multiplier 2"):
-        DWConvBNAct(nn.Conv2d(8, 16, 3, groups=8), random_bn(16))
+    with pytest.raises(ValueError, match="conv is not depthwise: groups=4, in_channels=8, out_channels=12"):
+        DWConvBNAct(nn.Conv2d(8, 12, 3, groups=4), random_bn(12))
 
 
 def test_module_rejects_bn_without_running_stats():

@@ -371,7 +371,7 @@ class NotAnSE(nn.Module):
 
 @pytest.mark.parametrize("module, message", [
     (nn.Conv2d(8, 8, 3), "Conv2d is not a squeeze-excite module"),
-    (nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.ReLU()), "BatchNorm2d with parameters"),
+    (nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.ReLU()), r"found 0 \(Conv2d\), 1 \(BatchNorm2d\), 2"),
     (nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 1)), "expected two linear or 1x1 conv layers"),
     (nn.Sequential(nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 1), nn.Sigmoid()), "only an nn.Linear or a 1x1"),
     (nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Sigmoid()), "an SE's layers map C -> R -> C"),

@@ -1,6 +1,8 @@
 """Fused drop-in modules. Each keeps the stock modules it replaces (same parameters, same state_dict entries)
 and runs them as they are when training or when gradients are needed; in inference it calls one fused op."""
 from .dwconv import DWConvBNAct
+from .inverted_residual import InvertedResidual
+from .mixed_conv import MixedDWConvBNAct
 from .squeeze_excite import SqueezeExcite
 
-__all__ = ["DWConvBNAct", "SqueezeExcite"]
+__all__ = ["DWConvBNAct", "InvertedResidual", "MixedDWConvBNAct", "SqueezeExcite"]

@@ -18,43 +18,58 @@ def _overrides_forward(module: nn.Module, base: type) -> bool:
     return type(module).forward is not base.forward
 
 
-def explicit_padding(conv: nn.Conv2d) -> list[int]:
-    """conv's padding as the [top/bottom, left/right] pair the op takes; ValueError when it is not symmetric."""
+def computes_tf_same_padding(conv: nn.Module) -> bool:
+    """timm's Conv2dSame: TensorFlow 'SAME' padding computed from the input's size at every call (its forward
+    pads with timm.layers.pad_same, then runs F.conv2d unpadded)."""
+    return type(conv).__name__ == "Conv2dSame" and type(conv).__module__.startswith("timm.")
+
+
+def tf_same_padding(size: tuple, conv: nn.Conv2d) -> list[int]:
+    """[top, bottom, left, right] that TensorFlow 'SAME' (timm's pad_same) gives an input plane of `size`: the
+    total that makes the output ceil(size / stride), its odd pixel at the bottom / right."""
+    padding = []
+    for length, k, s, d in zip(size, conv.kernel_size, conv.stride, conv.dilation):
+        # (ceil(length / s) - 1) * s + (k - 1) * d + 1 - length depends on length % s alone. Found by comparison,
+        # the remainder is a plain int even for a symbolic length (torch.compile, dynamic shapes: a guard on it).
+        remainder = next(r for r in range(s) if length % s == r)
+        total = max((s - remainder) % s - s + (k - 1) * d + 1, 0)
+        padding += [total // 2, total - total // 2]
+    return padding
+
+
+def static_padding(conv: nn.Conv2d) -> Optional[list[int]]:
+    """conv's padding as the [top, bottom, left, right] the op takes, or None when it depends on the input's size
+    (timm's Conv2dSame: see tf_same_padding)."""
+    if computes_tf_same_padding(conv):
+        return None
     if conv.padding == "valid":
-        return [0, 0]
+        return [0, 0, 0, 0]
     if conv.padding == "same":
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            raise ValueError(
-                f"conv has padding='same' with kernel {tuple(conv.kernel_size)} and dilation {tuple(conv.dilation)}, "
-                "which pads one side more than the other; only symmetric padding is fused"
-            )
-        return [t // 2 for t in total]
-    return list(conv.padding)
+        # PyTorch's 'same' (stride 1 only): the odd pixel of an even total goes at the bottom / right.
+        padding = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            padding += [total // 2, total - total // 2]
+        return padding
+    return [conv.padding[0], conv.padding[0], conv.padding[1], conv.padding[1]]
 
 
 def check_depthwise(conv: nn.Module) -> None:
     """Raise ValueError naming what keeps `conv` from being a fusable depthwise conv."""
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups == conv.in_channels and conv.out_channels != conv.in_channels:
-        raise ValueError(
-            f"conv has depth multiplier {conv.out_channels / conv.in_channels:g} (out_channels={conv.out_channels}, "
-            f"in_channels={conv.in_channels}); only depth multiplier 1 is fused"
-        )
-    if not (conv.groups == conv.in_channels == conv.out_channels):
+    if not (conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0):
         raise ValueError(
             f"conv is not depthwise: groups={conv.groups}, in_channels={conv.in_channels}, "
-            f"out_channels={conv.out_channels} (all three must be equal)"
+            f"out_channels={conv.out_channels} (groups must equal in_channels, and out_channels be a multiple of it)"
         )
-    if _overrides_forward(conv, nn.Conv2d):
+    if _overrides_forward(conv, nn.Conv2d) and not computes_tf_same_padding(conv):
         raise ValueError(
-            f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's "
-            "(e.g. 'same' padding computed at run time); only nn.Conv2d's own forward is fused"
+            f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's; only nn.Conv2d's own "
+            "forward and timm's Conv2dSame are fused"
         )
     if conv.padding_mode != "zeros":
         raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; only zero padding is fused")
-    explicit_padding(conv)
 
 
 def carried_activation(bn: nn.Module) -> Optional[nn.Module]:
@@ -124,7 +139,8 @@ class DWConvBNAct(FusedModule):
     conv: a depthwise nn.Conv2d; bn: an nn.BatchNorm2d, or a BatchNorm2d subclass that carries its activation
     (timm's BatchNormAct2d), or None; act: a stock or hand-written activation module, or None.
     In training mode, or when autograd needs a graph, the stock modules run unchanged. The folded weights are
-    cached and refolded whenever a parameter or statistic changes (load_state_dict, in-place edits, .to()).
+    buffers folded when the module is built and refolded whenever a parameter or statistic changes
+    (load_state_dict, in-place edits, .to(); `refresh()` after edits through .data), see FusedModule.
 
     stock_slots (set by `mbkernels.patch`): the names conv, bn and act had in the parent, e.g.
     {"conv": "3", "bn": "4", "act": "5"}; this module takes conv's name, and its state_dict entries are written
@@ -134,43 +150,69 @@ class DWConvBNAct(FusedModule):
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None,
                  backend: Optional[str] = None, stock_slots: Optional[dict[str, str]] = None):
         super().__init__()
-        check_depthwise(conv)
+        self.check_conv(conv)
         if bn is not None:
             check_norm(bn)
         self.activation = _fused_activation(bn, act)
-        self.padding = explicit_padding(conv)
+        self.padding = self.static_padding(conv)  # None: computed per call from x's size
         self.conv = conv
+        self.stride, self.dilation = self.stride_dilation(conv)
         self.bn = bn if bn is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
         self.backend = backend
         self.stock_slots = dict(stock_slots) if stock_slots else None
         self._load_prefix = ""
+        self.half_fused = ""  # set by patch: what still runs on its own after this module (see patch_report)
+        self.training = conv.training  # built by hand around eval-mode modules, it runs fused at once
         if self.stock_slots:
             self.register_load_state_dict_post_hook(_forget_keys_loaded_elsewhere)
+        self.refresh()
+
+    # ---- what a subclass with another kind of conv (mixnet's MixedConv2d) changes
+    check_conv = staticmethod(check_depthwise)
+    static_padding = staticmethod(static_padding)
+
+    @staticmethod
+    def stride_dilation(conv: nn.Module) -> tuple:
+        return tuple(conv.stride), tuple(conv.dilation)
+
+    def padding_for(self, x: torch.Tensor) -> Optional[list[int]]:
+        """[top, bottom, left, right] for x (None: the stock modules must run)."""
+        return self.padding if self.padding is not None else tf_same_padding(x.shape[2:], self.conv)
+
+    def conv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's float32 (weight [C * M, 1, kh, kw], bias), before the BN is folded in."""
+        return ops.fold_bn(self.conv, None)
+
+    def _fold_modules(self) -> tuple:
+        return self.conv, self.bn
 
     def _fold_sources(self):
-        # Straight from the modules' tables: this runs on every call, and attribute lookups add up at batch 1.
-        return [t for m in (self.conv, self.bn) for t in (*m._parameters.values(), *m._buffers.values())
+        # Straight from the modules' tables: this runs on every eager call, and attribute lookups add up at batch 1.
+        return [t for m in self._fold_modules() for t in (*m._parameters.values(), *m._buffers.values())
                 if t is not None]
 
-    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 (weight, bias) with BN folded in, refolded when any source tensor changed."""
-        bn = self.bn if isinstance(self.bn, nn.BatchNorm2d) else None
-        settings = (bn.eps,) if bn is not None else ()
-        def fold():
-            weight, bias = ops.fold_bn(self.conv, bn)
-            return tap_major(weight), bias  # the layout the kernels read, made once here rather than per call
+    def _fold_settings(self) -> tuple:
+        return (self.bn.eps,) if isinstance(self.bn, nn.BatchNorm2d) else ()
 
-        return self.derived.get(self._fold_sources(), fold, settings)
+    def _fold(self) -> dict:
+        weight, bias = self.conv_weight_bias()
+        if isinstance(self.bn, nn.BatchNorm2d):
+            weight, bias = ops.fold_bn_into(weight, bias, self.bn)
+        # The layout the kernels read (tap-major), made once here rather than per call.
+        return {"folded_weight": tap_major(weight), "folded_bias": bias}
+
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 (weight, bias) with BN folded in, as the fused op gets them."""
+        self.refresh_if_stale()
+        return self.folded_weight, self.folded_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_fused_kernel(x):
+        padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
+        if padding is None:
             return self.act(self.bn(self.conv(x)))
         weight, bias = self.folded_weights()
-        conv = self.conv
-        return ops.dwconv_bn_act(
-            x, weight, bias, conv.stride, self.padding, conv.dilation, self.activation, self.backend
-        )
+        return ops.dwconv_bn_act(x, weight, bias, self.stride, padding, self.dilation, self.activation, self.backend)
 
     # ---- state_dict entries under the stock names (only when placed by patch, i.e. stock_slots is set)
     def _parent_prefix(self, prefix: str) -> Optional[str]:
@@ -215,6 +257,10 @@ class DWConvBNAct(FusedModule):
     def extra_repr(self) -> str:
         conv = self.conv
         text = f"channels={conv.in_channels}, kernel_size={conv.kernel_size}, stride={conv.stride}"
+        if conv.out_channels != conv.in_channels:
+            text += f", depth_multiplier={conv.out_channels // conv.in_channels}"
+        if self.padding is None:
+            text += ", padding='SAME' (TensorFlow)"
         if tuple(conv.dilation) != (1, 1):
             text += f", dilation={conv.dilation}"
         return text + f", activation={self.activation!r}, fused=True"
@@ -223,16 +269,20 @@ class DWConvBNAct(FusedModule):
 class FusedInto(nn.Identity):
     """Stands in the parent's slot of a module that now runs inside the DWConvBNAct named `into`.
 
-    It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so)."""
+    It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so), and then
+    refreshes `owner`'s folded weights (the owner's own load hook runs before this slot, which follows it)."""
 
-    def __init__(self, into: str, stock: nn.Module):
+    def __init__(self, into: str, stock: nn.Module, owner: Optional[DWConvBNAct] = None):
         super().__init__()
         self.into = into
         object.__setattr__(self, "stock", stock)  # not a child: it is registered inside the DWConvBNAct
+        object.__setattr__(self, "owner", owner)  # nor is the owner
         self._version = getattr(type(stock), "_version", 1)  # state_dict metadata as the stock module writes it
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         _load_module_tree(self.stock, state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if self.owner is not None:
+            self.owner.refresh()
 
     def extra_repr(self) -> str:
         return f"{type(self.stock).__name__} runs fused in {self.into!r}"

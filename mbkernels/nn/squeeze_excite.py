@@ -1,9 +1,10 @@
 """SqueezeExcite: a stock squeeze-and-excite module run as one fused op in inference.
 
-Recognised sources: timm's SqueezeExcite (conv_reduce, act1, conv_expand, gate) and SEModule without its extras,
-torchvision's SqueezeExcitation (avgpool, fc1, activation, fc2, scale_activation), and hand-written SE modules
-whose layers are two nn.Linear or 1x1 nn.Conv2d with an activation and a gate module (also inside an
-nn.Sequential). Since a hand-written forward can compute anything, a match is confirmed numerically.
+Recognised sources: timm's SqueezeExcite (conv_reduce, act1, conv_expand, gate) and SEModule (also with a
+BatchNorm between fc1 and its activation, as rexnet's: folded into fc1) and EffectiveSEModule (one layer C -> C,
+as hgnet's EseModule: the op's expand layer is then the identity), torchvision's SqueezeExcitation (avgpool, fc1,
+activation, fc2, scale_activation), and hand-written SE modules whose layers are two nn.Linear or 1x1 nn.Conv2d
+with an activation and a gate module (also inside an nn.Sequential). Since a hand-written forward can compute anything, a match is confirmed numerically.
 """
 import copy
 from typing import NamedTuple, Optional
@@ -23,9 +24,10 @@ _MATCH_TOLERANCE = 1e-9
 
 class _Parts(NamedTuple):
     reduce: str  # the path of the nn.Linear [C -> R] or 1x1 nn.Conv2d inside the module
-    expand: str  # the path of the nn.Linear [R -> C] or 1x1 nn.Conv2d
+    expand: Optional[str]  # the path of the nn.Linear [R -> C] or 1x1 nn.Conv2d; None: a one-layer (effective) SE
     activation: str
     gate: str
+    norm: Optional[str] = None  # the path of a BatchNorm applied to the reduce layer's output, folded into it
 
 
 def _check_layer(layer: nn.Module, name: str) -> None:
@@ -43,6 +45,8 @@ def _leaf_parts(module: nn.Module, path: str = ""):
         child_path = f"{path}{name}"
         if isinstance(child, (nn.Linear, nn.Conv2d)):
             yield child_path, child, "layer"
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            yield child_path, child, "norm"
         elif isinstance(child, _PASSTHROUGH):
             if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1)):
                 raise ValueError(f"{child_path} is {child}; only a global average pool (output_size=1) can be fused")
@@ -63,7 +67,10 @@ def _find_parts(module: nn.Module) -> _Parts:
     except ValueError as error:
         raise ValueError(f"{type(module).__name__} is not a squeeze-excite module: {error}") from None
     layers = [(path, m) for path, m, kind in parts if kind == "layer"]
+    norms = [(path, m) for path, m, kind in parts if kind == "norm"]
     functions = [(path, m) for path, m, kind in parts if kind == "function"]
+    if len(layers) == 1 and not norms and functions:
+        return _one_layer_parts(module, layers[0], functions)
     if len(layers) != 2 or len(functions) < 2:
         found = ", ".join(f"{path} ({type(m).__name__})" for path, m, _ in parts) or "nothing"
         raise ValueError(
@@ -83,7 +90,21 @@ def _find_parts(module: nn.Module) -> _Parts:
             f"an SE's layers map C -> R -> C"
         )
     reduce, expand = (second_path, first_path) if first_in < first_out else (first_path, second_path)
+    norm = _find_norm(module, norms, min(first_in, first_out))
 
+    names, activation, gate = _functions(functions)
+    if len(activation) != 1 or len(gate) != 1:
+        found = ", ".join(f"{path} ({type(f).__name__}) computes {name or 'no known function'}"
+                          for path, f, name in names)
+        raise ValueError(
+            f"{type(module).__name__} needs one activation ({', '.join(activations.ACTIVATIONS[1:])}) and one gate "
+            f"({', '.join(activations.GATES)}): {found}"
+        )
+    return _Parts(reduce, expand, activation[0], gate[0], norm)
+
+
+def _functions(functions: list):
+    """(path, module, name) of each parameter-free part, the activations and the gates among the names."""
     # Hand-written activations are recognised by what they compute (the two name sets do not overlap). Other
     # parameter-free modules (a hand-written Flatten, Dropout) are let through: the numeric check judges them.
     names = [(path, function, activations.identify_activation(function) or activations.identify_gate(function))
@@ -92,22 +113,59 @@ def _find_parts(module: nn.Module) -> _Parts:
     activation = [name for _, _, name in names if name is not None and name != "identity" and name not in
                   activations.GATES]
     gate = [name for _, _, name in names if name in activations.GATES]
-    if len(activation) != 1 or len(gate) != 1:
-        found = ", ".join(f"{path} ({type(f).__name__}) computes {name or 'no known function'}"
-                          for path, f, name in names)
-        raise ValueError(
-            f"{type(module).__name__} needs one activation ({', '.join(activations.ACTIVATIONS[1:])}) and one gate "
-            f"({', '.join(activations.GATES)}): {found}"
-        )
-    return _Parts(reduce, expand, activation[0], gate[0])
+    return names, activation, gate
 
 
-def _float32_matrix(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.detach().flatten(1).to(torch.float32).contiguous()
+def _one_layer_parts(module: nn.Module, layer_item: tuple, functions: list) -> _Parts:
+    """An effective SE (timm's EffectiveSEModule, hgnet's EseModule): x * gate(W @ mean_hw(x) + b), W [C, C]. The
+    op runs it with W as the reduce layer, no activation, and the identity as the expand layer (exact: each output
+    is 1 * the value plus exact zeros)."""
+    path, layer = layer_item
+    _check_layer(layer, path)
+    if layer.weight.shape[0] != layer.weight.shape[1]:
+        raise ValueError(f"{type(module).__name__} has one layer, {path}, mapping {layer.weight.shape[1]} -> "
+                         f"{layer.weight.shape[0]} channels; a one-layer (effective) SE maps C -> C")
+    names, activation, gate = _functions(functions)
+    if activation or len(gate) != 1:
+        found = ", ".join(f"{p} ({type(f).__name__}) computes {name or 'no known function'}" for p, f, name in names)
+        raise ValueError(f"{type(module).__name__} with one layer needs one gate ({', '.join(activations.GATES)}) "
+                         f"and no activation: {found}")
+    return _Parts(path, None, "identity", gate[0])
 
 
-def _float32_bias(layer: nn.Module) -> Optional[torch.Tensor]:
-    return None if layer.bias is None else layer.bias.detach().to(torch.float32).contiguous()
+def _expand_weights(expand: Optional[nn.Module], channels: int, dtype: torch.dtype, device):
+    """(w_expand [C, R], b_expand) in dtype; the identity for a one-layer SE."""
+    if expand is None:
+        return torch.eye(channels, dtype=dtype, device=device), None
+    bias = None if expand.bias is None else expand.bias.detach().to(dtype).contiguous()
+    return expand.weight.detach().flatten(1).to(dtype).contiguous(), bias
+
+
+def _find_norm(module: nn.Module, norms: list, reduced: int) -> Optional[str]:
+    """The path of the one BatchNorm of R features an SE may hold (which the match check proves is applied to the
+    reduce layer's output), or None."""
+    if not norms:
+        return None
+    if len(norms) > 1:
+        raise ValueError(f"{type(module).__name__} holds {len(norms)} norms ({', '.join(p for p, _ in norms)}); "
+                         "an SE with one BatchNorm after its reduce layer is fused")
+    path, norm = norms[0]
+    if norm.num_features != reduced or norm.running_mean is None or norm.running_var is None:
+        problem = f"of {norm.num_features} features" if norm.num_features != reduced else "without running statistics"
+        raise ValueError(f"{type(module).__name__}.{path} is a {type(norm).__name__} {problem}; only a BatchNorm of "
+                         f"the {reduced} reduced channels with running statistics can be folded into the reduce layer")
+    return path
+
+
+def _reduce_weights(reduce: nn.Module, norm: Optional[nn.Module], dtype: torch.dtype):
+    """(w_reduce [R, C], b_reduce) in dtype, the norm folded in (b_reduce None when there is neither bias nor norm)."""
+    weight = reduce.weight.detach().flatten(1).to(dtype)
+    bias = None if reduce.bias is None else reduce.bias.detach().to(dtype)
+    if norm is None:
+        return weight.contiguous(), bias
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+    return ops.fold_bn_into(weight, bias, norm)
 
 
 def _fused_formula(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) -> torch.Tensor:
@@ -122,7 +180,8 @@ def _fused_formula(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate) 
 def _check_match(module: nn.Module, parts: _Parts) -> bool:
     """Raises unless `module` computes the fused formula on a float64 probe; returns whether it writes into x."""
     probe_module = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
-    reduce, expand = probe_module.get_submodule(parts.reduce), probe_module.get_submodule(parts.expand)
+    reduce = probe_module.get_submodule(parts.reduce)
+    expand = probe_module.get_submodule(parts.expand) if parts.expand else None
     channels = reduce.weight.shape[1]
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(3, channels, 5, 4, generator=generator, dtype=torch.float64) * 2
@@ -133,8 +192,10 @@ def _check_match(module: nn.Module, parts: _Parts) -> bool:
         raise ValueError(
             f"{type(module).__name__} failed on a probe input of shape {tuple(probe.shape)}: {error}") from error
     writes_input = not torch.equal(probe_input, probe)
-    fused = _fused_formula(probe, reduce.weight.flatten(1), reduce.bias, expand.weight.flatten(1), expand.bias,
-                           parts.activation, parts.gate)
+    norm = probe_module.get_submodule(parts.norm) if parts.norm else None
+    w_reduce, b_reduce = _reduce_weights(reduce, norm, torch.float64)
+    w_expand, b_expand = _expand_weights(expand, channels, torch.float64, probe.device)
+    fused = _fused_formula(probe, w_reduce, b_reduce, w_expand, b_expand, parts.activation, parts.gate)
     if not isinstance(stock, torch.Tensor) or stock.shape != fused.shape:
         got = tuple(stock.shape) if isinstance(stock, torch.Tensor) else type(stock).__name__
         raise ValueError(f"{type(module).__name__} returned {got} for an input of shape {tuple(probe.shape)}; "
@@ -154,19 +215,21 @@ class SqueezeExcite(FusedModule):
 
     Build it with `SqueezeExcite.from_module(se)`. The stock module stays inside as `stock` and runs unchanged in
     training mode or when autograd needs a graph; the state_dict has the stock module's keys, so checkpoints load
-    both ways. The float32 weights are cached and refreshed when a parameter changes.
+    both ways. The float32 weights are buffers made when the module is built and refreshed when a parameter
+    changes (see FusedModule).
     """
 
     def __init__(self, stock: nn.Module, parts: _Parts, stock_writes_input: bool, backend: Optional[str] = None):
         super().__init__()
         self.stock = stock
-        self.reduce_path, self.expand_path = parts.reduce, parts.expand
+        self.reduce_path, self.expand_path, self.norm_path = parts.reduce, parts.expand, parts.norm
         self.activation, self.gate = parts.activation, parts.gate
         self.stock_writes_input = stock_writes_input
         self.backend = backend
         self.training = stock.training  # swapped into a model in eval mode, it runs fused at once
         self.register_state_dict_post_hook(_drop_stock_prefix)
         self.register_load_state_dict_pre_hook(_add_stock_prefix)
+        self.refresh()
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: Optional[str] = None) -> "SqueezeExcite":
@@ -184,16 +247,32 @@ class SqueezeExcite(FusedModule):
         return self.stock.get_submodule(self.reduce_path)
 
     @property
-    def expand_layer(self) -> nn.Module:
-        return self.stock.get_submodule(self.expand_path)
+    def expand_layer(self) -> Optional[nn.Module]:
+        return self.stock.get_submodule(self.expand_path) if self.expand_path else None
+
+    def _fold_sources(self) -> list:
+        reduce, expand = self.reduce_layer, self.expand_layer
+        norm = self._norm()
+        return [t for m in (reduce, expand, norm) if m is not None for t in (*m.parameters(), *m.buffers())]
+
+    def _norm(self) -> Optional[nn.Module]:
+        return self.stock.get_submodule(self.norm_path) if self.norm_path else None
+
+    def _fold_settings(self) -> tuple:
+        norm = self._norm()
+        return (norm.eps,) if norm is not None else ()
+
+    def _fold(self) -> dict:
+        reduce, expand = self.reduce_layer, self.expand_layer
+        w_reduce, b_reduce = _reduce_weights(reduce, self._norm(), torch.float32)
+        w_expand, b_expand = _expand_weights(expand, reduce.weight.shape[1], torch.float32, reduce.weight.device)
+        return {"folded_w_reduce": w_reduce, "folded_b_reduce": b_reduce,
+                "folded_w_expand": w_expand, "folded_b_expand": b_expand}
 
     def fused_weights(self):
-        """The float32 (w_reduce [R, C], b_reduce, w_expand [C, R], b_expand), refreshed when a source changed."""
-        reduce, expand = self.reduce_layer, self.expand_layer
-        sources = [t for t in (reduce.weight, reduce.bias, expand.weight, expand.bias) if t is not None]
-        return self.derived.get(sources, lambda: (
-            _float32_matrix(reduce), _float32_bias(reduce), _float32_matrix(expand), _float32_bias(expand),
-        ))
+        """The float32 (w_reduce [R, C], b_reduce, w_expand [C, R], b_expand) the fused op gets."""
+        self.refresh_if_stale()
+        return self.folded_w_reduce, self.folded_b_reduce, self.folded_w_expand, self.folded_b_expand
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):

@@ -1,5 +1,5 @@
 """The triton backend: its declaration, availability and launch rules (importable without triton; the kernels are
-in dwconv.py and squeeze_excite.py, imported on first use)."""
+in dwconv.py, squeeze_excite.py and inverted_residual.py, imported on first use)."""
 import contextlib
 import os
 import threading
@@ -79,6 +79,18 @@ def _squeeze_excite_limit(args):
     return limit(args)
 
 
+def _inverted_residual(args):
+    from .inverted_residual import launch
+
+    return launch(args)
+
+
+def _inverted_residual_limit(args):
+    from .inverted_residual import limit
+
+    return limit(args)
+
+
 # Under the interpreter Triton runs CPU tensors (when asked for by name), on a GPU CUDA tensors.
 BACKEND = Backend(
     name="triton",
@@ -88,5 +100,6 @@ BACKEND = Backend(
     unavailable_reason=unavailable_reason,
     describe=describe,
     ops={"dwconv_bn_act": OpSupport(_dwconv_bn_act),
-         "squeeze_excite": OpSupport(_squeeze_excite, _squeeze_excite_limit)},
+         "squeeze_excite": OpSupport(_squeeze_excite, _squeeze_excite_limit),
+         "inverted_residual": OpSupport(_inverted_residual, _inverted_residual_limit)},
 )

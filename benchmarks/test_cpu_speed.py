@@ -1,0 +1,133 @@
+"""CPU speed of patched models against stock ones, eager and under torch.compile (issue 11's targets):
+patched eager >= stock eager, and patched + torch.compile >= 0.95x stock + torch.compile, for timm's
+MobileNetV3-Large/-Small, MobileNetV2 and EfficientNet-B0 at batch 1 and 8 (224x224, float32, reference backend).
+
+As pytest-benchmark cases (`pytest benchmarks/test_cpu_speed.py`): each (model, batch, eager|compile) pair times
+the stock and the patched model interleaved, benchmarks the patched one, and records the stock time, the ratio
+(stock / patched: above 1 the patched model is faster) and its target in extra_info. In the smoke run
+(`--benchmark-disable`) MobileNetV3-Small at batch 1 runs both pairs at 64x64, once each: it checks that the
+variants run and match stock; its ratios mean little.
+
+As a script, the measurement the report quotes (interleaved rounds, each variant's median, 2 threads):
+    python benchmarks/test_cpu_speed.py [--models NAME ...] [--batches 1 8] [--rounds 7] [--threads 2]
+"""
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import mbkernels
+from mbkernels.patch import randomize_batchnorm
+
+MODELS = ("mobilenetv3_large_100", "mobilenetv3_small_100", "mobilenetv2_100", "efficientnet_b0")
+BATCHES = (1, 8)
+TARGET = {"eager": 1.0, "compile": 0.95}  # the patched model's speed relative to stock, at least
+TOLERANCE = 1e-4
+SMOKE_CASE = ("mobilenetv3_small_100", 1)  # float32 against float64 stock, relative to the largest logit
+
+
+def build(model_name: str, variant: str, seed: int = 0):
+    """(stock, patched, float64 stock) for the variant ("eager" or "compile"), random BatchNorm statistics."""
+    import timm
+
+    torch.manual_seed(seed)
+    stock = randomize_batchnorm(timm.create_model(model_name, pretrained=False).eval(),
+                                torch.Generator().manual_seed(seed))
+    reference = copy.deepcopy(stock).double()
+    patched = mbkernels.patch(copy.deepcopy(stock))
+    if variant == "compile":
+        stock, patched = torch.compile(stock), torch.compile(patched)
+    return stock, patched, reference
+
+
+def check(models: dict, reference, x: torch.Tensor) -> None:
+    """Every model's output within TOLERANCE of the float64 stock model (this also warms them up)."""
+    want = reference(x.double())
+    scale = want.abs().max().item()
+    for name, model in models.items():
+        error = (model(x).double() - want).abs().max().item() / scale
+        assert error <= TOLERANCE, f"{name}: relative error {error:.2e} > {TOLERANCE}"
+
+
+def interleaved_medians(models: dict, x: torch.Tensor, rounds: int, iterations: int) -> dict:
+    """Median ms per call of each model: rounds of `iterations` calls, the models taking turns each round, so
+    that the machine's other load falls on all of them alike."""
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            started = time.perf_counter()
+            for _ in range(iterations):
+                model(x)
+            times[name].append((time.perf_counter() - started) / iterations * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# --------------------------------------------------------------------------------------------- pytest cases
+try:
+    import pytest
+except ImportError:  # the script needs no pytest
+    pytest = None
+
+if pytest is not None:
+    def _pairs():
+        for model_name in MODELS:
+            for batch in BATCHES:
+                for variant in ("eager", "compile"):
+                    yield pytest.param(model_name, batch, variant, id=f"{model_name}-b{batch}-{variant}")
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU cases; benchmarks/test_models.py times GPUs")
+    @pytest.mark.parametrize("model_name, batch, variant", list(_pairs()))
+    def test_cpu_speed(model_name, batch, variant, benchmark):
+        smoke = benchmark.disabled
+        if smoke and (model_name, batch) != SMOKE_CASE:
+            pytest.skip(f"the smoke run times {SMOKE_CASE} only (a model takes tens of seconds to build and compile "
+                        "on 2 cores)")
+        size = 64 if smoke else 224
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        stock, patched, reference = build(model_name, variant)
+        with torch.no_grad():
+            check({"stock": stock, "patched": patched}, reference, x)
+            medians = interleaved_medians({"stock": stock, "patched": patched}, x, rounds=1 if smoke else 5,
+                                          iterations=1 if smoke else 3)
+            benchmark.pedantic(patched, args=(x,), rounds=1 if smoke else 10, iterations=1, warmup_rounds=0)
+        ratio = medians["stock"] / medians["patched"]
+        benchmark.extra_info.update(model=model_name, batch=batch, variant=variant, stock_ms=medians["stock"],
+                                    patched_ms=medians["patched"], ratio=ratio, target=TARGET[variant],
+                                    meets_target=ratio >= TARGET[variant], threads=torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------------- script
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=224)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    print(f"torch {torch.__version__}, {options.threads} threads, {options.size}x{options.size}, float32, "
+          f"{options.rounds} interleaved rounds; ratio = stock / patched (targets: eager >= 1.00, compile >= 0.95)")
+    print(f"{'model':24} {'batch':>5}  {'stock eager':>11} {'patched':>8} {'ratio':>6}  "
+          f"{'stock comp':>10} {'patched':>8} {'ratio':>6}")
+    for model_name in options.models:
+        for batch in options.batches:
+            x = torch.randn(batch, 3, options.size, options.size, generator=torch.Generator().manual_seed(1))
+            torch._dynamo.reset()
+            stock, patched, reference = build(model_name, "eager")
+            compiled_stock, compiled_patched = torch.compile(stock), torch.compile(patched)
+            models = {"stock eager": stock, "patched eager": patched,
+                      "stock compile": compiled_stock, "patched compile": compiled_patched}
+            iterations = 8 if batch == 1 else 2
+            with torch.no_grad():
+                check(models, reference, x)
+                ms = interleaved_medians(models, x, options.rounds, iterations)
+            print(f"{model_name:24} {batch:5d}  {ms['stock eager']:11.2f} {ms['patched eager']:8.2f} "
+                  f"{ms['stock eager'] / ms['patched eager']:5.2f}x  {ms['stock compile']:10.2f} "
+                  f"{ms['patched compile']:8.2f} {ms['stock compile'] / ms['patched compile']:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
