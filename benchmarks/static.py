@@ -5,7 +5,7 @@ load widths, for every depthwise and squeeze-excite layer of benchmarks/layer_sh
 
 triton: each case's exact Launches (the launcher's own `plan`, on CPU stand-in tensors) are compiled ahead of
 time with Triton's compiler for the target; ptxas -v reads registers and spills, cuobjdump -sass the global
-load/store widths. cuda: cuobjdump -res-usage and -sass of the built mbkernels/_C*.so, one row per kernel.
+load/store widths. cuda: benchmarks/static_cuda.py (the C++ launchers' plans, cuobjdump of mbkernels/_C*.so).
 Compiled results are cached on disk (MBKERNELS_STATIC_CACHE, default ~/.cache/mbkernels-static), keyed by the
 kernel source, its specialisation and the toolchain, so a warm CI run takes seconds.
 
@@ -247,42 +247,47 @@ def _record(backend, kernel, op, case, batch, dtype, channels_last, args, moved,
 
 
 def cuda_records(capability: int) -> tuple[list, str]:
-    """(one record per kernel symbol of the built extension, why none when skipped)."""
-    import mbkernels
+    """(the cuda backend's records per layer case and launch, from benchmarks/static_cuda.py; why none when
+    skipped)."""
+    from mbkernels import _native
 
-    built = sorted(Path(mbkernels.__file__).parent.glob("_C*.so"))
-    if not built:
-        return [], "mbkernels/_C*.so is not built (pip install --no-build-isolation -e . builds it)"
-    library = str(built[0])
-    usage = _tool("cuobjdump", "-res-usage", library)
-    if f"sm_{capability}" not in usage:
-        return [], f"{built[0].name} holds no sm_{capability} code (TORCH_CUDA_ARCH_LIST / MBKERNELS_CUDA_ARCHS)"
-    sass = _tool("cuobjdump", "-sass", "-arch", f"sm_{capability}", library)
-    bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*\.{5,}|\n\s+Function : |\Z)", sass, re.S))
-    records = []
-    for symbol, numbers in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage):
-        fields = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", numbers))
-        name = subprocess.run(["c++filt", symbol], capture_output=True, text=True).stdout.strip() or symbol
-        resources = dict(registers=int(fields["REG"]), spill_bytes=int(fields.get("LOCAL", 0)),
-                         local_bytes=int(fields["STACK"]) + int(fields.get("LOCAL", 0)),
-                         shared_bytes=int(fields["SHARED"]), **memory_instructions(bodies.get(symbol, "")))
-        records.append(dict(backend="cuda", kernel=name, op=None, case=None, batch=None, dtype=None, layout=None,
-                            arch=capability / 10, occupancy=None, waves=None, bytes=None, **resources))
+    from . import static_cuda
+    from .cases import LayerCase, _frozen
+
+    if _native.C is None:
+        return [], f"the cuda extension is not built or loaded ({_native.unavailable_reason})"
+    if not hasattr(_native.C, "dwconv_bn_act_launch_plan"):
+        return [], f"{_native.C.__file__} predates the launch plans (_C.dwconv_bn_act_launch_plan): rebuild it"
+    arch = f"{capability // 10}.{capability % 10}"
+    if arch not in static_cuda.ARCHS:
+        return [], f"benchmarks/static_cuda.py knows no sm_{capability} limits"
+    shapes = load_shapes()
+    layer_cases = [LayerCase(op, _frozen(entry), batch, dtype, channels_last)
+                   for batch in BATCHES for dtype, channels_last in FORMATS
+                   for op in ("dwconv_bn_act", "squeeze_excite") for entry in shapes[op]]
+    try:
+        records = static_cuda.records(layer_cases, arch)
+    except ValueError as error:  # the library holds no code for this arch
+        return [], str(error)
+    for record in records:
+        record["floor_us"] = round(record["bytes"] / COPY_BANDWIDTH * 1e6, 2)
     return records, ""
 
 
 # ---------------------------------------------------------------------------------------------- gates
 def gate_failures(records: list) -> list:
-    """Every failed gate, one line each."""
-    failures = []
-    for r in records:
+    """Every failed gate, one line each (the cuda records' gates: benchmarks/static_cuda.py)."""
+    from . import static_cuda
+
+    failures = static_cuda.gate_failures([r for r in records if r["backend"] == "cuda"])
+    for r in (r for r in records if r["backend"] == "triton"):
         where = f"{r['backend']} {r['kernel']} [{r['case']}, batch {r['batch']}, {r['dtype']} {r['layout']}]"
         if "error" in r:
             failures.append(f"compile: {where} does not compile for sm_{int(r['arch'] * 10)}: {r['error']}")
             continue
         if r["spill_bytes"] or r["local_bytes"] or r["local_instructions"]:
             failures.append(f"spill: {where} spills {r['spill_bytes']} bytes ({r['local_bytes']} bytes local memory)")
-        if (r["backend"] == "triton" and r["kernel"] in VECTOR_GATED_KERNELS and r["layout"] == "channels_last"
+        if (r["kernel"] in VECTOR_GATED_KERNELS and r["layout"] == "channels_last"
                 and r["dtype"] != "float32" and r["channels"] % 8 == 0
                 and r["vector_load_fraction"] < MIN_VECTOR_FRACTION):
             failures.append(f"vector loads: {where} issues {r['vector_load_fraction']:.0%} of its global loads "
