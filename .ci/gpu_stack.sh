@@ -21,14 +21,16 @@ fi
 VENV=${GPU_STACK_VENV:-.gpu-stack-venv}
 # About 5 GB of wheels: downloaded once, then installed from this folder.
 WHEELS=${GPU_STACK_WHEELS:-$HOME/.cache/mbkernels-gpu-stack/wheels}
-PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm pytest hypothesis numpy)
+# setuptools: the editable install below runs without build isolation (with it, pip would fetch another 5 GB
+# torch into a temporary environment); Python 3.12's venv has no setuptools of its own.
+PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm pytest hypothesis numpy setuptools wheel)
 
 step "venv $VENV with $PYTHON312, torch 2.11.0 from PyPI (wheels cached in $WHEELS)"
 [ -x "$VENV/bin/python" ] || "$PYTHON312" -m venv "$VENV"
 mkdir -p "$WHEELS"
 "$VENV/bin/python" -m pip download -q -d "$WHEELS" "${PACKAGES[@]}"
 "$VENV/bin/python" -m pip install -q --no-index --find-links "$WHEELS" "${PACKAGES[@]}"
-MBKERNELS_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-deps -e .
+MBKERNELS_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)'
 
 step "Triton and reference tests under the interpreter"
