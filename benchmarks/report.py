@@ -334,33 +334,32 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def floor_section(records: list, static_path: Path) -> str:
-    """Each measured layer time beside its floor from the static report (python -m benchmarks.static --output):
-    the minimum bytes at the H200's copy bandwidth."""
-    from .static import floors, layer_key
-
-    floor_of = floors(json.loads(static_path.read_text()))
-    lines = ["", f"## Measured times beside the static floor ({static_path.name})", "",
-             "| case | provider | median µs | floor µs | floor / measured |", "|---|---|---|---|---|"]
-    for r in records:
-        if r.get("family") != "layer" or not r.get("median_ms"):
-            continue
-        found = floor_of.get(layer_key(r))
-        if found:
-            measured_us = r["median_ms"] * 1e3
-            lines.append(f"| {r['case']} | {r['provider']} | {measured_us:.1f} | {found[1]:.1f} | "
-                         f"{found[1] / measured_us:.0%} |")
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------------ main
+def floor_table(records: list, static_records: list) -> str:
+    """Measured layer times beside the static report's floor (the bytes the layer must move at copy bandwidth):
+    how far each provider is from the memory-bandwidth floor."""
+    floors = {r["case"]: r["floor_us"] for r in static_records if r.get("floor_us")}
+    layers = {case: per_provider for (family, _), cases in group_cases(records).items() if family == "layer"
+              for case, per_provider in cases.items() if case in floors}
+    providers = _ordered({p for per_provider in layers.values() for p in per_provider})
+    lines = ["## Layers against the memory floor (median us, x floor)", "",
+             "| case | floor us | " + " | ".join(providers) + " |", "|" + "---|" * (len(providers) + 2)]
+    for case, per_provider in layers.items():
+        cells = []
+        for p in providers:
+            r = per_provider.get(p)
+            cells.append(f"{r['median_ms'] * 1e3:.1f} ({r['median_ms'] * 1e3 / floors[case]:.1f}x)" if _ok(r)
+                         else _ms_cell(r))
+        lines.append(f"| {case} | {floors[case]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*", type=Path, help="results files (default: the newest)")
     parser.add_argument("--out", type=Path, help="output folder (default: beside the results file)")
-    parser.add_argument("--static", type=Path, action="append", default=[],
-                        help="JSON of python -m benchmarks.static --output (repeatable; missing files are skipped): "
-                             "each layer's floor beside its time")
+    parser.add_argument("--static", type=Path, help="python -m benchmarks.static --output FILE: each layer's "
+                        "memory floor beside its measured times")
     args = parser.parse_args(argv)
     try:
         sources = args.results or [newest_results(results_dir())]
@@ -376,8 +375,10 @@ def main(argv=None) -> int:
     stem = sources[-1].stem
     plots = plot(records, out_dir, stem)
     report = out_dir / f"{stem}.md"
-    report.write_text(render_markdown(records, sources, plots)
-                      + "".join(floor_section(records, path) for path in args.static if path.exists()))
+    markdown = render_markdown(records, sources, plots)
+    if args.static:
+        markdown += "\n" + floor_table(records, json.loads(args.static.read_text())) + "\n"
+    report.write_text(markdown)
     print(f"wrote {report} and {len(plots)} plots")
     return 0
 

@@ -5,7 +5,7 @@ load widths, for every depthwise and squeeze-excite layer of benchmarks/layer_sh
 
 triton: each case's exact Launches (the launcher's own `plan`, on CPU stand-in tensors) are compiled ahead of
 time with Triton's compiler for the target; ptxas -v reads registers and spills, cuobjdump -sass the global
-load/store widths. cuda: cuobjdump -res-usage and -sass of the built mbkernels/_C*.so, one row per kernel.
+load/store widths. cuda: benchmarks/static_cuda.py (the C++ launchers' plans, cuobjdump of mbkernels/_C*.so).
 Compiled results are cached on disk (MBKERNELS_STATIC_CACHE, default ~/.cache/mbkernels-static), keyed by the
 kernel source, its specialisation and the toolchain, so a warm CI run takes seconds.
 
@@ -39,7 +39,7 @@ MIN_OCCUPANCY = 0.25
 ANALYSIS_VERSION = 1  # bump when what a cached record holds changes
 CACHE_DIR = Path(os.environ.get("MBKERNELS_STATIC_CACHE", Path.home() / ".cache" / "mbkernels-static"))
 # Kernels that read x along channels in channels_last: the 16-byte load gate applies to them.
-VECTOR_GATED_KERNELS = ("_dwconv_cl_kernel", "_pool_kernel", "_scale_kernel")
+VECTOR_GATED_KERNELS = ("_dwconv_bn_act_kernel", "_pool_kernel", "_scale_kernel")
 
 
 # ------------------------------------------------------------------------------------ toolchain (one place)
@@ -86,7 +86,8 @@ class TritonCompiler:
 
     def key(self, launch) -> str:
         signature, constexprs, attrs, options = self.specialise(launch)
-        text = repr((ANALYSIS_VERSION, self.version, self.capability, launch.kernel.cache_key, sorted(signature.items()),
+        text = repr((ANALYSIS_VERSION, self.version, self.capability, launch.kernel.cache_key,
+                     sorted(signature.items()),
                      sorted((str(k), repr(v)) for k, v in constexprs.items()),
                      sorted((str(k), repr(v)) for k, v in attrs.items()), sorted(options.__dict__.items(), key=str)))
         return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -148,20 +149,27 @@ def _stand_in(shape, dtype, channels_last=False) -> torch.Tensor:
     return t.to(memory_format=torch.channels_last) if channels_last else t
 
 
+def _label(op: str, entry: dict, batch: int, dtype, channels_last: bool) -> str:
+    """The layer benchmarks' case label, so that benchmarks/report.py puts the floor beside the measured time."""
+    from .cases import LayerCase, _frozen
+
+    return LayerCase(op, _frozen(entry), batch, dtype, channels_last).label
+
+
 def _dwconv_case(entry: dict, batch: int, dtype, channels_last: bool):
     from mbkernels._contract import DWConvArgs, normalise_dwconv_bn_act
 
     c, kernel = entry["channels"], entry["kernel"]
     x = _stand_in((batch, c, entry["height"], entry["width"]), dtype, channels_last)
     top, left = entry["padding"]
-    args = normalise_dwconv_bn_act(DWConvArgs(x, _stand_in((c, 1, *kernel), torch.float32), _stand_in((c,), torch.float32),
+    weight, bias = _stand_in((c, 1, *kernel), torch.float32), _stand_in((c,), torch.float32)
+    args = normalise_dwconv_bn_act(DWConvArgs(x, weight, bias,
                                               entry["stride"], [top, top, left, left], entry["dilation"],
                                               entry["activation"]))
     out_h, out_w = args.out_hw
     size = dtype.itemsize
     moved = x.numel() * size + batch * c * out_h * out_w * size + 4 * c * (kernel[0] * kernel[1] + 1)
-    name = f"dw c{c} {entry['height']}x{entry['width']} k{kernel[0]} s{entry['stride'][0]} {entry['activation']}"
-    return "dwconv_bn_act", name, args, moved, entry
+    return "dwconv_bn_act", _label("dwconv_bn_act", entry, batch, dtype, channels_last), args, moved
 
 
 def _se_case(entry: dict, batch: int, dtype, channels_last: bool):
@@ -173,8 +181,7 @@ def _se_case(entry: dict, batch: int, dtype, channels_last: bool):
     args = normalise_squeeze_excite(SEArgs(x, _stand_in((r, c), f32), _stand_in((r,), f32), _stand_in((c, r), f32),
                                            _stand_in((c,), f32), entry["activation"], entry["gate"]))
     moved = 2 * x.numel() * dtype.itemsize + 4 * (2 * r * c + r + c)  # x read once, written once
-    name = f"se c{c} {entry['height']}x{entry['width']} r{r} {entry['activation']}/{entry['gate']}"
-    return "squeeze_excite", name, args, moved, entry
+    return "squeeze_excite", _label("squeeze_excite", entry, batch, dtype, channels_last), args, moved
 
 
 def cases():
@@ -206,25 +213,25 @@ def triton_records(capability: int, log=print) -> list:
     planners = {"dwconv_bn_act": dwconv.plan, "squeeze_excite": squeeze_excite.plan}
     compiler = TritonCompiler(capability)
     records, seen = [], set()
-    for batch, dtype, channels_last, (op, name, args, moved, entry) in cases():
+    for batch, dtype, channels_last, (op, name, args, moved) in cases():
         _, launches = planners[op](args, multiprocessors=MULTIPROCESSORS)
         for launch in launches:
             key = compiler.key(launch)
             if key not in seen:
                 seen.add(key)
-                log(f"  compile {len(seen)}: {launch.kernel.__name__} ({name}, batch {batch}, {dtype})")
+                log(f"  compile {len(seen)}: {launch.kernel.__name__} ({name})")
             try:
                 resources = _cached(key, lambda: compiler.compile(launch))
             except Exception as error:  # noqa: BLE001 -- a kernel that does not compile is a gate failure, named
                 resources = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}")
             records.append(_record("triton", launch.kernel.__name__, op, name, batch, dtype, channels_last,
-                                   args, moved, launch.grid, resources, capability, key, entry))
+                                   args, moved, launch.grid, resources, capability, key))
     return records
 
 
 def _record(backend, kernel, op, case, batch, dtype, channels_last, args, moved, grid, resources, capability,
-            config, entry) -> dict:
-    record = dict({key: value for key, value in entry.items() if key != "models"}, backend=backend, kernel=kernel, op=op, case=case, batch=batch, dtype=str(dtype).replace("torch.", ""),
+            config) -> dict:
+    record = dict(backend=backend, kernel=kernel, op=op, case=case, batch=batch, dtype=str(dtype).replace("torch.", ""),
                   layout="channels_last" if channels_last else "nchw", channels=int(args.x.shape[1]),
                   bytes=moved, floor_us=round(moved / COPY_BANDWIDTH * 1e6, 2), arch=capability / 10, config=config,
                   **resources)
@@ -239,59 +246,48 @@ def _record(backend, kernel, op, case, batch, dtype, channels_last, args, moved,
     return record
 
 
-def cuda_records(capability: int, log=print) -> tuple[list, str]:
-    """(one record per kernel symbol of the built extension, why none when skipped)."""
-    import mbkernels
+def cuda_records(capability: int) -> tuple[list, str]:
+    """(the cuda backend's records per layer case and launch, from benchmarks/static_cuda.py; why none when
+    skipped)."""
+    from mbkernels import _native
 
-    built = sorted(Path(mbkernels.__file__).parent.glob("_C*.so"))
-    if not built:
-        return [], "mbkernels/_C*.so is not built (pip install --no-build-isolation -e . builds it)"
-    library = str(built[0])
-    usage = _tool("cuobjdump", "-res-usage", library)
-    if f"sm_{capability}" not in usage:
-        return [], f"{built[0].name} holds no sm_{capability} code (TORCH_CUDA_ARCH_LIST / MBKERNELS_CUDA_ARCHS)"
-    sass = _tool("cuobjdump", "-sass", "-arch", f"sm_{capability}", library)
-    bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*\.{5,}|\n\s+Function : |\Z)", sass, re.S))
-    records = []
-    for symbol, numbers in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage):
-        fields = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", numbers))
-        name = subprocess.run(["c++filt", symbol], capture_output=True, text=True).stdout.strip() or symbol
-        resources = dict(registers=int(fields["REG"]), spill_bytes=int(fields.get("LOCAL", 0)),
-                         local_bytes=int(fields["STACK"]) + int(fields.get("LOCAL", 0)),
-                         shared_bytes=int(fields["SHARED"]), **memory_instructions(bodies.get(symbol, "")))
-        records.append(dict(backend="cuda", kernel=name, op=None, case=None, batch=None, dtype=None, layout=None,
-                            arch=capability / 10, occupancy=None, waves=None, bytes=None, **resources))
+    from . import static_cuda
+    from .cases import LayerCase, _frozen
+
+    if _native.C is None:
+        return [], f"the cuda extension is not built or loaded ({_native.unavailable_reason})"
+    if not hasattr(_native.C, "dwconv_bn_act_launch_plan"):
+        return [], f"{_native.C.__file__} predates the launch plans (_C.dwconv_bn_act_launch_plan): rebuild it"
+    arch = f"{capability // 10}.{capability % 10}"
+    if arch not in static_cuda.ARCHS:
+        return [], f"benchmarks/static_cuda.py knows no sm_{capability} limits"
+    shapes = load_shapes()
+    layer_cases = [LayerCase(op, _frozen(entry), batch, dtype, channels_last)
+                   for batch in BATCHES for dtype, channels_last in FORMATS
+                   for op in ("dwconv_bn_act", "squeeze_excite") for entry in shapes[op]]
+    try:
+        records = static_cuda.records(layer_cases, arch)
+    except ValueError as error:  # the library holds no code for this arch
+        return [], str(error)
+    for record in records:
+        record["floor_us"] = round(record["bytes"] / COPY_BANDWIDTH * 1e6, 2)
     return records, ""
-
-
-# ------------------------------------------------------------------------- measured times beside the floor
-SHAPE_KEYS = ("channels", "height", "width", "kernel", "stride", "padding", "dilation", "reduced", "activation",
-              "gate")
-
-
-def layer_key(record: dict) -> tuple:
-    """What identifies a layer case in both a static record and a benchmark results record."""
-    return (record.get("op"), int(record["batch"]), str(record["dtype"]), str(record["layout"]).lower(),
-            *(json.dumps(record.get(key)) for key in SHAPE_KEYS))
-
-
-def floors(static_records: list) -> dict:
-    """layer_key -> (bytes, floor_us) of every layer case the static report holds."""
-    return {layer_key(r): (r["bytes"], r["floor_us"]) for r in static_records if r.get("floor_us") is not None}
 
 
 # ---------------------------------------------------------------------------------------------- gates
 def gate_failures(records: list) -> list:
-    """Every failed gate, one line each."""
-    failures = []
-    for r in records:
+    """Every failed gate, one line each (the cuda records' gates: benchmarks/static_cuda.py)."""
+    from . import static_cuda
+
+    failures = static_cuda.gate_failures([r for r in records if r["backend"] == "cuda"])
+    for r in (r for r in records if r["backend"] == "triton"):
         where = f"{r['backend']} {r['kernel']} [{r['case']}, batch {r['batch']}, {r['dtype']} {r['layout']}]"
         if "error" in r:
             failures.append(f"compile: {where} does not compile for sm_{int(r['arch'] * 10)}: {r['error']}")
             continue
         if r["spill_bytes"] or r["local_bytes"] or r["local_instructions"]:
             failures.append(f"spill: {where} spills {r['spill_bytes']} bytes ({r['local_bytes']} bytes local memory)")
-        if (r["backend"] == "triton" and r["kernel"] in VECTOR_GATED_KERNELS and r["layout"] == "channels_last"
+        if (r["kernel"] in VECTOR_GATED_KERNELS and r["layout"] == "channels_last"
                 and r["dtype"] != "float32" and r["channels"] % 8 == 0
                 and r["vector_load_fraction"] < MIN_VECTOR_FRACTION):
             failures.append(f"vector loads: {where} issues {r['vector_load_fraction']:.0%} of its global loads "
@@ -340,7 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="write the records as JSON here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a gate fails, naming each")
     options = parser.parse_args(argv)
-    # Compile for the GPU: read when the kernels' @triton.jit runs (they are imported below, on first use).
+    # Compile for the GPU: read when the kernels' @triton.jit runs, so before triton_records imports them (a
+    # process that imported them under the interpreter cannot compile them).
     os.environ["TRITON_INTERPRET"] = "0"
     capability = int(float(options.arch) * 10)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731 -- progress on stderr, the table on stdout
@@ -348,7 +345,7 @@ def main(argv=None) -> int:
     if options.backend in ("triton", "all"):
         records += triton_records(capability, log)
     if options.backend in ("cuda", "all"):
-        found, skipped = cuda_records(capability, log)
+        found, skipped = cuda_records(capability)
         if skipped:
             print(f"cuda backend skipped: {skipped}")
         records += found

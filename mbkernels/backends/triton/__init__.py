@@ -51,12 +51,12 @@ class Launch(NamedTuple):
 
 
 def run_launches(launches, device) -> None:
-    # Triton launches on the current device (device_of is a no-op for CPU tensors).
+    # Triton launches on the current device (device_of is a no-op for CPU tensors). wrap_triton makes the launch
+    # traceable (torch.compile, export); under the interpreter the kernel is called directly: there triton.jit
+    # returns an InterpretedFunction, which older torch (2.11) rejects ("wrap_triton only works on functions
+    # annotated with triton.jit or triton.autotune"), and nothing traces CPU interpreter launches.
     with torch.cuda.device_of(device), launch_lock():
         for launch in launches:
-            # Under the interpreter, Triton before 3.7 makes @triton.jit an InterpretedFunction, which torch 2.11's
-            # wrap_triton rejects ("only works on functions annotated with triton.jit"); interpreted kernels are
-            # never traced by torch.compile, so they launch directly.
             kernel = launch.kernel if interpreting() else torch.library.wrap_triton(launch.kernel)
             kernel[launch.grid](*launch.args, **launch.constexprs)
 

@@ -43,13 +43,14 @@ def _x_offsets(samples, channels, pixels, C, HW, CHANNELS_LAST: tl.constexpr, IN
 @triton.jit
 def _pool_kernel(
     x_ptr, partial_ptr,
-    N, C_VECTORS, HW, PIXELS_PER_SPLIT, SPLITS,
+    N, C, HW, PIXELS_PER_SPLIT, SPLITS,
     CHANNELS_LAST: tl.constexpr,
-    VEC: tl.constexpr,  # C = C_VECTORS * VEC, a multiple the compiler sees: 16-byte vectors along channels
     INT64: tl.constexpr,
+    VEC: tl.constexpr,  # C is a multiple of VEC (the launcher checked): 16-byte loads along channels
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    C = C_VECTORS * VEC
+    if VEC > 1:
+        C = C // VEC * VEC  # an identity that tells the compiler what it cannot see (C = 72, 120: no multiple of 16)
     # One flat grid axis (the others stop at 65535): splits, then channel blocks, then sample blocks.
     pid = tl.program_id(0)
     channel_blocks = tl.cdiv(C, BLOCK_C)
@@ -121,13 +122,14 @@ def _mlp_kernel(
 @triton.jit
 def _scale_kernel(
     x_ptr, scale_ptr, out_ptr,
-    N, C_VECTORS, HW,
+    N, C, HW,
     CHANNELS_LAST: tl.constexpr,
-    VEC: tl.constexpr,  # C = C_VECTORS * VEC, as in _pool_kernel
     INT64: tl.constexpr,
+    VEC: tl.constexpr,  # C is a multiple of VEC (the launcher checked): 16-byte loads along channels
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    C = C_VECTORS * VEC
+    if VEC > 1:
+        C = C // VEC * VEC  # an identity that tells the compiler what it cannot see (C = 72, 120: no multiple of 16)
     # One flat grid axis: pixel blocks, then channel blocks, then sample blocks.
     pid = tl.program_id(0)
     pixel_blocks = tl.cdiv(HW, BLOCK_P)
@@ -154,10 +156,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _target_pool_programs(multiprocessors: int) -> int:
-    """Enough pooling programs to fill the GPU. The interpreter's time grows with the number of programs, so it
-    gets few; large planes of a single sample still split there, which keeps the split path tested."""
-    return 4 if interpreting() else 4 * multiprocessors
+def _target_pool_programs(device: torch.device, multiprocessors) -> int:
+    """Enough pooling programs to fill the GPU (`multiprocessors` SMs, default: the device's). The interpreter's
+    time grows with the number of programs, so it gets few; large planes of a single sample still split there,
+    which keeps the split path tested."""
+    if interpreting():
+        return 4
+    return 4 * (multiprocessors or _multiprocessors(device))
 
 
 def _tile(batch: int, channels: int, pixels: int, channels_last: bool) -> tuple[int, int, int]:
@@ -179,26 +184,28 @@ def _tile(batch: int, channels: int, pixels: int, channels_last: bool) -> tuple[
 
 
 def _mlp_tile(batch: int, channels: int, reduced: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_R, BLOCK_C): all of R at once, C in chunks (C=1280 loops rather than holding [R, C])."""
-    tile = 1 << 17 if interpreting() else 4096
+    """(BLOCK_N, BLOCK_R, BLOCK_C): all of R at once, C in chunks (C=1280 loops rather than holding [R, C]); on a
+    GPU 16 products per thread, which keeps >= 25% occupancy."""
+    tile = 1 << 17 if interpreting() else 2048
     block_r = triton.next_power_of_2(reduced)
     block_c = min(triton.next_power_of_2(channels), max(1, tile // block_r))
     block_n = min(triton.next_power_of_2(batch), max(1, tile // (block_r * block_c)))
     return block_n, block_r, block_c
 
 
-def _pool_splits(sample_blocks: int, channel_blocks: int, pixels: int, block_p: int,
-                 multiprocessors: int) -> tuple[int, int]:
+def _pool_splits(sample_blocks: int, channel_blocks: int, pixels: int, block_p: int, device,
+                 multiprocessors) -> tuple[int, int]:
     """(pixels per split, splits): each plane's pixels split into runs of whole BLOCK_P steps, so that there are
     enough pooling programs when there are few samples and channel blocks."""
     pixel_blocks = triton.cdiv(pixels, block_p)
-    wanted_splits = triton.cdiv(_target_pool_programs(multiprocessors), sample_blocks * channel_blocks)
+    wanted_splits = triton.cdiv(_target_pool_programs(device, multiprocessors), sample_blocks * channel_blocks)
     pixels_per_split = triton.cdiv(pixel_blocks, min(pixel_blocks, wanted_splits)) * block_p
     return pixels_per_split, triton.cdiv(pixels, pixels_per_split)
 
 
 def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
-    """The output (allocated) and the launches that fill it: pool, MLP, scale."""
+    """The output (allocated) and the launches that fill it: pool, MLP, scale. `multiprocessors`: the SM count to
+    fill (default: x's device's; the static report plans for an H200 on a machine without one)."""
     x, w_reduce, b_reduce, w_expand, b_expand = args.x, args.w_reduce, args.b_reduce, args.w_expand, args.b_expand
     # Plain ints: the tiles are picked per shape (when traced with dynamic shapes, this specialises them).
     batch, channels, height, width = (int(size) for size in x.shape)
@@ -212,26 +219,25 @@ def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     channel_blocks = triton.cdiv(channels, block_c)
     pixel_blocks = triton.cdiv(pixels, block_p)
 
-    if multiprocessors is None:  # the static report plans for a GPU that is not there
-        multiprocessors = 1 if interpreting() else _multiprocessors(x.device)
-    pixels_per_split, splits = _pool_splits(sample_blocks, channel_blocks, pixels, block_p, multiprocessors)
+    pixels_per_split, splits = _pool_splits(sample_blocks, channel_blocks, pixels, block_p, x.device,
+                                            multiprocessors)
     partial_sums = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
     scale = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     mlp_block_n, block_r, mlp_block_c = _mlp_tile(batch, channels, reduced)
     name, parameter = activations.parse_activation(args.activation)
-    # channels_last: 16-byte vectors along channels where C is a whole number of them.
-    vec = 16 // x.element_size() if channels_last and channels % (16 // x.element_size()) == 0 else 1
-    tiles = dict(CHANNELS_LAST=channels_last, VEC=vec, INT64=int64, BLOCK_N=block_n, BLOCK_C=block_c,
-                 BLOCK_P=block_p)
+    vector = 16 // x.element_size()
+    aligned = x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0 and channels % vector == 0
+    tiles = dict(CHANNELS_LAST=channels_last, INT64=int64, VEC=vector if channels_last and aligned else 1,
+                 BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_P=block_p)
     return out, [
         Launch(_pool_kernel, (sample_blocks * channel_blocks * splits,),
-               (x, partial_sums, batch, channels // vec, pixels, pixels_per_split, splits), tiles),
+               (x, partial_sums, batch, channels, pixels, pixels_per_split, splits), tiles),
         Launch(_mlp_kernel, (triton.cdiv(batch, mlp_block_n),),
                (partial_sums, w_reduce, b_reduce, w_expand, b_expand, scale,
                 batch, channels, reduced, pixels, splits, parameter),
                dict(ACTIVATION=activations.ACTIVATIONS.index(name), GATE=activations.gate_code(args.gate),
                     BLOCK_N=mlp_block_n, BLOCK_R=block_r, BLOCK_C=mlp_block_c)),
-        Launch(_scale_kernel, (sample_blocks * channel_blocks * pixel_blocks,), (x, scale, out, batch, channels // vec, pixels),
+        Launch(_scale_kernel, (sample_blocks * channel_blocks * pixel_blocks,), (x, scale, out, batch, channels, pixels),
                tiles),
     ]
 
