@@ -23,7 +23,10 @@ VENV=${GPU_STACK_VENV:-.gpu-stack-venv}
 WHEELS=${GPU_STACK_WHEELS:-$HOME/.cache/mbkernels-gpu-stack/wheels}
 # setuptools: the editable install below runs without build isolation (with it, pip would fetch another 5 GB
 # torch into a temporary environment); Python 3.12's venv has no setuptools of its own.
-PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm pytest hypothesis numpy setuptools wheel)
+# numpy < 2.4: Triton 3.6's interpreter converts runtime loop bounds with int() on 1-element arrays, which numpy
+# 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.8 does not. The GPU
+# itself never interprets: this pin is for the interpreter tests only.
+PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm pytest hypothesis "numpy<2.4" setuptools wheel)
 
 step "venv $VENV with $PYTHON312, torch 2.11.0 from PyPI (wheels cached in $WHEELS)"
 [ -x "$VENV/bin/python" ] || "$PYTHON312" -m venv "$VENV"
