@@ -125,7 +125,7 @@ def test_big_planes_pool_over_several_programs():
     """The split-plane path (partial sums added in a fixed order) is the one the tests above run."""
     _, block_c, block_p = triton_se._tile(1, 16, 112 * 112, False)
     sample_blocks, channel_blocks = 1, triton_se.triton.cdiv(16, block_c)
-    _, splits = triton_se._pool_splits(sample_blocks, channel_blocks, 112 * 112, block_p, DEVICE)
+    _, splits = triton_se._pool_splits(sample_blocks, channel_blocks, 112 * 112, block_p, DEVICE, None)
     assert splits > 1
 
 

@@ -11,7 +11,7 @@ input is added back), a match is confirmed numerically in float64, with random B
 The module holds the stock block (its state_dict keys and values are the block's) and folds every BN into its conv
 once, into float32 buffers laid out for the kernels; it refolds after load_state_dict, .to() / .half(), and when
 switched to eval mode (training may have changed the statistics). Edits of the stock block's tensors in eval mode
-need `refold()`.
+need `refresh()`.
 """
 import copy
 from typing import NamedTuple, Optional
@@ -251,11 +251,10 @@ class InvertedResidual(FusedModule):
         self.padding = static_padding(dw_conv)  # [top, bottom, left, right]
         for name in _FOLDED:
             self.register_buffer(name, None, persistent=False)
-        self.refold()
+        self.refresh()
         self.training = stock.training  # swapped into a model in eval mode, it runs fused at once
         self.register_state_dict_post_hook(_drop_stock_prefix)
         self.register_load_state_dict_pre_hook(_add_stock_prefix)
-        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.refold())
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: Optional[str] = None) -> "InvertedResidual":
@@ -268,25 +267,27 @@ class InvertedResidual(FusedModule):
         parts = parts._replace(residual=_residual_by_probe(block, parts))
         return cls(block, parts, backend)
 
-    def refold(self) -> None:
-        """Fold the stock block's BNs into the float32 buffers the op reads."""
-        for name, value in fold(self.stock, self.parts).items():
-            setattr(self, name, value)
+    def _fold_sources(self):
+        return [t for m in self.stock.modules() for t in (*m._parameters.values(), *m._buffers.values())
+                if t is not None]
 
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self.refold()  # from the moved / converted stock block; the buffers stay float32
-        return result
+    def _fold_settings(self) -> tuple:
+        return tuple(m.eps for m in self.stock.modules() if isinstance(m, nn.BatchNorm2d))
+
+    def _fold(self) -> dict:
+        """The stock block's BNs folded into the float32 buffers the op reads."""
+        return fold(self.stock, self.parts)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if not mode:
-            self.refold()  # training updated the BN statistics
+            self.refresh()  # training updated the BN statistics
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
             return self.stock(x)
+        self.refresh_if_stale()
         parts = self.parts
         se = None if parts.se is None else (self.w_se_reduce, self.b_se_reduce, self.w_se_expand, self.b_se_expand)
         return ops.inverted_residual(
