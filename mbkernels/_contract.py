@@ -3,8 +3,10 @@
 ops.py (the public functions and registered ops), dispatch, every backend and the fused modules import this module
 and nothing above it. A backend's run function receives one checked, normalised bundle:
   x        contiguous in its own layout (NCHW or channels_last), float32/float16/bfloat16, non-empty;
-  weights  float32 on x's device; the depthwise weight [C*M, 1, kh, kw] in any strides (tap-major when it comes
-           from a fused module, see `tap_major`), every other weight contiguous;
+  weights  float32 on x's device, in any strides for the depthwise and 1x1 weights: each backend reads them in
+           its own layout (the GPU kernels tap-major / input-major, see `tap_major` and `input_major`; the reference
+           contiguous), a no-op for the fused modules' weights, which are folded into the layout of their device;
+           every other weight contiguous;
   padding  four ints [top, bottom, left, right]; activation an activation spec ("relu", "leaky_relu:0.2").
 """
 from typing import NamedTuple, Optional, Sequence, Union
@@ -77,6 +79,13 @@ def check_tensor(t, name: str, dims: int, device: torch.device) -> None:
 
 def as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.to(torch.float32).contiguous()
+
+
+def device_layout(weight: Tensor, kernel_layout) -> Tensor:
+    """weight in the layout its device's backend reads without a copy: `kernel_layout` (tap_major, input_major)
+    on a GPU, contiguous elsewhere (the reference backend: oneDNN would reorder any other layout on every call).
+    The fused modules fold into it; a backend that reads another layout converts (a no-op when it matches)."""
+    return kernel_layout(weight) if weight.is_cuda else weight.to(torch.float32).contiguous()
 
 
 def tap_major(weight: Tensor) -> Tensor:
@@ -158,9 +167,9 @@ def dwconv_bn_act_output(args: DWConvArgs) -> Tensor:
 
 
 def normalise_dwconv_bn_act(args: DWConvArgs) -> DWConvArgs:
-    """The bundle backends receive: x contiguous in its layout, weights float32 (the weight tap-major)."""
-    return args._replace(x=args.x.contiguous(memory_format=memory_format_of(args.x)), weight=tap_major(args.weight),
-                         bias=as_float32(args.bias))
+    """The bundle backends receive: x contiguous in its layout, weights float32 (the weight in its own strides)."""
+    return args._replace(x=args.x.contiguous(memory_format=memory_format_of(args.x)),
+                         weight=args.weight.to(torch.float32), bias=as_float32(args.bias))
 
 
 # -------------------------------------------------------------------------------------- squeeze-excite
@@ -346,19 +355,30 @@ def inverted_residual_output(args: BlockArgs) -> Tensor:
                        memory_format=memory_format_of(x))
 
 
+def _matrix(weight: Optional[Tensor]) -> Optional[Tensor]:
+    """A 1x1 conv's weight as a float32 matrix [rows, cols], in its own strides."""
+    return None if weight is None else weight.to(torch.float32).flatten(1)
+
+
 def normalise_inverted_residual(args: BlockArgs) -> BlockArgs:
-    """x contiguous in its layout; 1x1 weights input-major, the depthwise weight tap-major, SE weights and every
-    bias contiguous, all float32."""
+    """x contiguous in its layout; the 1x1 and depthwise weights float32 in their own strides (see
+    `kernel_layouts`), SE weights and every bias contiguous, all float32."""
     return args._replace(
         x=args.x.contiguous(memory_format=memory_format_of(args.x)),
-        w_expand=None if args.w_expand is None else input_major(args.w_expand), b_expand=as_float32(args.b_expand),
-        w_dw=tap_major(args.w_dw), b_dw=as_float32(args.b_dw),
+        w_expand=_matrix(args.w_expand), b_expand=as_float32(args.b_expand),
+        w_dw=args.w_dw.to(torch.float32), b_dw=as_float32(args.b_dw),
         w_se_reduce=None if args.w_se_reduce is None else as_float32(args.w_se_reduce.flatten(1)),
         b_se_reduce=as_float32(args.b_se_reduce),
         w_se_expand=None if args.w_se_expand is None else as_float32(args.w_se_expand.flatten(1)),
         b_se_expand=as_float32(args.b_se_expand),
-        w_project=input_major(args.w_project), b_project=as_float32(args.b_project),
+        w_project=_matrix(args.w_project), b_project=as_float32(args.b_project),
     )
+
+
+def kernel_layouts(args: BlockArgs) -> BlockArgs:
+    """The GPU kernels' layouts of a normalised block bundle: 1x1 weights input-major, the depthwise one tap-major."""
+    return args._replace(w_expand=None if args.w_expand is None else input_major(args.w_expand),
+                         w_dw=tap_major(args.w_dw), w_project=input_major(args.w_project))
 
 
 def inverted_residual_bundle(x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding, dilation,

@@ -4,6 +4,7 @@ An activation spec is a name, or a name and its parameter: "relu", "leaky_relu:0
 when left out). The position of a name in ACTIVATIONS / GATES is the integer code that the Triton kernels take as
 a constexpr; the CUDA kernels parse the same specs (csrc/activations.cuh) and a test checks both tables agree.
 """
+import functools
 import math
 
 import torch
@@ -24,6 +25,18 @@ _ACTIVATION_MATH = {
     "gelu_tanh": lambda t, _: F.gelu(t, approximate="tanh"),
     "leaky_relu": lambda t, slope: F.leaky_relu(t, slope),
 }
+# The same math in place, for a tensor the caller just made and owns (a conv's output): no second activation tensor
+# is allocated and written. gelu has no in-place form.
+_ACTIVATION_MATH_IN_PLACE = {
+    "identity": lambda t, _: t,
+    "relu": lambda t, _: t.relu_(),
+    "relu6": lambda t, _: F.hardtanh_(t, 0.0, 6.0),
+    "hardswish": lambda t, _: F.hardswish(t, inplace=True),
+    "silu": lambda t, _: F.silu(t, inplace=True),
+    "gelu": lambda t, _: F.gelu(t),
+    "gelu_tanh": lambda t, _: F.gelu(t, approximate="tanh"),
+    "leaky_relu": lambda t, slope: F.leaky_relu_(t, slope),
+}
 _GATE_MATH = {
     "sigmoid": torch.sigmoid,
     "hardsigmoid": F.hardsigmoid,
@@ -40,6 +53,11 @@ def parse_activation(spec: str) -> tuple[str, float]:
     """(name, parameter) of an activation spec; ValueError for an unknown name or a bad parameter."""
     if not isinstance(spec, str):
         raise ValueError(f"an activation is named by a string, got {type(spec).__name__}")
+    return _parse_activation(spec)
+
+
+@functools.lru_cache(maxsize=256)  # parsed on every fused call; the specs in use are few
+def _parse_activation(spec: str) -> tuple[str, float]:
     name, _, text = spec.partition(":")
     _code(name, ACTIVATIONS, "activation")
     if not text:
@@ -67,9 +85,10 @@ def gate_code(name: str) -> int:
     return _code(name, GATES, "gate")
 
 
-def apply_activation(spec: str, t: torch.Tensor) -> torch.Tensor:
+def apply_activation(spec: str, t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """The activation of t; in_place: overwrite t (only for a fresh tensor the caller owns)."""
     name, parameter = parse_activation(spec)
-    return _ACTIVATION_MATH[name](t, parameter)
+    return (_ACTIVATION_MATH_IN_PLACE if in_place else _ACTIVATION_MATH)[name](t, parameter)
 
 
 def apply_gate(name: str, t: torch.Tensor) -> torch.Tensor:

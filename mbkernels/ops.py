@@ -3,10 +3,10 @@
 Each public op is one custom op whose fake kernel (the contract's output allocation) lets
 torch.compile(fullgraph=True) and torch.export trace it; its real kernel checks and normalises the arguments once
 (mbkernels._contract) and hands the bundle to the backend that `dispatch.select` picks. Plain eager calls of the
-public functions run that same implementation without the custom-op dispatch (see _plain_eager_call). Compiled
+public functions run that same implementation without the custom-op dispatch (see plain_eager_call). Compiled
 graphs get the chosen backend's own ops in its place (see _seen_through); exported graphs keep it whole.
 """
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -14,13 +14,13 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _native, backends as _backends, dispatch  # _native first: it loads mbkernels._C
-from ._contract import CONTRACTS, DWConvArgs, IntOrPair, SEArgs, check_x, pair, padding4
+from ._contract import CONTRACTS, DWConvArgs, IntOrPair, SEArgs, check_x, memory_format_of, pair, padding4
 from .backends.triton import interpreting as triton_interpreting
 
 _native_op_kernels = []  # the Library holding our kernels for ops the native library defined (see _register)
 
 
-def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
+def plain_eager_call(*tensors: Optional[Tensor]) -> bool:
     """True for a call on plain tensors outside any tracing, compiling or autograd recording: the public functions
     then run the op's implementation directly, skipping the custom-op dispatch (tens of microseconds a call, which
     matters at batch 1). Every other call goes through the registered op, so it is traced as one node (and refuses
@@ -43,6 +43,22 @@ def _run(op: str, args, backend: str) -> Tensor:
         return contract.output(args)
     args = contract.normalise(args)
     return dispatch.select(op, backend, args)(args)
+
+
+def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
+    """The registered op's implementation for its arguments `values` (x first, the backend name last), with the
+    checks, normalisation and backend choice made once: the callable runs the op on any x of values[0]'s shape,
+    dtype, device and layout (the fused modules keep one per input signature for their plain eager calls)."""
+    contract = CONTRACTS[op]
+    args = contract.bundle(*values[:-1])
+    contract.check(args)
+    if args.x.numel() == 0:
+        template = args._replace(x=None)
+        return lambda x: contract.output(template._replace(x=x))
+    args = contract.normalise(args)
+    run = dispatch.select(op, values[-1], args)
+    layout, template = memory_format_of(args.x), args._replace(x=None)  # the plan keeps no input alive
+    return lambda x: run(template._replace(x=x.contiguous(memory_format=layout)))
 
 
 def _backend_of(op: str, run) -> str:
@@ -138,7 +154,7 @@ def dwconv_bn_act(
             CONTRACTS["dwconv_bn_act"].check(DWConvArgs(x, weight, bias, stride, [0] * 4, dilation, activation))
         padding = [dilation[0] * (weight.shape[2] // 2), dilation[1] * (weight.shape[3] // 2)]
     args = (x, weight, bias, stride, padding4(padding), dilation, activation, backend or "")
-    if _plain_eager_call(x, weight, bias):
+    if plain_eager_call(x, weight, bias):
         return _dwconv_bn_act_op(*args)
     return torch.ops.mbkernels.dwconv_bn_act(*args)
 
@@ -206,7 +222,7 @@ def squeeze_excite(
     """
     check_x(x)
     args = (x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend or "")
-    if _plain_eager_call(x, w_reduce, b_reduce, w_expand, b_expand):
+    if plain_eager_call(x, w_reduce, b_reduce, w_expand, b_expand):
         return _squeeze_excite_op(*args)
     return torch.ops.mbkernels.squeeze_excite(*args)
 
@@ -275,6 +291,6 @@ def inverted_residual(
     args = (x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding4(padding), dilation,
             dw_activation, *se, se_activation, se_gate, post_se_activation, w_project, b_project,
             project_activation, bool(residual), backend or "")
-    if _plain_eager_call(x, w_expand, b_expand, w_dw, b_dw, *se, w_project, b_project):
+    if plain_eager_call(x, w_expand, b_expand, w_dw, b_dw, *se, w_project, b_project):
         return _inverted_residual_op(*args)
     return torch.ops.mbkernels.inverted_residual(*args)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import activations, backends, dispatch
+from .nn.conv_bn_act import ConvBNAct
 from .nn.dwconv import DWConvBNAct, FusedInto, carried_activation, check_depthwise, check_norm
 from .nn.inverted_residual import InvertedResidual
 from .nn.mixed_conv import MixedDWConvBNAct
@@ -94,7 +95,7 @@ class PatchReport:
     def __str__(self) -> str:
         lines = [f"mbkernels patch report -- {self.summary()}"]
         if not (self.fused or self.fusable or self.skipped):
-            lines.append("  nothing to fuse: no depthwise conv + BatchNorm and no squeeze-excite found")
+            lines.append("  nothing to fuse: no depthwise conv, no squeeze-excite and no conv + BatchNorm found")
         for title, entries in (("fused", self.fused), ("fusable, not patched yet", self.fusable)):
             if entries:
                 lines.append(f"{title}:")
@@ -289,12 +290,15 @@ class DWConvKind(FusionKind):
     def check_conv(self, conv: nn.Module) -> None:
         check_depthwise(conv)
 
+    def offered(self, children: list, i: int, taken: set) -> bool:
+        name, module = children[i]
+        return name not in taken and self.is_candidate(module)
+
     def candidates(self, parent, path, children, taken):
         for i, (name, conv) in enumerate(children):
-            if not self.is_candidate(conv) or name in taken:
-                continue
-            match = _DWMatch(self, parent, children, i, taken)
-            yield Candidate(f"{path}{name}", self.shape(conv), match.build, match.check)
+            if self.offered(children, i, taken):
+                match = _DWMatch(self, parent, children, i, taken)
+                yield Candidate(f"{path}{name}", self.shape(conv), match.build, match.check)
 
     def runs(self, parent: nn.Module, children: list, i: int, taken: set) -> list:
         """The runs to try for the conv children[i], longest first; Skip when the conv itself cannot be fused."""
@@ -463,6 +467,31 @@ class MixedConvKind(DWConvKind):
         return tuple(next(mixed.children()).dilation)
 
 
+class ConvKind(DWConvKind):
+    """Any other nn.Conv2d (dense, pointwise, grouped; timm's Conv2dSame) that a BatchNorm2d follows, with the
+    activation after that: the BN folded into the conv (mbkernels.nn.ConvBNAct), the runs matched and proven as
+    DWConvKind's are, but only those that take the BN. A conv with no BatchNorm after it is left as it is (nothing
+    to fold) and gets no entry."""
+    kind, label, fused_type = "conv_bn_act", "conv+bn+act", ConvBNAct
+
+    def is_candidate(self, module):
+        return isinstance(module, nn.Conv2d) and not module.groups == module.in_channels > 1
+
+    def check_conv(self, conv):
+        ConvBNAct.check_conv(conv)
+
+    def offered(self, children, i, taken):
+        following = [m for slot, m in _following(children, i) if slot not in taken and type(m) is not nn.Identity]
+        return super().offered(children, i, taken) and bool(following) and isinstance(following[0], nn.BatchNorm2d)
+
+    def runs(self, parent, children, i, taken):
+        runs = super().runs(parent, children, i, taken)
+        folding = [run for run in runs if run.norm is not None]
+        if not folding:
+            raise Skip(runs[-1].left or "the BatchNorm after it cannot be folded")
+        return folding
+
+
 def _gated_layers(module: nn.Module) -> list:
     """The Linear / 1x1-conv children of a module that also has a gate child (sigmoid, hardsigmoid): an SE-like
     module (an effective SE's one layer, an SE's two); [] for anything else."""
@@ -612,8 +641,9 @@ def _in_channels(layers: list) -> Optional[int]:
     return layers[0].in_features if isinstance(layers[0], nn.Linear) else layers[0].in_channels
 
 
-FUSION_KINDS = (BlockKind, DWConvKind, MixedConvKind, SqueezeExciteKind)  # a block is offered whole first
-KINDS = {kind.kind: kind.label for kind in (DWConvKind, MixedConvKind, SqueezeExciteKind, BlockKind)}  # report order
+# A block is offered whole first; the other convs' folds last, after the SEs (whose 1x1 layers are theirs).
+FUSION_KINDS = (BlockKind, DWConvKind, MixedConvKind, SqueezeExciteKind, ConvKind)
+KINDS = {kind.kind: kind.label for kind in (DWConvKind, MixedConvKind, SqueezeExciteKind, BlockKind, ConvKind)}
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -726,9 +756,9 @@ def _refuse_meta_tensors(model: nn.Module) -> None:
         )
 
 
-def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool, blocks=True) -> _Planner:
+def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool, blocks=True, convs: bool = True) -> _Planner:
     _refuse_meta_tensors(model)
-    wanted = {"dwconv_bn_act": dwconv, "squeeze_excite": se, "inverted_residual": blocks}
+    wanted = {"dwconv_bn_act": dwconv, "squeeze_excite": se, "inverted_residual": blocks, "conv_bn_act": convs}
     if blocks not in (True, False, "all"):
         raise ValueError(f"blocks must be True, False or 'all', got {blocks!r}")
     planner = _Planner(backend, tuple(kind for kind in FUSION_KINDS if wanted.get(kind.kind, True)), blocks)
@@ -743,9 +773,10 @@ def _plan(model: nn.Module, backend: Optional[str], dwconv: bool, se: bool, bloc
 
 # ----------------------------------------------------------------------------------------------- public
 def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, se: bool = True,
-          verbose: bool = False, blocks=True) -> nn.Module:
-    """Swap, in place, every depthwise conv -> BatchNorm -> activation run for mbkernels.nn.DWConvBNAct and every
-    squeeze-excite for mbkernels.nn.SqueezeExcite; return the model.
+          verbose: bool = False, blocks=True, convs: bool = True) -> nn.Module:
+    """Swap, in place, every depthwise conv -> BatchNorm -> activation run for mbkernels.nn.DWConvBNAct, every
+    squeeze-excite for mbkernels.nn.SqueezeExcite and every other conv -> BatchNorm -> activation run for
+    mbkernels.nn.ConvBNAct; return the model.
 
     backend: the backend the fused modules ask for (None: the best available at each call). Each swap is checked
     on a probe first and refused when it does not match; state_dict keys and values stay those of the stock model.
@@ -754,8 +785,10 @@ def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, 
     blocks: fuse whole inverted-residual blocks (mbkernels.nn.InvertedResidual) where the planner's cost model
     prefers them to layer fusion (see BlockKind); False keeps layer fusion only; "all" fuses every block the
     Triton kernel accepts, whatever the cost model says (to measure the block kernels).
+    convs: fold the BatchNorm (and the activation) after every other conv (dense, pointwise, grouped) into it
+    (mbkernels.nn.ConvBNAct): PyTorch's own conv on folded weights, one pass over memory less per layer.
     """
-    planner = _plan(model, backend, dwconv, se, blocks)
+    planner = _plan(model, backend, dwconv, se, blocks, convs)
     done = []  # (parent, slot, previous module), to undo
     try:
         for swap in planner.swaps:
@@ -786,9 +819,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def patch_report(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True,
-                 se: bool = True, blocks=True) -> PatchReport:
+                 se: bool = True, blocks=True, convs: bool = True) -> PatchReport:
     """What is fused in model, what patch would fuse (fusable), what was left alone and why, and each block's
     plan (block or layer fusion, estimated bytes). Changes nothing."""
-    planner = _plan(model, backend, dwconv, se, blocks)
+    planner = _plan(model, backend, dwconv, se, blocks, convs)
     planner.report.fusable = [swap.entry for swap in planner.swaps]
     return planner.report

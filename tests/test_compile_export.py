@@ -20,7 +20,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mbkernels
-from mbkernels.nn import DWConvBNAct, SqueezeExcite
+from mbkernels.nn import DWConvBNAct, FusedModule, SqueezeExcite
 from mbkernels.patch import randomize_batchnorm
 from tests.conftest import DEVICE, HAS_GPU, assert_close_to_reference
 from tests.models.mobilenetv3 import mobilenetv3_small
@@ -122,7 +122,7 @@ def test_compiled_model_follows_load_state_dict_and_refresh():
                     module.running_mean.data += 0.5
                     module.weight.data *= -1.25
     for module in patched.modules():
-        if isinstance(module, (DWConvBNAct, SqueezeExcite)):
+        if isinstance(module, FusedModule):
             module.refresh()
     _assert_matches(compiled, other64, x)
 

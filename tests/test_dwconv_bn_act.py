@@ -502,13 +502,13 @@ def test_plain_eager_calls_skip_the_dispatcher_and_match_the_registered_op():
 
     x = torch.randn(2, 6, 9, 11, device=DEVICE)
     weight, bias = torch.randn(6, 1, 3, 3, device=DEVICE), torch.randn(6, device=DEVICE)
-    assert ops._plain_eager_call(x, weight, bias)
-    assert not ops._plain_eager_call(x, weight.requires_grad_(), bias)  # autograd must meet the op (no backward)
+    assert ops.plain_eager_call(x, weight, bias)
+    assert not ops.plain_eager_call(x, weight.requires_grad_(), bias)  # autograd must meet the op (no backward)
     with torch.no_grad():
-        assert ops._plain_eager_call(x, weight, bias)
+        assert ops.plain_eager_call(x, weight, bias)
     weight = weight.detach()
     with FakeTensorMode():
-        assert not ops._plain_eager_call(torch.empty(1, 6, 3, 3))
+        assert not ops.plain_eager_call(torch.empty(1, 6, 3, 3))
     direct = ops.dwconv_bn_act(x, weight, bias, stride=2, activation="silu", backend="reference")
     registered = torch.ops.mbkernels.dwconv_bn_act(x, weight, bias, [2, 2], [1, 1], [1, 1], "silu", "reference")
     torch.testing.assert_close(direct, registered, rtol=0, atol=0)

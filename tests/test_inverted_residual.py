@@ -243,7 +243,10 @@ def test_state_dict_training_and_refolding():
     for key, value in block.state_dict().items():
         assert torch.equal(fused.state_dict()[key], value)
     assert all(getattr(fused, name).dtype == torch.float32 for name in ("w_expand", "w_dw", "w_se_reduce", "w_project"))
-    assert fused.w_dw.permute(2, 3, 1, 0).is_contiguous() and fused.w_project.t().is_contiguous()
+    if DEVICE.type == "cuda":  # folded in the layout its device's backends read (the GPU kernels' layouts)
+        assert fused.w_dw.permute(2, 3, 1, 0).is_contiguous() and fused.w_project.t().is_contiguous()
+    else:  # the reference backend's, which oneDNN reads without a reorder
+        assert fused.w_dw.is_contiguous() and fused.w_project.is_contiguous()
     x = random_x((2, 24, 13, 10))
 
     # Training, or gradients wanted: the stock block runs.

@@ -10,7 +10,7 @@ import functools
 import torch
 
 from .. import _native
-from .._contract import DWConvArgs, SEArgs, dwconv_bn_act_output, memory_format_of, squeeze_excite_output
+from .._contract import DWConvArgs, SEArgs, dwconv_bn_act_output, memory_format_of, squeeze_excite_output, tap_major
 from . import Backend, OpSupport
 
 
@@ -62,7 +62,7 @@ def dwconv_bn_act_limit(args: DWConvArgs):
 
 
 def dwconv_bn_act(args: DWConvArgs):
-    return torch.ops.mbkernels.dwconv_bn_act_cuda(*args)
+    return torch.ops.mbkernels.dwconv_bn_act_cuda(*args._replace(weight=tap_major(args.weight)))
 
 
 def squeeze_excite_limit(args: SEArgs):

@@ -7,15 +7,20 @@ from .._contract import BlockArgs, DWConvArgs, SEArgs, memory_format_of
 from . import ANY_DEVICE, Backend, OpSupport
 
 
+def conv2d_act(x, weight, bias, stride, padding, dilation, groups: int, activation: str):
+    """activation(conv2d(x, weight, bias, ...)); padding [top, bottom, left, right] (asymmetric: x padded first). The
+    activation runs in place on the conv's fresh output: no second tensor is written."""
+    top, bottom, left, right = padding
+    if (top, left) != (bottom, right):
+        x, top, left = F.pad(x, [left, right, top, bottom]), 0, 0
+    y = F.conv2d(x, weight, bias, stride, [top, left], dilation, groups)
+    return activations.apply_activation(activation, y, in_place=True)
+
+
 def dwconv_bn_act(args: DWConvArgs):
     x = args.x
-    top, bottom, left, right = args.padding
-    if (top, left) == (bottom, right):
-        y = F.conv2d(x.float(), args.weight, args.bias, args.stride, [top, left], args.dilation, groups=x.shape[1])
-    else:
-        y = F.conv2d(F.pad(x.float(), [left, right, top, bottom]), args.weight, args.bias, args.stride, 0,
-                     args.dilation, groups=x.shape[1])
-    y = activations.apply_activation(args.activation, y)
+    y = conv2d_act(x.float(), args.weight.contiguous(), args.bias, args.stride, args.padding, args.dilation, x.shape[1],
+                   args.activation)
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
@@ -28,8 +33,9 @@ def squeeze_excite(args: SEArgs):
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
-def _conv1x1(h, weight, bias):
-    return F.conv2d(h, weight.to(h.dtype)[:, :, None, None], bias.to(h.dtype))
+def _conv1x1_act(h, weight, bias, activation: str):
+    return conv2d_act(h, weight.to(h.dtype).contiguous()[:, :, None, None], bias.to(h.dtype), 1, [0] * 4, 1, 1,
+                      activation)
 
 
 def inverted_residual(args: BlockArgs):
@@ -39,21 +45,19 @@ def inverted_residual(args: BlockArgs):
     as_compute = lambda t: None if t is None else t.to(compute)  # noqa: E731
     h = x.to(compute)
     if args.w_expand is not None:
-        h = activations.apply_activation(args.expand_activation, _conv1x1(h, args.w_expand, args.b_expand))
-    top, bottom, left, right = args.padding
-    d = F.conv2d(F.pad(h, [left, right, top, bottom]), as_compute(args.w_dw), as_compute(args.b_dw), args.stride, 0,
-                 args.dilation, groups=h.shape[1])
-    d = activations.apply_activation(args.dw_activation, d)
+        h = _conv1x1_act(h, args.w_expand, args.b_expand, args.expand_activation)
+    d = conv2d_act(h, as_compute(args.w_dw).contiguous(), as_compute(args.b_dw), args.stride, args.padding, args.dilation,
+                   h.shape[1], args.dw_activation)
     if args.has_se:
         pooled = d.mean(dim=(2, 3))
         hidden = activations.apply_activation(
             args.se_activation, F.linear(pooled, as_compute(args.w_se_reduce), as_compute(args.b_se_reduce)))
         scale = activations.apply_gate(
             args.se_gate, F.linear(hidden, as_compute(args.w_se_expand), as_compute(args.b_se_expand)))
-        d = activations.apply_activation(args.post_se_activation, d * scale[:, :, None, None])
-    y = activations.apply_activation(args.project_activation, _conv1x1(d, args.w_project, args.b_project))
+        d = activations.apply_activation(args.post_se_activation, d * scale[:, :, None, None], in_place=True)
+    y = _conv1x1_act(d, args.w_project, args.b_project, args.project_activation)
     if args.residual:
-        y = y + x.to(compute)
+        y = y.add_(x.to(compute))
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 

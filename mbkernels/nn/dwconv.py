@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import activations, ops
-from .._contract import tap_major
+from .._contract import device_layout, tap_major
 from ._cache import FusedModule
 
 
@@ -127,19 +127,20 @@ def _load_module_tree(module, state_dict, prefix, local_metadata, strict, missin
                               errors)
 
 
-def _forget_keys_loaded_elsewhere(module: "DWConvBNAct", incompatible_keys) -> None:
+def _forget_keys_loaded_elsewhere(module: "FoldedConvBNAct", incompatible_keys) -> None:
     # bn and act entries sit under their own slots in the parent, where their FusedInto placeholders load them.
     moved = tuple(f"{module._load_prefix}{child}." for child in ("bn", "act"))
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(moved)]
 
 
-class DWConvBNAct(FusedModule):
-    """act(bn(conv(x))) for a depthwise conv, computed by `mbkernels.ops.dwconv_bn_act` in inference.
+class FoldedConvBNAct(FusedModule):
+    """What a conv -> BatchNorm -> activation run folded into one module is, whatever computes it: the stock
+    modules inside, the BN folded into the conv's weight and bias, and the stock names in the state_dict.
 
-    conv: a depthwise nn.Conv2d; bn: an nn.BatchNorm2d, or a BatchNorm2d subclass that carries its activation
-    (timm's BatchNormAct2d), or None; act: a stock or hand-written activation module, or None.
-    In training mode, or when autograd needs a graph, the stock modules run unchanged. The folded weights are
-    buffers folded when the module is built and refolded whenever a parameter or statistic changes
+    conv: an nn.Conv2d (subclasses say which: check_conv); bn: an nn.BatchNorm2d, or a BatchNorm2d subclass that
+    carries its activation (timm's BatchNormAct2d), or None; act: a stock or hand-written activation module, or
+    None. In training mode, or when autograd needs a graph, the stock modules run unchanged. The folded weights
+    are buffers folded when the module is built and refolded whenever a parameter or statistic changes
     (load_state_dict, in-place edits, .to(); `refresh()` after edits through .data), see FusedModule.
 
     stock_slots (set by `mbkernels.patch`): the names conv, bn and act had in the parent, e.g.
@@ -168,7 +169,7 @@ class DWConvBNAct(FusedModule):
             self.register_load_state_dict_post_hook(_forget_keys_loaded_elsewhere)
         self.refresh()
 
-    # ---- what a subclass with another kind of conv (mixnet's MixedConv2d) changes
+    # ---- what a subclass with another kind of conv changes
     check_conv = staticmethod(check_depthwise)
     static_padding = staticmethod(static_padding)
 
@@ -187,32 +188,23 @@ class DWConvBNAct(FusedModule):
     def _fold_modules(self) -> tuple:
         return self.conv, self.bn
 
-    def _fold_sources(self):
-        # Straight from the modules' tables: this runs on every eager call, and attribute lookups add up at batch 1.
-        return [t for m in self._fold_modules() for t in (*m._parameters.values(), *m._buffers.values())
-                if t is not None]
-
     def _fold_settings(self) -> tuple:
         return (self.bn.eps,) if isinstance(self.bn, nn.BatchNorm2d) else ()
 
-    def _fold(self) -> dict:
+    def folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 (weight, bias) of the conv with the BN folded in."""
         weight, bias = self.conv_weight_bias()
         if isinstance(self.bn, nn.BatchNorm2d):
             weight, bias = ops.fold_bn_into(weight, bias, self.bn)
-        # The layout the kernels read (tap-major), made once here rather than per call.
-        return {"folded_weight": tap_major(weight), "folded_bias": bias}
+        return weight, bias
 
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 (weight, bias) with BN folded in, as the fused op gets them."""
         self.refresh_if_stale()
         return self.folded_weight, self.folded_bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
-        if padding is None:
-            return self.act(self.bn(self.conv(x)))
-        weight, bias = self.folded_weights()
-        return ops.dwconv_bn_act(x, weight, bias, self.stride, padding, self.dilation, self.activation, self.backend)
+    def stock_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
 
     # ---- state_dict entries under the stock names (only when placed by patch, i.e. stock_slots is set)
     def _parent_prefix(self, prefix: str) -> Optional[str]:
@@ -254,6 +246,23 @@ class DWConvBNAct(FusedModule):
                     state_dict[f"{prefix}conv.{key[len(prefix):]}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
+class DWConvBNAct(FoldedConvBNAct):
+    """act(bn(conv(x))) for a depthwise conv, computed by `mbkernels.ops.dwconv_bn_act` in inference (see
+    FoldedConvBNAct for the rest)."""
+
+    def _fold(self) -> dict:
+        weight, bias = self.folded_conv()
+        # The layout the backends of its device read, made once here rather than per call.
+        return {"folded_weight": device_layout(weight, tap_major), "folded_bias": bias}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
+        if padding is None:
+            return self.stock_forward(x)
+        weight, bias = self.folded_weights()
+        return self.run_op("dwconv_bn_act", x, weight, bias, self.stride, padding, self.dilation, self.activation,
+                           self.backend or "")
+
     def extra_repr(self) -> str:
         conv = self.conv
         text = f"channels={conv.in_channels}, kernel_size={conv.kernel_size}, stride={conv.stride}"
@@ -266,13 +275,14 @@ class DWConvBNAct(FusedModule):
         return text + f", activation={self.activation!r}, fused=True"
 
 
+
 class FusedInto(nn.Identity):
     """Stands in the parent's slot of a module that now runs inside the DWConvBNAct named `into`.
 
     It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so), and then
     refreshes `owner`'s folded weights (the owner's own load hook runs before this slot, which follows it)."""
 
-    def __init__(self, into: str, stock: nn.Module, owner: Optional[DWConvBNAct] = None):
+    def __init__(self, into: str, stock: nn.Module, owner: Optional[FoldedConvBNAct] = None):
         super().__init__()
         self.into = into
         object.__setattr__(self, "stock", stock)  # not a child: it is registered inside the DWConvBNAct

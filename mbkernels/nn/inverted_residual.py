@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .. import activations, ops
-from .._contract import BlockArgs, check_inverted_residual, input_major, normalise_inverted_residual, tap_major
+from .._contract import (BlockArgs, check_inverted_residual, device_layout, input_major, normalise_inverted_residual,
+                         tap_major)
 from ..backends import reference
 from ._cache import FusedModule
 from .dwconv import check_depthwise, check_norm, static_padding, _fused_activation, _overrides_forward
@@ -177,15 +178,15 @@ def fold(block: nn.Module, parts: BlockParts) -> dict:
     folded = dict.fromkeys(_FOLDED)
     if parts.expand_conv is not None:
         weight, folded["b_expand"] = ops.fold_bn(get(parts.expand_conv), get(parts.expand_bn))
-        folded["w_expand"] = input_major(weight)
+        folded["w_expand"] = device_layout(weight.flatten(1), input_major)
     weight, folded["b_dw"] = ops.fold_bn(get(parts.dw_conv), get(parts.dw_bn))
-    folded["w_dw"] = tap_major(weight)
+    folded["w_dw"] = device_layout(weight, tap_major)
     if parts.se is not None:
         for layer, name in ((get(parts.se_reduce), "se_reduce"), (get(parts.se_expand), "se_expand")):
             folded[f"w_{name}"] = layer.weight.detach().flatten(1).to(torch.float32).contiguous()
             folded[f"b_{name}"] = None if layer.bias is None else layer.bias.detach().to(torch.float32).contiguous()
     weight, folded["b_project"] = ops.fold_bn(get(parts.project_conv), get(parts.project_bn))
-    folded["w_project"] = input_major(weight)
+    folded["w_project"] = device_layout(weight.flatten(1), input_major)
     return folded
 
 
@@ -267,9 +268,8 @@ class InvertedResidual(FusedModule):
         parts = parts._replace(residual=_residual_by_probe(block, parts))
         return cls(block, parts, backend)
 
-    def _fold_sources(self):
-        return [t for m in self.stock.modules() for t in (*m._parameters.values(), *m._buffers.values())
-                if t is not None]
+    def _fold_modules(self):
+        return tuple(self.stock.modules())
 
     def _fold_settings(self) -> tuple:
         return tuple(m.eps for m in self.stock.modules() if isinstance(m, nn.BatchNorm2d))
@@ -289,13 +289,11 @@ class InvertedResidual(FusedModule):
             return self.stock(x)
         self.refresh_if_stale()
         parts = self.parts
-        se = None if parts.se is None else (self.w_se_reduce, self.b_se_reduce, self.w_se_expand, self.b_se_expand)
-        return ops.inverted_residual(
-            x, self.w_dw, self.b_dw, self.w_project, self.b_project, w_expand=self.w_expand, b_expand=self.b_expand,
-            expand_activation=parts.expand_activation, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, dw_activation=parts.dw_activation, se=se, se_activation=parts.se_activation,
-            se_gate=parts.se_gate, post_se_activation=parts.post_se_activation,
-            project_activation=parts.project_activation, residual=parts.residual, backend=self.backend)
+        return self.run_op(
+            "inverted_residual", x, self.w_expand, self.b_expand, parts.expand_activation, self.w_dw, self.b_dw,
+            self.stride, self.padding, self.dilation, parts.dw_activation, self.w_se_reduce, self.b_se_reduce,
+            self.w_se_expand, self.b_se_expand, parts.se_activation, parts.se_gate, parts.post_se_activation,
+            self.w_project, self.b_project, parts.project_activation, parts.residual, self.backend or "")
 
     @property
     def shape(self) -> str:

@@ -250,10 +250,8 @@ class SqueezeExcite(FusedModule):
     def expand_layer(self) -> Optional[nn.Module]:
         return self.stock.get_submodule(self.expand_path) if self.expand_path else None
 
-    def _fold_sources(self) -> list:
-        reduce, expand = self.reduce_layer, self.expand_layer
-        norm = self._norm()
-        return [t for m in (reduce, expand, norm) if m is not None for t in (*m.parameters(), *m.buffers())]
+    def _fold_modules(self) -> tuple:
+        return self.reduce_layer, self.expand_layer, self._norm()
 
     def _norm(self) -> Optional[nn.Module]:
         return self.stock.get_submodule(self.norm_path) if self.norm_path else None
@@ -279,8 +277,8 @@ class SqueezeExcite(FusedModule):
             # The stock module as it is, except that it may not scale the caller's x in place.
             return self.stock(x.clone() if self.stock_writes_input else x)
         w_reduce, b_reduce, w_expand, b_expand = self.fused_weights()
-        return ops.squeeze_excite(x, w_reduce, b_reduce, w_expand, b_expand, self.activation, self.gate,
-                                  self.backend)
+        return self.run_op("squeeze_excite", x, w_reduce, b_reduce, w_expand, b_expand, self.activation, self.gate,
+                           self.backend or "")
 
     def extra_repr(self) -> str:
         reduced_channels, channels = self.reduce_layer.weight.shape[:2]

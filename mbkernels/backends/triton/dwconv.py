@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ... import activations
-from ..._contract import DWConvArgs, dwconv_bn_act_output, memory_format_of
+from ..._contract import DWConvArgs, dwconv_bn_act_output, memory_format_of, tap_major
 from . import Launch, interpreting, run_launches
 from .activation_math import apply_activation
 
@@ -128,6 +128,7 @@ def _vector_width(args: DWConvArgs, out: torch.Tensor) -> int:
 def plan(args: DWConvArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     """The output (allocated) and the launches that fill it. `multiprocessors` is accepted like squeeze_excite's
     plan (the static report passes it to every planner); this tile choice does not depend on it."""
+    args = args._replace(weight=tap_major(args.weight))
     x, weight = args.x, args.weight
     batch, _, height, width = x.shape
     channels = args.out_channels

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ... import activations
-from ..._contract import BlockArgs, inverted_residual_output, memory_format_of
+from ..._contract import BlockArgs, inverted_residual_output, kernel_layouts, memory_format_of
 from . import Launch, interpreting, run_launches
 from .activation_math import apply_activation
 from .squeeze_excite import MAX_REDUCED_CHANNELS, _mlp_kernel, _mlp_tile
@@ -261,6 +261,7 @@ def _code_and_parameter(spec: str) -> tuple[int, float]:
 def plan(args: BlockArgs) -> tuple[torch.Tensor, list]:
     """The output (allocated) and the launches that fill it: one block kernel, or with SE its first stage, the SE
     MLP and the project kernel."""
+    args = kernel_layouts(args)
     x = args.x
     batch, channels, height, width = (int(size) for size in x.shape)
     hidden, out_channels = args.hidden_channels, args.out_channels

@@ -1,0 +1,53 @@
+"""ConvBNAct: any other Conv2d (dense, pointwise, grouped), its BatchNorm and its activation, folded into one conv.
+
+The BatchNorm is folded into the conv's weight and bias once (the same fold-once buffers as DWConvBNAct), and the
+conv itself runs as PyTorch's (oneDNN on CPUs, cuDNN on GPUs: no kernel of ours beats theirs for dense convs),
+its activation applied in place on its fresh output. What disappears is a whole pass over memory per layer (the
+BatchNorm's) and the activation's second tensor; traced, compiled and exported graphs hold a plain convolution,
+which C++ packages run without libmbkernels.
+"""
+import torch
+from torch import nn
+
+from ..backends.reference import conv2d_act
+from .dwconv import FoldedConvBNAct, _overrides_forward, computes_tf_same_padding
+
+
+def check_conv(conv: nn.Module) -> None:
+    """Raise ValueError naming what keeps `conv` from having a BatchNorm folded into it."""
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    if _overrides_forward(conv, nn.Conv2d) and not computes_tf_same_padding(conv):
+        raise ValueError(f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's; only nn.Conv2d's "
+                         "own forward and timm's Conv2dSame are folded")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; only zero padding is folded")
+
+
+class ConvBNAct(FoldedConvBNAct):
+    """act(bn(conv(x))) for an nn.Conv2d of any groups, as one conv on folded weights with the activation in place.
+
+    Built and placed like DWConvBNAct (see FoldedConvBNAct); the folded weights follow the conv's dtype (a float16
+    model convolves float16 weights), folded in float32."""
+
+    check_conv = staticmethod(check_conv)
+
+    def _fold(self) -> dict:
+        weight, bias = self.folded_conv()
+        dtype = self.conv.weight.dtype
+        return {"folded_weight": weight.to(dtype), "folded_bias": bias.to(dtype)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
+        weight, bias = self.folded_weights() if padding is not None else (None, None)
+        if padding is None or x.dtype != weight.dtype:  # a dtype the stock conv refuses (or autocasts) too
+            return self.stock_forward(x)
+        return conv2d_act(x, weight, bias, self.stride, padding, self.dilation, self.conv.groups, self.activation)
+
+    def extra_repr(self) -> str:
+        conv = self.conv
+        text = (f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size}, stride={conv.stride}"
+                + (f", groups={conv.groups}" if conv.groups != 1 else ""))
+        if self.padding is None:
+            text += ", padding='SAME' (TensorFlow)"
+        return text + f", activation={self.activation!r}, bn_folded={isinstance(self.bn, nn.BatchNorm2d)}"
