@@ -72,6 +72,21 @@ def poisoned_outputs():
     torch.utils.deterministic.fill_uninitialized_memory = was_filling
 
 
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Every op call a fused module makes, as (op name, the arguments it was planned with): the plans of
+    mbkernels.ops.prepare, wrapped to record each call."""
+    calls = []
+    prepare = mbkernels.ops.prepare
+
+    def recording(op, *values):
+        plan = prepare(op, *values)
+        return lambda x: calls.append((op, values)) or plan(x)
+
+    monkeypatch.setattr(mbkernels.ops, "prepare", recording)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32():
     """References on the GPU run in full float32."""

@@ -14,7 +14,7 @@ from torch import nn
 
 import mbkernels
 from mbkernels import activations
-from mbkernels.nn import DWConvBNAct, MixedDWConvBNAct, SqueezeExcite
+from mbkernels.nn import ConvBNAct, DWConvBNAct, MixedDWConvBNAct, SqueezeExcite
 from mbkernels.patch import randomize_batchnorm
 from conftest import KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference
 from oracle import dwconv64
@@ -62,7 +62,7 @@ def is_se_like(m: nn.Module) -> bool:
             and any(isinstance(c, (nn.Linear, nn.Conv2d)) for c in children))
 
 
-FUSED = (DWConvBNAct, SqueezeExcite)
+FUSED = (DWConvBNAct, SqueezeExcite, ConvBNAct)
 
 
 def taken_over(model: nn.Module):
@@ -235,22 +235,20 @@ def test_item7_activations_gelu_leaky_relu_nested_and_without_a_kernel(make, act
 
 
 @pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
-def test_item8_mixed_conv_is_one_op_call(name, monkeypatch):
+def test_item8_mixed_conv_is_one_op_call(name, op_calls):
     stock_mixed = [m for m in _stock(name).modules() if isinstance(m, timm.layers.MixedConv2d)
                    and all(is_depthwise(c) for c in m.children())]
     model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     mixed = [m for m in model.modules() if isinstance(m, MixedDWConvBNAct)]
     assert len(mixed) == len(stock_mixed) > 0  # every MixedConv2d of depthwise groups (3x3 ... 9x9)
-    calls = []
-    monkeypatch.setattr(mbkernels.ops, "dwconv_bn_act", lambda *a, **k: calls.append(a[1].shape) or _real(*a, **k))
+    op_calls.clear()  # the probes' calls while patching
     with torch.no_grad():
         block = mixed[-1]
         block(torch.randn(1, block.conv.in_channels, 9, 8))
     kernels = [c.kernel_size for c in block.conv.children()]
-    assert calls == [(block.conv.in_channels, 1, *max(kernels))]  # one call, kernels padded to the largest
-
-
-_real = mbkernels.ops.dwconv_bn_act
+    # one call, kernels padded to the largest
+    assert [(op, values[1].shape) for op, values in op_calls] == [
+        ("dwconv_bn_act", (block.conv.in_channels, 1, *max(kernels)))]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -287,15 +285,13 @@ def test_item10_depth_multiplier(backend, poisoned_outputs):
         assert_close_to_reference(fused(x), stock.double()(x.double()), torch.float32)
 
 
-def test_item11_hand_built_modules_follow_the_stock_mode(monkeypatch):
-    calls = []
-    monkeypatch.setattr(mbkernels.ops, "dwconv_bn_act", lambda *a, **k: calls.append(1) or _real(*a, **k))
+def test_item11_hand_built_modules_follow_the_stock_mode(op_calls):
     conv, bn = [m.eval() for m in dw_bn()]
     fused = DWConvBNAct(conv, bn, nn.ReLU(), backend="reference")
     assert not fused.training
     with torch.no_grad():
         fused(torch.randn(1, 8, 5, 5))
-    assert calls == [1]  # ran fused at once, no .eval() needed
+    assert [op for op, _ in op_calls] == ["dwconv_bn_act"]  # ran fused at once, no .eval() needed
     assert DWConvBNAct(*dw_bn()).training  # around training-mode modules it starts in training mode
     se = timm.layers.SEModule(8, rd_channels=4).eval()
     assert not SqueezeExcite.from_module(se).training and SqueezeExcite.from_module(se.train()).training
