@@ -4,7 +4,6 @@ An activation spec is a name, or a name and its parameter: "relu", "leaky_relu:0
 when left out). The position of a name in ACTIVATIONS / GATES is the integer code that the Triton kernels take as
 a constexpr; the CUDA kernels parse the same specs (csrc/activations.cuh) and a test checks both tables agree.
 """
-import functools
 import math
 
 import torch
@@ -53,10 +52,17 @@ def parse_activation(spec: str) -> tuple[str, float]:
     """(name, parameter) of an activation spec; ValueError for an unknown name or a bad parameter."""
     if not isinstance(spec, str):
         raise ValueError(f"an activation is named by a string, got {type(spec).__name__}")
-    return _parse_activation(spec)
+    if torch.compiler.is_compiling():  # traced once; a cache would only add guards
+        return _parse_activation(spec)
+    parsed = _PARSED.get(spec)
+    if parsed is None:
+        parsed = _PARSED[spec] = _parse_activation(spec)
+    return parsed
 
 
-@functools.lru_cache(maxsize=256)  # parsed on every fused call; the specs in use are few
+_PARSED = {}  # spec -> (name, parameter): specs are parsed on every eager fused call, and the specs in use are few
+
+
 def _parse_activation(spec: str) -> tuple[str, float]:
     name, _, text = spec.partition(":")
     _code(name, ACTIVATIONS, "activation")
@@ -89,6 +95,18 @@ def apply_activation(spec: str, t: torch.Tensor, in_place: bool = False) -> torc
     """The activation of t; in_place: overwrite t (only for a fresh tensor the caller owns)."""
     name, parameter = parse_activation(spec)
     return (_ACTIVATION_MATH_IN_PLACE if in_place else _ACTIVATION_MATH)[name](t, parameter)
+
+
+def in_place(spec: str):
+    """The activation of a spec as a function that overwrites its argument (see apply_activation)."""
+    name, parameter = parse_activation(spec)
+    math = _ACTIVATION_MATH_IN_PLACE[name]
+    return lambda t: math(t, parameter)
+
+
+def gate_function(name: str):
+    gate_code(name)
+    return _GATE_MATH[name]
 
 
 def apply_gate(name: str, t: torch.Tensor) -> torch.Tensor:

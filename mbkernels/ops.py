@@ -57,12 +57,21 @@ def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
         return lambda x: contract.output(template._replace(x=x))
     args = contract.normalise(args)
     run = dispatch.select(op, values[-1], args)
+    prepare = _support_of(op, run).prepare
+    if prepare is not None and args.x is values[0]:  # x needs no normalising: the backend's own plan, if it has one
+        planned = prepare(args)
+        if planned is not None:
+            return planned
     layout, template = memory_format_of(args.x), args._replace(x=None)  # the plan keeps no input alive
     return lambda x: run(template._replace(x=x.contiguous(memory_format=layout)))
 
 
 def _backend_of(op: str, run) -> str:
     return next(b.name for b in _backends.declared() if op in b.ops and b.ops[op].run is run)
+
+
+def _support_of(op: str, run):
+    return next(b.ops[op] for b in _backends.declared() if op in b.ops and b.ops[op].run is run)
 
 
 def _seen_through(op: str, args, backend: str):

@@ -1,6 +1,6 @@
-"""mbkernels.patch(model): swap stock depthwise conv -> BatchNorm -> activation runs and squeeze-excite modules
-for the fused modules of mbkernels.nn, in place; unpatch puts the stock modules back; patch_report says what
-was (or would be) fused and what was left alone, and why.
+"""mbkernels.patch(model): swap stock depthwise conv -> BatchNorm -> activation runs, squeeze-excite modules and
+the other convs' BatchNorms for the fused modules of mbkernels.nn, in place; unpatch puts the stock modules back;
+patch_report says what was (or would be) fused and what was left alone, and why.
 
 Matching is by structure, never by model names:
   * a module holding one inverted-residual block (expand 1x1 -> BN -> act -> depthwise -> BN -> act -> [SE] ->
@@ -17,6 +17,8 @@ Matching is by structure, never by model names:
   * a module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; a BatchNorm after the first
     is folded), or any module with a gate child and 1x1 layers (an effective SE, one layer C -> C), is offered to
     mbkernels.nn.SqueezeExcite.from_module.
+  * any other nn.Conv2d (dense, pointwise, grouped) that a BatchNorm2d follows, with the activation after it: the
+    BN folded into the conv (mbkernels.nn.ConvBNAct), matched and proven like the depthwise runs.
 Every depthwise conv and SE-like module the planner visits gets an entry: fused, or left alone with the reason.
 Every swap is checked numerically before it is made: the stock modules in float64 against the fused ones in
 float32 with the reference backend, on a random probe, with random BatchNorm statistics; a mismatch is refused
@@ -547,7 +549,8 @@ def _holds_one_block(module: nn.Module) -> bool:
 class BlockKind(FusionKind):
     """A whole inverted-residual block (mbkernels.nn.InvertedResidual.from_module: timm's InvertedResidual and
     DepthwiseSeparableConv, torchvision's InvertedResidual and MBConv, hand-written blocks), fused when the cost
-    model says block fusion beats layer fusion; otherwise left to the layer kinds, which then fuse inside it.
+    model says block fusion beats layer fusion on the GPU its weights are on (a CPU model gets layer fusion: the
+    reference backend runs a block as the same convs); otherwise left to the layer kinds, which fuse inside it.
 
     The cost model, per input pixel in float16 on the GPU the kernels aim at (an H200): block fusion saves the
     HBM bytes of the expanded activations (nn.InvertedResidual.traffic: layers minus block) at the measured copy
@@ -609,6 +612,11 @@ class BlockKind(FusionKind):
                                  f"the Triton block kernel declines it: {declined}")
         if self.planner.blocks == "all":
             return BlockDecision(path, fused.shape, "block", block, layers, recompute, "blocks='all'")
+        if all(not t.is_cuda for t in fused.stock.parameters()):
+            # The cost model is the GPU's; on the CPU the reference backend runs a block as the very convs of layer
+            # fusion, with more Python per call.
+            return BlockDecision(path, fused.shape, "layers", block, layers, recompute,
+                                 "a CPU model: block fusion saves nothing there (patch after .cuda() for the GPU plan)")
         expand_flops = 2 * channels * dw.in_channels if parts.expand_conv else 0  # per input pixel
         saved_s = (layers - block) / self.BANDWIDTH
         l2_s = triton_block.l2_reads(args) / self.L2_BANDWIDTH

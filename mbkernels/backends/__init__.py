@@ -25,9 +25,13 @@ def _no_limit(args) -> Optional[str]:
 @dataclass(frozen=True)
 class OpSupport:
     """How a backend runs one op: run(args) -> Tensor on checked, normalised arguments; limit(args) -> why this
-    case is beyond the backend (None: it can run it), asked before run so dispatch can fall through."""
+    case is beyond the backend (None: it can run it), asked before run so dispatch can fall through; prepare, a
+    faster run for a plan where the backend has one."""
     run: Callable
     limit: Callable = _no_limit
+    # prepare(args) -> a function of x alone, with everything that does not depend on x's values settled once, for
+    # every x of args.x's dtype, shape and strides (the fused modules' plans); None (or returning None): run(args).
+    prepare: Optional[Callable] = None
 
 
 @dataclass(frozen=True)

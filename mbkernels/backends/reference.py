@@ -24,6 +24,27 @@ def dwconv_bn_act(args: DWConvArgs):
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
+def prepare_dwconv_bn_act(args: DWConvArgs):
+    """A float32 plan: the conv and its activation, nothing else per call (the output keeps x's layout, as
+    F.conv2d's does); None for what the generic plan serves (other dtypes, asymmetric padding)."""
+    top, bottom, left, right = args.padding
+    if args.x.dtype != torch.float32 or (top, left) != (bottom, right):
+        return None
+    weight, bias, activate = args.weight.contiguous(), args.bias, activations.in_place(args.activation)
+    stride, padding, dilation, groups = args.stride, [top, left], args.dilation, args.x.shape[1]
+    return lambda x: activate(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+
+
+def prepare_squeeze_excite(args: SEArgs):
+    """A float32 plan: pool, MLP, scale, nothing else per call (x * scale keeps x's layout)."""
+    if args.x.dtype != torch.float32:
+        return None
+    w_reduce, b_reduce, w_expand, b_expand = args.w_reduce, args.b_reduce, args.w_expand, args.b_expand
+    activate, gate = activations.in_place(args.activation), activations.gate_function(args.gate)
+    return lambda x: x * gate(F.linear(activate(F.linear(x.mean((2, 3)), w_reduce, b_reduce)), w_expand,
+                                       b_expand))[:, :, None, None]
+
+
 def squeeze_excite(args: SEArgs):
     x = args.x
     pooled = x.float().mean(dim=(2, 3))
@@ -67,6 +88,7 @@ BACKEND = Backend(
     devices=(ANY_DEVICE,),
     unavailable_reason=lambda: None,
     describe=lambda: "plain PyTorch on any device",
-    ops={"dwconv_bn_act": OpSupport(dwconv_bn_act), "squeeze_excite": OpSupport(squeeze_excite),
+    ops={"dwconv_bn_act": OpSupport(dwconv_bn_act, prepare=prepare_dwconv_bn_act),
+         "squeeze_excite": OpSupport(squeeze_excite, prepare=prepare_squeeze_excite),
          "inverted_residual": OpSupport(inverted_residual)},
 )

@@ -92,7 +92,7 @@ class FusedModule(nn.Module):
         and backend choice are made once, and a call costs a lookup and the kernel, which matters at batch 1. Any
         other call (traced, compiled, exported) goes through the registered op."""
         x = values[0]
-        if not ops.plain_eager_call(*(v for v in values if isinstance(v, torch.Tensor))):
+        if not ops.plain_eager_call(x):  # the other tensors are this module's buffers: plain, no autograd
             return getattr(torch.ops.mbkernels, op)(*values)
         key = (x.shape, x.stride(), x.dtype, x.device, os.environ.get(dispatch.ENV_VAR))
         plan = self._plans.get(key)
