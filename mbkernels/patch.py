@@ -588,6 +588,10 @@ class BlockKind(FusionKind):
             raise Skip(f"layer fusion planned: {decision.reason}")
         return [(name, fused, module)]
 
+    @staticmethod
+    def on_gpu(fused: InvertedResidual) -> bool:
+        return any(t.is_cuda for t in fused.stock.parameters())
+
     def decide(self, fused: InvertedResidual, path: str) -> BlockDecision:
         parts = fused.parts
         dw = fused.stock.get_submodule(parts.dw_conv)
@@ -612,7 +616,7 @@ class BlockKind(FusionKind):
                                  f"the Triton block kernel declines it: {declined}")
         if self.planner.blocks == "all":
             return BlockDecision(path, fused.shape, "block", block, layers, recompute, "blocks='all'")
-        if all(not t.is_cuda for t in fused.stock.parameters()):
+        if not self.on_gpu(fused):
             # The cost model is the GPU's; on the CPU the reference backend runs a block as the very convs of layer
             # fusion, with more Python per call.
             return BlockDecision(path, fused.shape, "layers", block, layers, recompute,

@@ -30,7 +30,8 @@ def test_quick_run_prints_one_table_and_passes(capsys):
     assert code == 0
     assert lines[0] == "model   tv:mobilenet_v3_small: batch 2, 3x40x40, float32, NCHW"
     assert lines[1].startswith("device  cpu") and lines[1].endswith("backend reference")
-    assert lines[2].startswith("fused   7 dwconv+bn+act, 7 squeeze-excite, 4 block")  # the planner's choice
+    # the planner's choice: a CPU model gets layer fusion
+    assert lines[2].startswith("fused   11 dwconv+bn+act, 9 squeeze-excite, 0 block, 23 conv+bn+act")
     table = rows(lines)
     assert list(table) == ["stock eager", "patched eager"]
     latency, throughput, speedup, error, top1 = table["patched eager"]
