@@ -110,8 +110,7 @@ def gate_function(name: str):
 
 
 def apply_gate(name: str, t: torch.Tensor) -> torch.Tensor:
-    gate_code(name)
-    return _GATE_MATH[name](t)
+    return gate_function(name)(t)
 
 
 def _spec(name: str, parameter: float) -> str:

@@ -57,7 +57,7 @@ def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
         return lambda x: contract.output(template._replace(x=x))
     args = contract.normalise(args)
     run = dispatch.select(op, values[-1], args)
-    prepare = _support_of(op, run).prepare
+    prepare = _backend_of(op, run).ops[op].prepare
     if prepare is not None and args.x is values[0]:  # x needs no normalising: the backend's own plan, if it has one
         planned = prepare(args)
         if planned is not None:
@@ -66,12 +66,9 @@ def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
     return lambda x: run(template._replace(x=x.contiguous(memory_format=layout)))
 
 
-def _backend_of(op: str, run) -> str:
-    return next(b.name for b in _backends.declared() if op in b.ops and b.ops[op].run is run)
-
-
-def _support_of(op: str, run):
-    return next(b.ops[op] for b in _backends.declared() if op in b.ops and b.ops[op].run is run)
+def _backend_of(op: str, run):
+    """The backend whose run function for op is `run` (what dispatch.select returned)."""
+    return next(b for b in _backends.declared() if op in b.ops and b.ops[op].run is run)
 
 
 def _seen_through(op: str, args, backend: str):
@@ -92,7 +89,7 @@ def _seen_through(op: str, args, backend: str):
         return None
     args = contract.normalise(args)
     run = dispatch.select(op, backend, args)
-    chosen = _backend_of(op, run)
+    chosen = _backend_of(op, run).name
     if (chosen == "triton" and triton_interpreting()) or (chosen == "reference" and V.aot_compilation):
         return None
     return lambda: run(args)
