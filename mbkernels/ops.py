@@ -20,6 +20,11 @@ from .backends.triton import interpreting as triton_interpreting
 _native_op_kernels = []  # the Library holding our kernels for ops the native library defined (see _register)
 
 
+def plain_eager_state() -> bool:
+    """Outside any compiling, tracing or dispatch mode: what a plain eager call needs beside its tensors."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None)
+
+
 def plain_eager_call(*tensors: Optional[Tensor]) -> bool:
     """True for a call on plain tensors outside any tracing, compiling or autograd recording: the public functions
     then run the op's implementation directly, skipping the custom-op dispatch (tens of microseconds a call, which
@@ -28,9 +33,7 @@ def plain_eager_call(*tensors: Optional[Tensor]) -> bool:
     present = [t for t in tensors if t is not None]
     if not all(type(t) in (Tensor, torch.nn.Parameter) for t in present):
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if _get_current_dispatch_mode() is not None:
+    if not plain_eager_state():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import activations, backends, dispatch
+from .nn._cache import EagerWindow
 from .nn.conv_bn_act import ConvBNAct
 from .nn.dwconv import DWConvBNAct, FusedInto, carried_activation, check_depthwise, check_norm
 from .nn.inverted_residual import InvertedResidual
@@ -811,6 +812,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, 
         for parent, slot, previous in reversed(done):
             _set_slot(parent, slot, previous)
         raise
+    EagerWindow.attach(model)
     report = planner.report
     report.fused += [swap.entry for swap in planner.swaps]
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -822,6 +824,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, dwconv: bool = True, 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back, in place, the stock modules (the very objects) that patch swapped out; return the model."""
+    EagerWindow.detach(model)
     for parent in list(model.modules()):
         for _, child in list(parent.named_children()):
             for slot, stock in getattr(child, _RESTORE, ()):

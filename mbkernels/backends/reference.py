@@ -7,14 +7,19 @@ from .._contract import BlockArgs, DWConvArgs, SEArgs, memory_format_of
 from . import ANY_DEVICE, Backend, OpSupport
 
 
-def conv2d_act(x, weight, bias, stride, padding, dilation, groups: int, activation: str):
-    """activation(conv2d(x, weight, bias, ...)); padding [top, bottom, left, right] (asymmetric: x padded first). The
-    activation runs in place on the conv's fresh output: no second tensor is written."""
+def prepare_conv2d_act(weight, bias, stride, padding, dilation, groups: int, activation: str):
+    """x -> activation(conv2d(x, weight, bias, ...)); padding [top, bottom, left, right] (asymmetric: x padded
+    first). The activation runs in place on the conv's fresh output: no second tensor is written."""
     top, bottom, left, right = padding
-    if (top, left) != (bottom, right):
-        x, top, left = F.pad(x, [left, right, top, bottom]), 0, 0
-    y = F.conv2d(x, weight, bias, stride, [top, left], dilation, groups)
-    return activations.apply_activation(activation, y, in_place=True)
+    activate = activations.in_place(activation)
+    if (top, left) == (bottom, right):
+        return lambda x: activate(F.conv2d(x, weight, bias, stride, [top, left], dilation, groups))
+    return lambda x: activate(F.conv2d(F.pad(x, [left, right, top, bottom]), weight, bias, stride, 0, dilation, groups))
+
+
+def conv2d_act(x, weight, bias, stride, padding, dilation, groups: int, activation: str):
+    """activation(conv2d(x, weight, bias, ...)) (see prepare_conv2d_act)."""
+    return prepare_conv2d_act(weight, bias, stride, padding, dilation, groups, activation)(x)
 
 
 def dwconv_bn_act(args: DWConvArgs):
@@ -26,13 +31,11 @@ def dwconv_bn_act(args: DWConvArgs):
 
 def prepare_dwconv_bn_act(args: DWConvArgs):
     """A float32 plan: the conv and its activation, nothing else per call (the output keeps x's layout, as
-    F.conv2d's does); None for what the generic plan serves (other dtypes, asymmetric padding)."""
-    top, bottom, left, right = args.padding
-    if args.x.dtype != torch.float32 or (top, left) != (bottom, right):
+    F.conv2d's does); None for what the generic plan serves (other dtypes)."""
+    if args.x.dtype != torch.float32:
         return None
-    weight, bias, activate = args.weight.contiguous(), args.bias, activations.in_place(args.activation)
-    stride, padding, dilation, groups = args.stride, [top, left], args.dilation, args.x.shape[1]
-    return lambda x: activate(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+    return prepare_conv2d_act(args.weight.contiguous(), args.bias, args.stride, args.padding, args.dilation,
+                              args.x.shape[1], args.activation)
 
 
 def prepare_squeeze_excite(args: SEArgs):

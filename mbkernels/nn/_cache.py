@@ -1,7 +1,11 @@
-"""What the fused modules share: weights folded once into buffers, kept current, when to use the fused kernel, and
-the op call itself, planned once per input signature."""
+"""What the fused modules share: weights folded once into buffers, kept current, when to use the fused kernel, the
+op call itself, planned once per input signature, and the eager window in which a patched model's forward runs
+those plans with nothing else per call."""
 import os
-from typing import Optional
+from functools import partial
+from itertools import chain
+from operator import attrgetter, is_not
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -9,6 +13,74 @@ from torch import nn
 from .. import dispatch, ops
 
 _MAX_PLANS = 64  # input signatures remembered per module (a server sees a few batch sizes; more is a leak)
+# For the staleness check of every eager call, iterated in C: a Python loop over a dozen tensors costs more than the
+# conv it guards at batch 1 (its code and data are evicted by each conv).
+_version_of, _data_ptr_of, _present = attrgetter("_version"), torch.Tensor.data_ptr, partial(is_not, None)
+
+
+def _signature(x: torch.Tensor, backend_variable: Optional[str]) -> tuple:
+    """What a plan is made for: x's shape, layout, dtype and device, and the MBKERNELS_BACKEND in force."""
+    return x.shape, x.stride(), x.dtype, x.device, backend_variable
+
+
+class EagerWindow:
+    """One check per forward of a patched model instead of one per fused module call.
+
+    At batch 1 a fused module's own checks (grad mode, tracing, the sources' versions, the backend variable) cost
+    as much as its conv: each conv evicts their code and data, so a dozen attribute reads take microseconds. The
+    window is a forward pre-hook and an always-called forward hook on the model `mbkernels.patch` was given: the
+    pre-hook makes the checks for the whole forward (a plain eager call without autograd: not compiling,
+    tracing or under a dispatch mode, grad disabled; every eval-mode fused module refolded if a source changed)
+    and opens the window, and while it is open a fused module given a plain tensor runs the plan it made for that
+    signature, if any, at once (see FusedModule.forward). The forward hook closes it, also when forward raises.
+    What the window does not see: a source tensor edited by the model's own forward, or by another thread during it.
+    """
+
+    def __init__(self, modules: Iterable["FusedModule"] = ()):
+        self.modules = tuple(modules)
+        self.open = False
+        self.backend_variable = None
+        self.handles = ()
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> None:
+        """Give `model` a window over the fused modules in it (replacing the one it had): mbkernels.patch does."""
+        cls.detach(model)
+        window = cls(m for m in model.modules() if isinstance(m, FusedModule))
+        if not window.modules:
+            return
+        for module in window.modules:
+            module._window = window
+        window.handles = (model.register_forward_pre_hook(window.enter),
+                          model.register_forward_hook(window.leave, always_call=True))
+
+    @staticmethod
+    def detach(model: nn.Module) -> None:
+        """Remove the window `model` has, if any (the fused modules then make their checks on every call)."""
+        for hook in list(model._forward_pre_hooks.values()):
+            window = getattr(hook, "__self__", None)
+            if isinstance(window, EagerWindow):
+                for handle in window.handles:
+                    handle.remove()
+                for module in window.modules:
+                    if module._window is window:
+                        del module._window
+                window.handles = ()
+
+    def enter(self, model: nn.Module, args) -> None:
+        if not ops.plain_eager_state() or torch.is_grad_enabled():
+            return
+        self.backend_variable = os.environ.get(dispatch.ENV_VAR)
+        for module in self.modules:
+            if not module.training:
+                module.refold_if_changed()
+        self.open = True
+
+    def leave(self, model: nn.Module, args, output) -> None:
+        self.open = False
+
+
+_CLOSED = EagerWindow()  # the window of a fused module no patched model's forward checks: never open
 
 
 def _refresh_after_load(module: "FusedModule", incompatible_keys) -> None:
@@ -28,6 +100,8 @@ class FusedModule(nn.Module):
     Subclasses give `_fold_modules()` (the modules folded from), `_fold_settings()` (plain values folded in, e.g.
     BatchNorm's eps) and `_fold()` (buffer name -> float32 tensor or None), and call `refresh()` once built."""
 
+    _window = _CLOSED  # see EagerWindow
+
     def __init__(self):
         super().__init__()
         self._folded_from = None  # the sources' (storage, version) and the settings when last folded
@@ -45,17 +119,19 @@ class FusedModule(nn.Module):
         raise NotImplementedError
 
     def _sources_key(self) -> Optional[tuple]:
+        """The sources' storages and versions (an in-place edit bumps a version; a replaced tensor or `.data`
+        swap moves the storage) and the fold settings."""
+        tensors = tuple(filter(_present, chain.from_iterable(map(dict.values, self._source_tables))))
         try:
-            return tuple((t.data_ptr(), t._version) for m in self._source_modules
-                         for table in (m._parameters, m._buffers) for t in table.values()
-                         if t is not None) + self._fold_settings()
+            return tuple(map(_data_ptr_of, tensors)), tuple(map(_version_of, tensors)), self._fold_settings()
         except RuntimeError:  # inference tensors carry no version counter
             return None
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Refold the weights from the stock layers' current values (needed after edits through `.data`)."""
-        self._source_modules = tuple(m for m in self._fold_modules() if m is not None)
+        self._source_tables = tuple(table for m in self._fold_modules() if m is not None
+                                    for table in (m._parameters, m._buffers))
         for name, value in self._fold().items():
             buffer = self._buffers.get(name)
             if (value is not None and buffer is not None and buffer.shape == value.shape
@@ -71,8 +147,10 @@ class FusedModule(nn.Module):
     def refresh_if_stale(self) -> None:
         """In eager calls: refold when a source tensor changed since the last fold. Traced, compiled and exported
         graphs read the buffers as they are (load_state_dict and refresh() keep them current)."""
-        if torch.compiler.is_compiling():
-            return
+        if not torch.compiler.is_compiling():
+            self.refold_if_changed()
+
+    def refold_if_changed(self) -> None:
         key = self._sources_key()
         if key is None or key != self._folded_from:  # no version counter: nothing tells, so refold
             self.refresh()
@@ -86,21 +164,37 @@ class FusedModule(nn.Module):
         # Plans hold this module's buffers: a copy (deepcopy, pickle) makes its own from its own buffers.
         return {**self.__dict__, "_plans": {}}
 
-    def run_op(self, op: str, *values) -> torch.Tensor:
-        """torch.ops.mbkernels.<op>(*values) (x first, the backend name last). A plain eager call (ops.plain_eager_call)
-        runs the plan made for x's signature by ops.prepare, kept until the next refresh: the checks, normalisation
-        and backend choice are made once, and a call costs a lookup and the kernel, which matters at batch 1. Any
-        other call (traced, compiled, exported) goes through the registered op."""
-        x = values[0]
-        if not ops.plain_eager_call(x):  # the other tensors are this module's buffers: plain, no autograd
-            return getattr(torch.ops.mbkernels, op)(*values)
-        key = (x.shape, x.stride(), x.dtype, x.device, os.environ.get(dispatch.ENV_VAR))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = self._window
+        if window.open and type(x) is torch.Tensor and not self.training and not torch.is_grad_enabled():
+            plan = self._plans.get(_signature(x, window.backend_variable))
+            if plan is not None:  # the window made every other check for this forward
+                return plan(x)
+        return self.checked_forward(x)
+
+    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward with every check made: the stock modules or the fused computation (which makes the plans)."""
+        raise NotImplementedError
+
+    def plan_for(self, x: torch.Tensor, make: Callable[[], Callable]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The plan (a callable of x alone) kept for x's signature until the next refresh, made by `make()` if none is."""
+        key = _signature(x, os.environ.get(dispatch.ENV_VAR))
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = ops.prepare(op, *values)
-        return plan(x)
+            plan = self._plans[key] = make()
+        return plan
+
+    def run_op(self, op: str, *values) -> torch.Tensor:
+        """torch.ops.mbkernels.<op>(*values) (x first, the backend name last). A plain eager call (ops.plain_eager_call)
+        runs the plan made for x's signature by ops.prepare: the checks, normalisation and backend choice are made
+        once, and a call costs a lookup and the kernel, which matters at batch 1. Any other call (traced, compiled,
+        exported) goes through the registered op."""
+        x = values[0]
+        if not ops.plain_eager_call(x):  # the other tensors are this module's buffers: plain, no autograd
+            return getattr(torch.ops.mbkernels, op)(*values)
+        return self.plan_for(x, lambda: ops.prepare(op, *values))(x)
 
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
         if self.training:

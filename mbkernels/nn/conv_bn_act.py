@@ -9,7 +9,8 @@ which C++ packages run without libmbkernels.
 import torch
 from torch import nn
 
-from ..backends.reference import conv2d_act
+from .. import ops
+from ..backends.reference import prepare_conv2d_act
 from .dwconv import FoldedConvBNAct, _overrides_forward, computes_tf_same_padding
 
 
@@ -37,12 +38,13 @@ class ConvBNAct(FoldedConvBNAct):
         dtype = self.conv.weight.dtype
         return {"folded_weight": weight.to(dtype), "folded_bias": bias.to(dtype)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
         weight, bias = self.folded_weights() if padding is not None else (None, None)
         if padding is None or x.dtype != weight.dtype:  # a dtype the stock conv refuses (or autocasts) too
             return self.stock_forward(x)
-        return conv2d_act(x, weight, bias, self.stride, padding, self.dilation, self.conv.groups, self.activation)
+        conv = prepare_conv2d_act(weight, bias, self.stride, padding, self.dilation, self.conv.groups, self.activation)
+        return self.plan_for(x, lambda: conv)(x) if ops.plain_eager_call(x) else conv(x)
 
     def extra_repr(self) -> str:
         conv = self.conv

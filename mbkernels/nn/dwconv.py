@@ -255,7 +255,7 @@ class DWConvBNAct(FoldedConvBNAct):
         # The layout the backends of its device read, made once here rather than per call.
         return {"folded_weight": device_layout(weight, tap_major), "folded_bias": bias}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
         if padding is None:
             return self.stock_forward(x)

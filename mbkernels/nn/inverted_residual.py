@@ -284,7 +284,7 @@ class InvertedResidual(FusedModule):
             self.refresh()  # training updated the BN statistics
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
             return self.stock(x)
         self.refresh_if_stale()

@@ -272,7 +272,7 @@ class SqueezeExcite(FusedModule):
         self.refresh_if_stale()
         return self.folded_w_reduce, self.folded_b_reduce, self.folded_w_expand, self.folded_b_expand
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
             # The stock module as it is, except that it may not scale the caller's x in place.
             return self.stock(x.clone() if self.stock_writes_input else x)
