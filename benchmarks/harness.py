@@ -7,7 +7,7 @@ import torch
 
 import mbkernels
 
-from . import timing
+from . import providers, timing
 from .cases import DTYPE_NAMES, compile_mode, layout_name
 from .providers import check_output
 from .results import timing_fields
@@ -81,3 +81,22 @@ def check_then_time(benchmark, bench, fields: dict, build: Callable[[], Callable
         return None
     stats, iterations = measured
     return {**fields, **timing_fields(stats, iterations), "status": "ok"}
+
+
+def measure(benchmark, bench, case, stock: torch.nn.Module, fields: dict,
+            build: Callable[[torch.nn.Module, torch.Tensor], Callable], tolerance: float,
+            derived: Callable[[float], dict]) -> None:
+    """One case whole: `stock` on the bench's device in the case's dtype and layout (and in float64 as the
+    reference), rotating inputs, then check_then_time of build(module, first input); the record (timing plus
+    derived(median ms)) goes to the results file and to pytest-benchmark's extra_info."""
+    device = bench.device
+    module = providers.on_device(stock, device, case.dtype, case.channels_last)
+    reference = providers.on_device(stock, device, torch.float64, channels_last=False)
+    inputs = providers.make_inputs(case.input_shape, case.dtype, case.channels_last, device,
+                                   timing.buffer_count(case.input_bytes, device))
+    timed = check_then_time(benchmark, bench, fields, build=lambda: build(module, inputs[0]), inputs=inputs,
+                            reference=lambda x: reference(x.double()), tolerance=tolerance)
+    if timed is not None:
+        record = {**timed, **derived(timed["median_ms"])}
+        benchmark.extra_info.update(record)
+        bench.record(record)

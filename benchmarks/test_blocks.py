@@ -6,10 +6,9 @@ Without a GPU: eager and mbkernels-reference on three small MobileNetV3-Small bl
 --benchmark-disable), and the traffic model's ordering.
 """
 import pytest
-import torch
 
-from benchmarks import blocks, providers, timing
-from benchmarks.harness import case_fields, check_then_time, cpu_params, gpu_params
+from benchmarks import blocks, providers
+from benchmarks.harness import case_fields, cpu_params, gpu_params, measure
 from benchmarks.results import layer_fields
 
 from mbkernels.nn import InvertedResidual
@@ -30,25 +29,12 @@ def _provider(provider: str, case: blocks.BlockCase, module, example):
 
 def _run_block(case: blocks.BlockCase, provider: str, benchmark, bench) -> None:
     bench.skip_if_measured("block", case.label, provider)
-    device = bench.device
-    stock = case.fused().stock
-    module = providers.on_device(stock, device, case.dtype, case.channels_last)
-    reference = providers.on_device(stock, device, torch.float64, channels_last=False)
-    inputs = providers.make_inputs(case.input_shape, case.dtype, case.channels_last, device,
-                                   timing.buffer_count(case.input_bytes, device))
     fields = {**case_fields("block", case, provider), "model": case.model, "block": case.path,
               "tensor_bytes": case.input_bytes}
-    timed = check_then_time(
-        benchmark, bench, fields,
-        build=lambda: _provider(provider, case, module, inputs[0]),
-        inputs=inputs,
-        reference=lambda x: reference(x.double()),
-        tolerance=providers.LAYER_TOLERANCE[case.dtype],
-    )
-    if timed is not None:
-        record = {**timed, **layer_fields(case.bytes_moved, timed["median_ms"], bench.copy_gbps)}
-        benchmark.extra_info.update(record)
-        bench.record(record)
+    measure(benchmark, bench, case, case.fused().stock, fields,
+            build=lambda module, x: _provider(provider, case, module, x),
+            tolerance=providers.LAYER_TOLERANCE[case.dtype],
+            derived=lambda median_ms: layer_fields(case.bytes_moved, median_ms, bench.copy_gbps))
 
 
 @pytest.mark.parametrize("case, provider", gpu_params(GPU_PAIRS))

@@ -7,8 +7,8 @@ a few small shapes (a smoke test of the harness and the reference numerics, run 
 import pytest
 import torch
 
-from benchmarks import cases, providers, timing
-from benchmarks.harness import case_fields, check_then_time, cpu_params, gpu_params
+from benchmarks import cases, providers
+from benchmarks.harness import case_fields, cpu_params, gpu_params, measure
 from benchmarks.results import layer_fields
 
 OPS = ("dwconv_bn_act", "squeeze_excite")
@@ -23,26 +23,13 @@ SMOKE_PAIRS = [
 
 def _run_layer(case: cases.LayerCase, provider: str, benchmark, bench) -> None:
     bench.skip_if_measured("layer", case.label, provider)
-    device = bench.device
-    generator = torch.Generator().manual_seed(0)
-    stock = providers.stock_layer(case, generator)
-    module = providers.on_device(stock, device, case.dtype, case.channels_last)
-    reference = providers.on_device(stock, device, torch.float64, channels_last=False)
-    count = timing.buffer_count(case.input_bytes, device)
-    inputs = providers.make_inputs(case.input_shape, case.dtype, case.channels_last, device, count)
+    stock = providers.stock_layer(case, torch.Generator().manual_seed(0))
     fields = {**case_fields("layer", case, provider), "op": case.op, **dict(case.shape),
               "tensor_bytes": case.input_bytes}
-    timed = check_then_time(
-        benchmark, bench, fields,
-        build=lambda: providers.layer_provider(provider, case, module, inputs[0]),
-        inputs=inputs,
-        reference=lambda x: reference(x.double()),
-        tolerance=providers.LAYER_TOLERANCE[case.dtype],
-    )
-    if timed is not None:
-        record = {**timed, **layer_fields(case.bytes_moved, timed["median_ms"], bench.copy_gbps)}
-        benchmark.extra_info.update(record)
-        bench.record(record)
+    measure(benchmark, bench, case, stock, fields,
+            build=lambda module, x: providers.layer_provider(provider, case, module, x),
+            tolerance=providers.LAYER_TOLERANCE[case.dtype],
+            derived=lambda median_ms: layer_fields(case.bytes_moved, median_ms, bench.copy_gbps))
 
 
 @pytest.mark.parametrize("case, provider", gpu_params(GPU_PAIRS))

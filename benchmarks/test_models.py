@@ -7,8 +7,8 @@ the model patched onto the reference backend, MobileNetV3-Small at 64x64 (smoke 
 import pytest
 import torch
 
-from benchmarks import cases, providers, timing
-from benchmarks.harness import case_fields, check_then_time, cpu_params, gpu_params
+from benchmarks import cases, providers
+from benchmarks.harness import case_fields, cpu_params, gpu_params, measure
 from benchmarks.results import model_fields
 
 
@@ -26,25 +26,12 @@ SMOKE_PAIRS = [(cases.SMOKE_MODEL_CASE, p) for p in providers.MODEL_PROVIDERS_CP
 
 def _run_model(case: cases.ModelCase, provider: str, benchmark, bench) -> None:
     bench.skip_if_measured("model", case.label, provider)
-    device = bench.device
-    generator = torch.Generator().manual_seed(0)
-    stock = providers.stock_model(case.model, generator)
-    model = providers.on_device(stock, device, case.dtype, case.channels_last)
-    reference = providers.on_device(stock, device, torch.float64, channels_last=False)
-    count = timing.buffer_count(case.input_bytes, device)
-    inputs = providers.make_inputs(case.input_shape, case.dtype, case.channels_last, device, count)
+    stock = providers.stock_model(case.model, torch.Generator().manual_seed(0))
     fields = {**case_fields("model", case, provider), "model": case.model, "image_size": case.image_size}
-    timed = check_then_time(
-        benchmark, bench, fields,
-        build=lambda: providers.model_provider(provider, case, model, inputs[0]),
-        inputs=inputs,
-        reference=lambda x: reference(x.double()),
-        tolerance=providers.MODEL_TOLERANCE[case.dtype],
-    )
-    if timed is not None:
-        record = {**timed, **model_fields(case.batch, timed["median_ms"])}
-        benchmark.extra_info.update(record)
-        bench.record(record)
+    measure(benchmark, bench, case, stock, fields,
+            build=lambda model, x: providers.model_provider(provider, case, model, x),
+            tolerance=providers.MODEL_TOLERANCE[case.dtype],
+            derived=lambda median_ms: model_fields(case.batch, median_ms))
 
 
 @pytest.mark.parametrize("case, provider", gpu_params(GPU_PAIRS))
