@@ -1,7 +1,7 @@
 """Patch coverage of real models: per model, depthwise convs taken over / total, SE-like modules taken over / total,
 what patch_report left alone or half-fused (and why), and the patched model's error against float64 stock.
 
-    PYTHONPATH=. python scripts/coverage.py [MODEL,MODEL,...]     # default: the models of tests/test_coverage.py
+    PYTHONPATH=. python scripts/coverage.py [MODEL,MODEL,...]     # default: tests/models/timm_zoo.py's MODELS
 
 Models have random weights and random BatchNorm statistics (no download); mobileone / fastvit / repghostnet are
 measured in their deployed form (timm.utils.reparameterize_model). Depthwise convs and SE-like modules are counted
@@ -16,45 +16,10 @@ import torch
 from torch import nn
 
 import mbkernels
-from mbkernels.patch import randomize_batchnorm
-
-DEFAULT = ("mixnet_s tf_mixnet_s rexnet_100 mobilenetv3_rw fbnetv3_b tf_mobilenetv3_small_100 tf_efficientnet_b0 "
-           "mobileone_s0 fastvit_t8 repghostnet_050 efficientvit_b0 efficientvit_m0 hgnetv2_b0 convnext_atto "
-           "edgenext_xx_small lcnet_050 ghostnet_100 hgnet_tiny ese_vovnet19b_dw").split()
-REPARAMETERIZED = ("mobileone", "fastvit", "repghost", "repvit")
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 and m.out_channels % m.in_channels == 0
-
-
-def is_se_like(m: nn.Module) -> bool:
-    children = list(m.children())
-    return (any(isinstance(c, (nn.Sigmoid, nn.Hardsigmoid)) or type(c).__name__ in ("HardSigmoid", "Sigmoid")
-                for c in children)
-            and any(isinstance(c, (nn.Linear, nn.Conv2d)) for c in children))
-
-
-def taken_over(model: nn.Module):
-    fused = tuple(getattr(mbkernels.nn, name) for name in mbkernels.nn.__all__)
-    convs, ses = set(), set()
-    for m in model.modules():
-        if isinstance(m, fused):
-            convs |= {sub for sub in m.modules() if is_depthwise(sub)}
-            ses |= {sub for sub in m.modules() if is_se_like(sub)}
-    return convs, ses
-
-
-def build(name: str) -> nn.Module:
-    import timm
-    torch.manual_seed(0)
-    model = randomize_batchnorm(timm.create_model(name, pretrained=False), torch.Generator().manual_seed(0)).eval()
-    if name.startswith(REPARAMETERIZED):
-        model = randomize_batchnorm(timm.utils.reparameterize_model(model), torch.Generator().manual_seed(1))
-    return model
-
+from tests.models.timm_zoo import MODELS, build, is_depthwise, is_se_like, taken_over
 
 def smallest_input(model: nn.Module) -> torch.Tensor:
+    """A batch-1 image of the smallest size from 64 to 256 that the model runs (for models outside MODELS)."""
     for size in (64, 96, 128, 224, 256):
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
         try:
@@ -69,7 +34,8 @@ def smallest_input(model: nn.Module) -> torch.Tensor:
 def survey(name: str) -> None:
     start = time.time()
     stock = build(name)
-    x = smallest_input(stock)
+    x = (torch.randn(1, 3, MODELS[name], MODELS[name], generator=torch.Generator().manual_seed(1))
+         if name in MODELS else smallest_input(stock))
     depthwise = {m for m in stock.modules() if is_depthwise(m)}
     se_like = {m for m in stock.modules() if is_se_like(m)}
     report = mbkernels.patch_report(stock)
@@ -92,5 +58,5 @@ def survey(name: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for model_name in (sys.argv[1].split(",") if len(sys.argv) > 1 else DEFAULT):
+    for model_name in (sys.argv[1].split(",") if len(sys.argv) > 1 else MODELS):
         survey(model_name)

@@ -14,31 +14,17 @@ from torch import nn
 
 import mbkernels
 from mbkernels import activations
-from mbkernels.nn import ConvBNAct, DWConvBNAct, MixedDWConvBNAct, SqueezeExcite
+from mbkernels.nn import DWConvBNAct, FusedModule, MixedDWConvBNAct, SqueezeExcite
 from mbkernels.patch import randomize_batchnorm
 from conftest import KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference
 from oracle import dwconv64
+from models.timm_zoo import MODELS, build, is_depthwise, is_se_like, taken_over
 
 timm = pytest.importorskip("timm")
 
-# name -> input size (the smallest that each model's stages take at a few pixels per stage)
-MODELS = {
-    "mixnet_s": 64, "tf_mixnet_s": 65, "rexnet_100": 64, "mobilenetv3_rw": 64, "fbnetv3_b": 64,
-    "tf_mobilenetv3_small_100": 65, "tf_efficientnet_b0": 66, "mobileone_s0": 64, "fastvit_t8": 64,
-    "repghostnet_050": 64, "efficientvit_b0": 64, "efficientvit_m0": 128, "hgnetv2_b0": 64, "convnext_atto": 64,
-    "edgenext_xx_small": 64, "lcnet_050": 64, "ghostnet_100": 64, "hgnet_tiny": 64, "ese_vovnet19b_dw": 64,
-}
-REPARAMETERIZED = ("mobileone_s0", "fastvit_t8", "repghostnet_050")  # deployed: after reparameterize_model
-
-
 @functools.lru_cache(maxsize=None)
 def _stock(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = randomize_batchnorm(timm.create_model(name, pretrained=False), torch.Generator().manual_seed(0)).eval()
-    if name in REPARAMETERIZED:
-        # The branches fold into one conv with a bias (the random statistics above make those biases non-zero).
-        model = randomize_batchnorm(timm.utils.reparameterize_model(model), torch.Generator().manual_seed(1))
-    return model
+    return build(name)
 
 
 def stock_model(name: str) -> nn.Module:
@@ -48,31 +34,6 @@ def stock_model(name: str) -> nn.Module:
 def image(name: str, seed: int = 1) -> torch.Tensor:
     size = MODELS[name]
     return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 and m.out_channels % m.in_channels == 0
-
-
-def is_se_like(m: nn.Module) -> bool:
-    """A module with a gate child and a Linear / 1x1-conv child (SqueezeExcite, SEModule, EseModule...)."""
-    children = list(m.children())
-    return (any(isinstance(c, (nn.Sigmoid, nn.Hardsigmoid)) or type(c).__name__ in ("HardSigmoid", "Sigmoid")
-                for c in children)
-            and any(isinstance(c, (nn.Linear, nn.Conv2d)) for c in children))
-
-
-FUSED = (DWConvBNAct, SqueezeExcite, ConvBNAct)
-
-
-def taken_over(model: nn.Module):
-    """(depthwise convs, SE-like modules) that live inside a fused module, as sets of module objects."""
-    convs, ses = set(), set()
-    for m in model.modules():
-        if isinstance(m, FUSED):
-            convs |= {sub for sub in m.modules() if is_depthwise(sub)}
-            ses |= {sub for sub in m.modules() if is_se_like(sub)}
-    return convs, ses
 
 
 def relative_error(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -101,7 +62,7 @@ def test_every_depthwise_conv_and_se_is_taken_over_and_accounted_for(name):
     assert len(convs) >= 0.98 * len(depthwise) and len(depthwise) > 0, (len(convs), len(depthwise))
     assert len(ses) == len(se_like), (len(ses), len(se_like))
     # The report accounts for each: a fused entry for each fused module, a skip entry (with a reason) for the rest.
-    fused_modules = [m for m in model.modules() if isinstance(m, FUSED)]
+    fused_modules = [m for m in model.modules() if isinstance(m, FusedModule)]
     assert len(report.fusable) == len(fused_modules)
     assert len(depthwise) - len(convs) + len(se_like) - len(ses) <= len(report.skipped)
     assert all(entry.reason for entry in report.skipped)
