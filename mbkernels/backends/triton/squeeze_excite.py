@@ -41,6 +41,21 @@ def _x_offsets(samples, channels, pixels, C, HW, CHANNELS_LAST: tl.constexpr, IN
 
 
 @triton.jit
+def _program_tile(inner_blocks, N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of the pool and scale kernels' one flat grid axis (the others stop at 65535): inner
+    blocks (pixel splits or blocks) fastest, then channel blocks, then sample blocks. Returns the inner index, the
+    tile's samples and channels, and their [BLOCK_N, BLOCK_C] mask."""
+    pid = tl.program_id(0)
+    channel_blocks = tl.cdiv(C, BLOCK_C)
+    inner = pid % inner_blocks
+    channel_block = (pid // inner_blocks) % channel_blocks
+    sample_block = pid // (inner_blocks * channel_blocks)
+    samples = sample_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    return inner, samples, channels, (samples < N)[:, None] & (channels < C)[None, :]
+
+
+@triton.jit
 def _pool_kernel(
     x_ptr, partial_ptr,
     N, C, HW, PIXELS_PER_SPLIT, SPLITS,
@@ -51,16 +66,7 @@ def _pool_kernel(
 ):
     if VEC > 1:
         C = C // VEC * VEC  # an identity that tells the compiler what it cannot see (C = 72, 120: no multiple of 16)
-    # One flat grid axis (the others stop at 65535): splits, then channel blocks, then sample blocks.
-    pid = tl.program_id(0)
-    channel_blocks = tl.cdiv(C, BLOCK_C)
-    split = pid % SPLITS
-    channel_block = (pid // SPLITS) % channel_blocks
-    sample_block = pid // (SPLITS * channel_blocks)
-
-    samples = sample_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows_mask = (samples < N)[:, None] & (channels < C)[None, :]
+    split, samples, channels, rows_mask = _program_tile(SPLITS, N, C, BLOCK_N, BLOCK_C)
     first_pixel = split * PIXELS_PER_SPLIT
     acc = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_P), dtype=tl.float32)
     # PIXELS_PER_SPLIT is a multiple of BLOCK_P, so the splits' steps never overlap.
@@ -130,18 +136,8 @@ def _scale_kernel(
 ):
     if VEC > 1:
         C = C // VEC * VEC  # an identity that tells the compiler what it cannot see (C = 72, 120: no multiple of 16)
-    # One flat grid axis: pixel blocks, then channel blocks, then sample blocks.
-    pid = tl.program_id(0)
-    pixel_blocks = tl.cdiv(HW, BLOCK_P)
-    channel_blocks = tl.cdiv(C, BLOCK_C)
-    pixel_block = pid % pixel_blocks
-    channel_block = (pid // pixel_blocks) % channel_blocks
-    sample_block = pid // (pixel_blocks * channel_blocks)
-
-    samples = sample_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    channels = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    pixel_block, samples, channels, rows_mask = _program_tile(tl.cdiv(HW, BLOCK_P), N, C, BLOCK_N, BLOCK_C)
     pixels = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
-    rows_mask = (samples < N)[:, None] & (channels < C)[None, :]
     scale = tl.load(scale_ptr + samples[:, None] * C + channels[None, :], mask=rows_mask, other=0.0)
     mask = rows_mask[:, :, None] & (pixels < HW)[None, None, :]
     offsets = _x_offsets(samples, channels, pixels, C, HW, CHANNELS_LAST, INT64)
