@@ -41,6 +41,18 @@ def _x_offsets(samples, channels, pixels, C, HW, CHANNELS_LAST: tl.constexpr, IN
 
 
 @triton.jit
+def _vector_hint(C, HW, CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr):
+    """(C, HW) with the contiguous one (C in channels_last, HW in NCHW) written as a multiple of VEC: an identity
+    that tells the compiler what it cannot see (C = 72, 28 x 28 pixels: no multiple of 16), so it loads 16 bytes."""
+    if VEC > 1:
+        if CHANNELS_LAST:
+            C = C // VEC * VEC
+        else:
+            HW = HW // VEC * VEC
+    return C, HW
+
+
+@triton.jit
 def _program_tile(inner_blocks, N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's tile of the pool and scale kernels' one flat grid axis (the others stop at 65535): inner
     blocks (pixel splits or blocks) fastest, then channel blocks, then sample blocks. Returns the inner index, the
@@ -61,11 +73,10 @@ def _pool_kernel(
     N, C, HW, PIXELS_PER_SPLIT, SPLITS,
     CHANNELS_LAST: tl.constexpr,
     INT64: tl.constexpr,
-    VEC: tl.constexpr,  # C is a multiple of VEC (the launcher checked): 16-byte loads along channels
+    VEC: tl.constexpr,  # x's contiguous axis is a multiple of VEC (the launcher checked): 16-byte loads along it
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    if VEC > 1:
-        C = C // VEC * VEC  # an identity that tells the compiler what it cannot see (C = 72, 120: no multiple of 16)
+    C, HW = _vector_hint(C, HW, CHANNELS_LAST, VEC)
     split, samples, channels, rows_mask = _program_tile(SPLITS, N, C, BLOCK_N, BLOCK_C)
     first_pixel = split * PIXELS_PER_SPLIT
     acc = tl.zeros((BLOCK_N, BLOCK_C, BLOCK_P), dtype=tl.float32)
@@ -131,11 +142,10 @@ def _scale_kernel(
     N, C, HW,
     CHANNELS_LAST: tl.constexpr,
     INT64: tl.constexpr,
-    VEC: tl.constexpr,  # C is a multiple of VEC (the launcher checked): 16-byte loads along channels
+    VEC: tl.constexpr,  # x's contiguous axis is a multiple of VEC (the launcher checked): 16-byte loads along it
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    if VEC > 1:
-        C = C // VEC * VEC  # an identity that tells the compiler what it cannot see (C = 72, 120: no multiple of 16)
+    C, HW = _vector_hint(C, HW, CHANNELS_LAST, VEC)
     pixel_block, samples, channels, rows_mask = _program_tile(tl.cdiv(HW, BLOCK_P), N, C, BLOCK_N, BLOCK_C)
     pixels = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
     scale = tl.load(scale_ptr + samples[:, None] * C + channels[None, :], mask=rows_mask, other=0.0)
@@ -222,8 +232,9 @@ def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     mlp_block_n, block_r, mlp_block_c = _mlp_tile(batch, channels, reduced)
     name, parameter = activations.parse_activation(args.activation)
     vector = 16 // x.element_size()
-    aligned = x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0 and channels % vector == 0
-    tiles = dict(CHANNELS_LAST=channels_last, INT64=int64, VEC=vector if channels_last and aligned else 1,
+    aligned = (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+               and (channels if channels_last else pixels) % vector == 0)
+    tiles = dict(CHANNELS_LAST=channels_last, INT64=int64, VEC=vector if aligned else 1,
                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_P=block_p)
     return out, [
         Launch(_pool_kernel, (sample_blocks * channel_blocks * splits,),
