@@ -13,8 +13,7 @@ from torch import nn
 from .. import dispatch, ops
 
 _MAX_PLANS = 64  # input signatures remembered per module (a server sees a few batch sizes; more is a leak)
-# For the staleness check of every eager call, iterated in C: a Python loop over a dozen tensors costs more than the
-# conv it guards at batch 1 (its code and data are evicted by each conv).
+# The staleness check (once per forward of a patched model, for each fused module; see EagerWindow), iterated in C.
 _version_of, _data_ptr_of, _present = attrgetter("_version"), torch.Tensor.data_ptr, partial(is_not, None)
 
 
