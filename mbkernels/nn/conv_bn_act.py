@@ -43,8 +43,10 @@ class ConvBNAct(FoldedConvBNAct):
         weight, bias = self.folded_weights() if padding is not None else (None, None)
         if padding is None or x.dtype != weight.dtype:  # a dtype the stock conv refuses (or autocasts) too
             return self.stock_forward(x)
-        conv = prepare_conv2d_act(weight, bias, self.stride, padding, self.dilation, self.conv.groups, self.activation)
-        return self.plan_for(x, lambda: conv)(x) if ops.plain_eager_call(x) else conv(x)
+        settings = (weight, bias, self.stride, padding, self.dilation, self.conv.groups, self.activation)
+        if ops.plain_eager_call(x):  # the plan is made once per signature, not per call
+            return self.plan_for(x, lambda: prepare_conv2d_act(*settings))(x)
+        return prepare_conv2d_act(*settings)(x)
 
     def extra_repr(self) -> str:
         conv = self.conv
