@@ -30,7 +30,7 @@ def model_blocks(model_name: str, image_size: int = MODEL_IMAGE_SIZE) -> tuple:
     import timm
 
     from mbkernels.nn import InvertedResidual
-    from mbkernels.patch import randomize_batchnorm
+    from mbkernels.match import randomize_batchnorm
 
     model = randomize_batchnorm(timm.create_model(model_name).eval(), torch.Generator().manual_seed(0))
     found, shapes = [], {}

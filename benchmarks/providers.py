@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mbkernels
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 from mbkernels import _contract, activations, ops
 
 from .cases import LayerCase, ModelCase, compile_mode

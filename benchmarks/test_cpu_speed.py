@@ -19,7 +19,7 @@ import time
 import torch
 
 import mbkernels
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 
 MODELS = ("mobilenetv3_large_100", "mobilenetv3_small_100", "mobilenetv2_100", "efficientnet_b0")
 BATCHES = (1, 8)

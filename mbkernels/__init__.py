@@ -9,7 +9,7 @@ from importlib import metadata as _metadata
 
 from . import _native  # noqa: F401  (loads mbkernels._C, or warns once and leaves it off)
 from . import backends, nn, ops  # backends: the package of backend modules, callable as backends()
-from .patch import patch, patch_report, unpatch
+from .planner import patch, patch_report, unpatch
 
 try:
     __version__ = _metadata.version("mbkernels")  # e.g. 0.1.0+cu130.torch2.14: names what _C was built for

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from . import backends, patch, patch_report
-from .patch import KINDS, randomize_batchnorm
+from .match import randomize_batchnorm
+from .planner import KIND_LABELS as KINDS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest max-abs difference to stock, relative to stock's largest logit, that passes the check. Stock and

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mbkernels
 from mbkernels.nn import DWConvBNAct, FusedModule, SqueezeExcite
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 from tests.conftest import DEVICE, HAS_GPU, assert_close_to_reference
 from tests.models.mobilenetv3 import mobilenetv3_small
 

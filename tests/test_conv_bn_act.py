@@ -10,7 +10,7 @@ from torch import nn
 
 import mbkernels
 from mbkernels.nn import ConvBNAct, DWConvBNAct
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 from conftest import LAYOUTS, assert_close_to_reference, random_x
 from oracle import stock_activation
 

@@ -15,7 +15,7 @@ from torch import nn
 import mbkernels
 from mbkernels import activations
 from mbkernels.nn import DWConvBNAct, FusedModule, MixedDWConvBNAct, SqueezeExcite
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 from conftest import KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference
 from oracle import dwconv64
 from models.timm_zoo import MODELS, build, is_depthwise, is_se_like, taken_over

@@ -20,7 +20,7 @@ from mbkernels import _contract, _native, activations, dispatch, ops
 from mbkernels._contract import DWConvArgs
 from mbkernels.backends import OpSupport, declared as declared_backends, reference
 from mbkernels.nn import DWConvBNAct
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -12,7 +12,7 @@ from torch import nn
 import mbkernels
 from mbkernels.nn import ConvBNAct, DWConvBNAct, FusedModule, InvertedResidual, SqueezeExcite
 from mbkernels.nn._cache import EagerWindow
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 from tests.conftest import DEVICE, assert_close_to_reference
 from tests.models.mobilenetv3 import mobilenetv3_small
 

@@ -23,7 +23,8 @@ from mbkernels._contract import BlockArgs, normalise_inverted_residual
 from mbkernels.backends import get as get_backend
 from mbkernels.backends.triton import inverted_residual as triton_block
 from mbkernels.nn import InvertedResidual
-from mbkernels.patch import BlockKind, randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
+from mbkernels.planner import cost
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
 tv_mobilenetv2 = pytest.importorskip("torchvision.models.mobilenetv2")
@@ -485,7 +486,7 @@ def test_a_cpu_model_gets_layer_fusion_and_says_why():
 
 def test_the_cost_model_prefers_blocks_for_narrow_layers_and_says_why_not_for_wide_ones(monkeypatch):
     """Narrow early blocks save HBM bytes cheaply; wide late ones re-read their weights from L2 per small tile."""
-    monkeypatch.setattr(BlockKind, "on_gpu", staticmethod(lambda fused: True))  # the GPU's cost model, here too
+    monkeypatch.setattr(cost, "on_gpu", lambda fused: True)  # the GPU's cost model, here too
     narrow = mbkernels.patch_report(nn.Sequential(stock_block("timm-ir-k3s1-res")))
     wide = mbkernels.patch_report(nn.Sequential(randomize_batchnorm(
         timm_blocks.InvertedResidual(192, 192, 5, 1, exp_ratio=6.0).eval())))

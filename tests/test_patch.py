@@ -11,7 +11,7 @@ import mbkernels
 from mbkernels import dispatch
 from mbkernels.__main__ import build_model
 from mbkernels.nn.dwconv import DWConvBNAct, FusedInto
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 from conftest import HAS_GPU, backend_unavailable
 from models.mobilenetv3 import SELayer, h_swish, mobilenetv3_large, mobilenetv3_small
 

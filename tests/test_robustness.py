@@ -16,7 +16,7 @@ from torch import nn
 import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, KERNEL_BACKENDS, assert_close_to_reference
 from mbkernels import ops
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 from oracle import dwconv64, se64
 
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")

@@ -3,23 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import activations
+from ..conv_act import conv2d_act, prepare_conv2d_act
 from .._contract import BlockArgs, DWConvArgs, SEArgs, memory_format_of
 from . import ANY_DEVICE, Backend, OpSupport
-
-
-def prepare_conv2d_act(weight, bias, stride, padding, dilation, groups: int, activation: str):
-    """x -> activation(conv2d(x, weight, bias, ...)); padding [top, bottom, left, right] (asymmetric: x padded
-    first). The activation runs in place on the conv's fresh output: no second tensor is written."""
-    top, bottom, left, right = padding
-    activate = activations.in_place(activation)
-    if (top, left) == (bottom, right):
-        return lambda x: activate(F.conv2d(x, weight, bias, stride, [top, left], dilation, groups))
-    return lambda x: activate(F.conv2d(F.pad(x, [left, right, top, bottom]), weight, bias, stride, 0, dilation, groups))
-
-
-def conv2d_act(x, weight, bias, stride, padding, dilation, groups: int, activation: str):
-    """activation(conv2d(x, weight, bias, ...)) (see prepare_conv2d_act)."""
-    return prepare_conv2d_act(weight, bias, stride, padding, dilation, groups, activation)(x)
 
 
 def dwconv_bn_act(args: DWConvArgs):

@@ -203,3 +203,28 @@ class FusedModule(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         return True
+
+
+def use_stock_state_dict_keys(module: nn.Module) -> None:
+    """State-dict keys of a fused module that holds its stock module as `stock` are the stock module's own:
+    'stock.' is dropped on save and put back on load, so checkpoints load both ways."""
+    module.register_state_dict_post_hook(_drop_stock_prefix)
+    module.register_load_state_dict_pre_hook(_add_stock_prefix)
+
+
+def _drop_stock_prefix(module, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + "stock."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    # The per-module version metadata is keyed by module path: 'se.stock' becomes 'se', 'se.stock.fc' 'se.fc'.
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if (k + ".").startswith(inner)]:
+            metadata[(prefix + key[len(inner):]).rstrip(".")] = metadata.pop(key)
+
+
+def _add_stock_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    inner = prefix + "stock."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

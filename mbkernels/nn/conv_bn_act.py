@@ -10,19 +10,16 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..backends.reference import prepare_conv2d_act
-from .dwconv import FoldedConvBNAct, _overrides_forward, computes_tf_same_padding
+from ..conv_act import prepare_conv2d_act
+from ..match.structural import check_conv_forward
+from .dwconv import FoldedConvBNAct
 
 
 def check_conv(conv: nn.Module) -> None:
     """Raise ValueError naming what keeps `conv` from having a BatchNorm folded into it."""
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-    if _overrides_forward(conv, nn.Conv2d) and not computes_tf_same_padding(conv):
-        raise ValueError(f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's; only nn.Conv2d's "
-                         "own forward and timm's Conv2dSame are folded")
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; only zero padding is folded")
+    check_conv_forward(conv, "folded")
 
 
 class ConvBNAct(FoldedConvBNAct):

@@ -9,112 +9,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import activations, ops
+from .. import ops
 from .._contract import device_layout, tap_major
+from ..match.structural import check_depthwise, check_norm, fused_activation, static_padding, tf_same_padding
 from ._cache import FusedModule
-
-
-def _overrides_forward(module: nn.Module, base: type) -> bool:
-    return type(module).forward is not base.forward
-
-
-def computes_tf_same_padding(conv: nn.Module) -> bool:
-    """timm's Conv2dSame: TensorFlow 'SAME' padding computed from the input's size at every call (its forward
-    pads with timm.layers.pad_same, then runs F.conv2d unpadded)."""
-    return type(conv).__name__ == "Conv2dSame" and type(conv).__module__.startswith("timm.")
-
-
-def tf_same_padding(size: tuple, conv: nn.Conv2d) -> list[int]:
-    """[top, bottom, left, right] that TensorFlow 'SAME' (timm's pad_same) gives an input plane of `size`: the
-    total that makes the output ceil(size / stride), its odd pixel at the bottom / right."""
-    padding = []
-    for length, k, s, d in zip(size, conv.kernel_size, conv.stride, conv.dilation):
-        # (ceil(length / s) - 1) * s + (k - 1) * d + 1 - length depends on length % s alone. Found by comparison,
-        # the remainder is a plain int even for a symbolic length (torch.compile, dynamic shapes: a guard on it).
-        remainder = next(r for r in range(s) if length % s == r)
-        total = max((s - remainder) % s - s + (k - 1) * d + 1, 0)
-        padding += [total // 2, total - total // 2]
-    return padding
-
-
-def static_padding(conv: nn.Conv2d) -> Optional[list[int]]:
-    """conv's padding as the [top, bottom, left, right] the op takes, or None when it depends on the input's size
-    (timm's Conv2dSame: see tf_same_padding)."""
-    if computes_tf_same_padding(conv):
-        return None
-    if conv.padding == "valid":
-        return [0, 0, 0, 0]
-    if conv.padding == "same":
-        # PyTorch's 'same' (stride 1 only): the odd pixel of an even total goes at the bottom / right.
-        padding = []
-        for k, d in zip(conv.kernel_size, conv.dilation):
-            total = d * (k - 1)
-            padding += [total // 2, total - total // 2]
-        return padding
-    return [conv.padding[0], conv.padding[0], conv.padding[1], conv.padding[1]]
-
-
-def check_depthwise(conv: nn.Module) -> None:
-    """Raise ValueError naming what keeps `conv` from being a fusable depthwise conv."""
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-    if not (conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0):
-        raise ValueError(
-            f"conv is not depthwise: groups={conv.groups}, in_channels={conv.in_channels}, "
-            f"out_channels={conv.out_channels} (groups must equal in_channels, and out_channels be a multiple of it)"
-        )
-    if _overrides_forward(conv, nn.Conv2d) and not computes_tf_same_padding(conv):
-        raise ValueError(
-            f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's; only nn.Conv2d's own "
-            "forward and timm's Conv2dSame are fused"
-        )
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; only zero padding is fused")
-
-
-def carried_activation(bn: nn.Module) -> Optional[nn.Module]:
-    """The activation a norm-plus-activation module applies after normalising (timm's BatchNormAct2d: bn.act,
-    after bn.drop, which is an identity in eval mode), or None for a plain BatchNorm2d."""
-    if isinstance(bn, nn.BatchNorm2d) and _overrides_forward(bn, nn.BatchNorm2d):
-        act = getattr(bn, "act", None)
-        return act if isinstance(act, nn.Module) else None
-    return None
-
-
-def check_norm(bn: nn.Module) -> None:
-    """Raise ValueError naming what keeps `bn` from being folded into the conv."""
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise ValueError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(
-            f"{type(bn).__name__} has no running statistics (track_running_stats=False): it normalises with "
-            "batch statistics and cannot be folded"
-        )
-    if _overrides_forward(bn, nn.BatchNorm2d) and carried_activation(bn) is None:
-        raise ValueError(
-            f"{type(bn).__name__} overrides BatchNorm2d.forward without an `act` module; "
-            "what it computes after normalising is unknown"
-        )
-
-
-def activation_name(act: Optional[nn.Module]) -> str:
-    """The fused-op name of a stock or hand-written activation module (None or nn.Identity: 'identity')."""
-    if act is None:
-        return "identity"
-    name = activations.identify_activation(act)
-    if name is None:
-        raise ValueError(
-            f"activation {type(act).__name__} has no fused kernel; supported: {', '.join(activations.ACTIVATIONS)}"
-        )
-    return name
-
-
-def _fused_activation(bn: Optional[nn.Module], act: Optional[nn.Module]) -> str:
-    names = [activation_name(m) for m in (carried_activation(bn) if bn is not None else None, act)]
-    applied = [n for n in names if n != "identity"]
-    if len(applied) > 1:
-        raise ValueError(f"two activations follow the norm ({' then '.join(applied)}); only one is fused")
-    return applied[0] if applied else "identity"
 
 
 def _load_module_tree(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -154,7 +52,7 @@ class FoldedConvBNAct(FusedModule):
         self.check_conv(conv)
         if bn is not None:
             check_norm(bn)
-        self.activation = _fused_activation(bn, act)
+        self.activation = fused_activation(bn, act)
         self.padding = self.static_padding(conv)  # None: computed per call from x's size
         self.conv = conv
         self.stride, self.dilation = self.stride_dilation(conv)

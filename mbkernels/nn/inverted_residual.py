@@ -6,7 +6,7 @@ nn.Sequential and torchvision's Conv2dNormActivation opened, identities such as 
 Dropout in eval skipped) must read [1x1 conv, BN, act], depthwise conv, BN, [act], [SE, [act]], 1x1 conv, BN,
 [act]. That covers timm's InvertedResidual and DepthwiseSeparableConv, torchvision's InvertedResidual (MobileNetV2
 and V3) and MBConv, and hand-written blocks. Since a forward can compute anything (and only it says whether the
-input is added back), a match is confirmed numerically in float64, with random BatchNorm statistics.
+input is added back), a match is proven on a probe with random BatchNorm statistics (mbkernels.match).
 
 The module holds the stock block (its state_dict keys and values are the block's) and folds every BN into its conv
 once, into float32 buffers laid out for the kernels; it refolds after load_state_dict, .to() / .half(), and when
@@ -14,160 +14,21 @@ switched to eval mode (training may have changed the statistics). Edits of the s
 need `refresh()`.
 """
 import copy
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .. import activations, ops
+from .. import ops
 from .._contract import (BlockArgs, check_inverted_residual, device_layout, input_major, normalise_inverted_residual,
                          tap_major)
-from ..backends import reference
-from ._cache import FusedModule
-from .dwconv import check_depthwise, check_norm, static_padding, _fused_activation, _overrides_forward
-from .squeeze_excite import _add_stock_prefix, _check_match, _drop_stock_prefix, _find_parts
+from ..match import probe_copy, probe_input, prove
+from ..match.structural import BlockParts, find_block_parts, static_padding
+from ._cache import FusedModule, use_stock_state_dict_keys
+from .squeeze_excite import se_expand_weights, se_reduce_weights
 
-# The stock block in float64 and the fused formula (float64, on fold_bn's float32 folded weights) must agree to
-# this relative error: float32 rounding of the weights gives about 1e-7; a wrong structure is off by far more.
-_MATCH_TOLERANCE = 1e-5
 _FOLDED = ("w_expand", "b_expand", "w_dw", "b_dw", "w_se_reduce", "b_se_reduce", "w_se_expand", "b_se_expand",
            "w_project", "b_project")
-
-
-class BlockParts(NamedTuple):
-    """Paths of the stock modules inside the block (None: absent) and the fused op's settings."""
-    expand_conv: Optional[str]
-    expand_bn: Optional[str]
-    expand_activation: str
-    dw_conv: str
-    dw_bn: str
-    dw_activation: str
-    se: Optional[str]
-    se_activation: str
-    se_gate: str
-    se_reduce: Optional[str]  # the SE's reduce / expand layers, paths inside the block
-    se_expand: Optional[str]
-    post_se_activation: str
-    project_conv: str
-    project_bn: str
-    project_activation: str
-    residual: bool
-
-
-# ------------------------------------------------------------------------------------------------ matching
-def _holds(module: nn.Module, kind) -> bool:
-    return any(isinstance(m, kind) for m in module.modules())
-
-
-def _stateless(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is None and next(module.buffers(), None) is None
-
-
-def _tokens(block: nn.Module, path: str = ""):
-    """(kind, path, module) in registration order: kind 'conv', 'bn', 'se', 'act' (with its spec as module's
-    partner) or an error; identities are dropped and containers opened."""
-    for name, child in block.named_children():
-        child_path = f"{path}{name}"
-        if isinstance(child, nn.Conv2d):
-            yield "conv", child_path, child
-        elif isinstance(child, nn.BatchNorm2d):
-            yield "bn", child_path, child
-        elif _stateless(child):
-            # An activation, or an identity in eval mode (DropPath, StochasticDepth, Dropout, timm's aa).
-            spec = activations.identify_activation(copy.deepcopy(child).eval())
-            if spec is None:
-                raise ValueError(f"{child_path} ({type(child).__name__}) computes no known activation")
-            if spec != "identity":
-                yield "act", child_path, child
-        elif not _holds(child, nn.BatchNorm2d):
-            yield "se", child_path, child
-        elif any(True for _ in child.children()):
-            yield from _tokens(child, f"{child_path}.")
-        else:
-            raise ValueError(f"{child_path} is a {type(child).__name__} with parameters; not part of a block")
-
-
-def _check_pointwise(conv: nn.Conv2d, path: str) -> None:
-    if (tuple(conv.kernel_size) != (1, 1) or conv.groups != 1 or tuple(conv.stride) != (1, 1)
-            or _overrides_forward(conv, nn.Conv2d) or static_padding(conv) != [0, 0, 0, 0]):
-        raise ValueError(f"{path} is {conv}; a block's expand and project convs are plain 1x1 convs with stride 1, "
-                         f"groups=1 and no padding")
-
-
-class _Cursor:
-    def __init__(self, tokens):
-        self.tokens, self.at = tokens, 0
-
-    def peek(self, kind: str):
-        if self.at < len(self.tokens) and self.tokens[self.at][0] == kind:
-            return self.tokens[self.at]
-        return None
-
-    def take(self, kind: str, what: str):
-        token = self.peek(kind)
-        if token is None:
-            found = (f"{self.tokens[self.at][1]} ({type(self.tokens[self.at][2]).__name__})"
-                     if self.at < len(self.tokens) else "the end of the block")
-            raise ValueError(f"expected {what}, found {found}")
-        self.at += 1
-        return token[1], token[2]
-
-    def optional(self, kind: str):
-        token = self.peek(kind)
-        if token is not None:
-            self.at += 1
-            return token[1], token[2]
-        return None, None
-
-
-def _conv_bn_act(cursor: _Cursor, what: str):
-    """(conv path, bn path, activation spec) of a conv -> BN [-> act] run."""
-    conv_path, conv = cursor.take("conv", what)
-    bn_path, bn = cursor.take("bn", f"a BatchNorm2d after {conv_path}")
-    check_norm(bn)
-    _, act = cursor.optional("act")
-    return conv_path, conv, bn_path, _fused_activation(bn, act)
-
-
-def find_parts(block: nn.Module) -> BlockParts:
-    """The block's parts (residual not yet known: False), or ValueError saying what did not match."""
-    try:
-        tokens = list(_tokens(block))
-    except ValueError as error:
-        raise ValueError(f"{type(block).__name__} is not an inverted-residual block: {error}") from None
-    cursor = _Cursor(tokens)
-    try:
-        expand_conv = expand_bn = None
-        expand_activation = "identity"
-        first = cursor.peek("conv")
-        if first is not None and first[2].groups == 1:
-            expand_conv, conv, expand_bn, expand_activation = _conv_bn_act(cursor, "an expand 1x1 conv")
-            _check_pointwise(conv, expand_conv)
-        dw_conv, conv, dw_bn, dw_activation = _conv_bn_act(cursor, "a depthwise conv")
-        check_depthwise(conv)
-        if conv.out_channels != conv.in_channels or static_padding(conv) is None:
-            raise ValueError(f"{dw_conv} is {conv}; a block's depthwise conv has depth multiplier 1 and a padding "
-                             f"fixed at construction (not timm's Conv2dSame, which pads by the input's size)")
-        se_path, se_module = cursor.optional("se")
-        se = None
-        post_se_activation = "identity"
-        if se_module is not None:
-            se = _find_parts(se_module)
-            _check_match(se_module, se)
-            _, act = cursor.optional("act")
-            post_se_activation = _fused_activation(None, act)
-        project_conv, conv, project_bn, project_activation = _conv_bn_act(cursor, "a project 1x1 conv")
-        _check_pointwise(conv, project_conv)
-        if cursor.at != len(tokens):
-            _, path, module = tokens[cursor.at]
-            raise ValueError(f"{path} ({type(module).__name__}) follows the project conv's BatchNorm")
-    except ValueError as error:
-        raise ValueError(f"{type(block).__name__} is not an inverted-residual block: {error}") from None
-    return BlockParts(
-        expand_conv, expand_bn, expand_activation, dw_conv, dw_bn, dw_activation,
-        se_path, se.activation if se else "relu", se.gate if se else "sigmoid",
-        f"{se_path}.{se.reduce}" if se else None, f"{se_path}.{se.expand}" if se else None,
-        post_se_activation, project_conv, project_bn, project_activation, residual=False)
 
 
 # ------------------------------------------------------------------------------------------------ folding
@@ -182,9 +43,12 @@ def fold(block: nn.Module, parts: BlockParts) -> dict:
     weight, folded["b_dw"] = ops.fold_bn(get(parts.dw_conv), get(parts.dw_bn))
     folded["w_dw"] = device_layout(weight, tap_major)
     if parts.se is not None:
-        for layer, name in ((get(parts.se_reduce), "se_reduce"), (get(parts.se_expand), "se_expand")):
-            folded[f"w_{name}"] = layer.weight.detach().flatten(1).to(torch.float32).contiguous()
-            folded[f"b_{name}"] = None if layer.bias is None else layer.bias.detach().to(torch.float32).contiguous()
+        reduce = get(parts.se_reduce)
+        folded["w_se_reduce"], folded["b_se_reduce"] = se_reduce_weights(
+            reduce, get(parts.se_norm) if parts.se_norm else None, torch.float32)
+        folded["w_se_expand"], folded["b_se_expand"] = se_expand_weights(
+            get(parts.se_expand) if parts.se_expand else None, reduce.weight.shape[1], torch.float32,
+            reduce.weight.device)
     weight, folded["b_project"] = ops.fold_bn(get(parts.project_conv), get(parts.project_bn))
     folded["w_project"] = device_layout(weight.flatten(1), input_major)
     return folded
@@ -198,41 +62,6 @@ def _bundle(x: torch.Tensor, block: nn.Module, parts: BlockParts, folded: dict, 
         parts.dw_activation, folded["w_se_reduce"], folded["b_se_reduce"], folded["w_se_expand"],
         folded["b_se_expand"], parts.se_activation, parts.se_gate, parts.post_se_activation, folded["w_project"],
         folded["b_project"], parts.project_activation, residual)
-
-
-@torch.no_grad()
-def _residual_by_probe(block: nn.Module, parts: BlockParts) -> bool:
-    """Whether the block adds its input back, from a float64 probe against the fused formula (with random BN
-    statistics: fresh ones make a BN an identity and would hide a skipped one); ValueError when neither fits."""
-    from ..patch import randomize_batchnorm  # patch imports this module
-
-    probe_block = randomize_batchnorm(copy.deepcopy(block).to(device="cpu", dtype=torch.float64).eval(),
-                                      torch.Generator().manual_seed(0))
-    dw_conv = probe_block.get_submodule(parts.dw_conv)
-    channels = (probe_block.get_submodule(parts.expand_conv) if parts.expand_conv else dw_conv).in_channels
-    size = 5 + max(d * (k - 1) for d, k in zip(dw_conv.dilation, dw_conv.kernel_size))
-    probe = torch.randn(2, channels, size, size + 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    try:
-        stock = probe_block(probe.clone())
-    except Exception as error:  # whatever a hand-written forward raises: not a block we can stand in for
-        raise ValueError(f"{type(block).__name__} failed on a probe input of shape {tuple(probe.shape)}: "
-                         f"{error}") from error
-    folded = {k: None if v is None else v.to(torch.float64) for k, v in fold(probe_block, parts).items()}
-    plain = reference.inverted_residual(_bundle(probe, probe_block, parts, folded, residual=False))
-    if not isinstance(stock, torch.Tensor) or stock.shape != plain.shape:
-        got = tuple(stock.shape) if isinstance(stock, torch.Tensor) else type(stock).__name__
-        raise ValueError(f"{type(block).__name__} returned {got} for a probe of shape {tuple(probe.shape)}; the "
-                         f"block's layers give {tuple(plain.shape)}")
-    scale = stock.abs().max().clamp_min(1e-30)
-    errors = {False: ((stock - plain).abs().max() / scale).item()}
-    if plain.shape == probe.shape:
-        errors[True] = ((stock - plain - probe).abs().max() / scale).item()
-    residual = min(errors, key=errors.get)
-    if not errors[residual] <= _MATCH_TOLERANCE:
-        raise ValueError(
-            f"{type(block).__name__} has the layers of an inverted-residual block but does not compute one: its "
-            f"output differs from the fused formula by a relative {errors[residual]:.3g} on a float64 probe")
-    return residual
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -254,8 +83,7 @@ class InvertedResidual(FusedModule):
             self.register_buffer(name, None, persistent=False)
         self.refresh()
         self.training = stock.training  # swapped into a model in eval mode, it runs fused at once
-        self.register_state_dict_post_hook(_drop_stock_prefix)
-        self.register_load_state_dict_pre_hook(_add_stock_prefix)
+        use_stock_state_dict_keys(self)
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: Optional[str] = None) -> "InvertedResidual":
@@ -264,15 +92,37 @@ class InvertedResidual(FusedModule):
             raise ValueError(f"expected an nn.Module, got {type(block).__name__}")
         if isinstance(block, InvertedResidual):
             raise ValueError("the module is already a fused InvertedResidual")
-        parts = find_parts(block)
-        parts = parts._replace(residual=_residual_by_probe(block, parts))
-        return cls(block, parts, backend)
+        parts = find_block_parts(block)
+        return cls(block, parts._replace(residual=cls.prove_residual(block, parts)), backend)
+
+    @classmethod
+    def prove_residual(cls, block: nn.Module, parts: BlockParts) -> bool:
+        """Whether the block adds its input back (only its forward says), proven on a probe; ValueError when the
+        block computes neither the fused formula nor the formula plus its input."""
+        generator = torch.Generator().manual_seed(0)
+        stock = probe_copy(block, generator)
+        dw_conv = stock.get_submodule(parts.dw_conv)
+        channels = (stock.get_submodule(parts.expand_conv) if parts.expand_conv else dw_conv).in_channels
+        size = 5 + max(d * (k - 1) for d, k in zip(dw_conv.dilation, dw_conv.kernel_size))
+        probe = probe_input(channels, size, size + 2, generator, batch=2)
+        variants = [(residual, lambda residual=residual: cls(copy.deepcopy(stock), parts._replace(residual=residual),
+                                                            backend="reference"))
+                    for residual in (False, True)]
+        try:
+            proof = prove(stock, variants, probe)
+        except Exception as error:  # whatever a hand-written forward raises: not a block we can stand in for
+            raise ValueError(f"{type(block).__name__} failed on a probe input of shape {tuple(probe.shape)}: "
+                             f"{error}") from error
+        if proof.failure is not None:
+            raise ValueError(f"{type(block).__name__} has the layers of an inverted-residual block but does not "
+                             f"compute one: {proof.failure}")
+        return proof.proven
 
     def _fold_modules(self):
         return tuple(self.stock.modules())
 
     def _fold_settings(self) -> tuple:
-        return tuple(m.eps for m in self.stock.modules() if isinstance(m, nn.BatchNorm2d))
+        return tuple(m.eps for m in self.stock.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def _fold(self) -> dict:
         """The stock block's BNs folded into the float32 buffers the op reads."""
@@ -284,9 +134,12 @@ class InvertedResidual(FusedModule):
             self.refresh()  # training updated the BN statistics
         return self
 
+    def stock_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stock(x)
+
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
-            return self.stock(x)
+            return self.stock_forward(x)
         self.refresh_if_stale()
         parts = self.parts
         return self.run_op(

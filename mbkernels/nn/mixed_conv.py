@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dwconv import DWConvBNAct, check_depthwise, static_padding, tf_same_padding
+from ..match.structural import check_depthwise, static_padding, tf_same_padding
+from .dwconv import DWConvBNAct
 
 
 def mixed_groups(mixed: nn.Module) -> list[nn.Conv2d]:

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # tests.models
 
 import mbkernels  # noqa: E402
-from mbkernels.patch import randomize_batchnorm  # noqa: E402
+from mbkernels.match import randomize_batchnorm  # noqa: E402
 from tests.models.mobilenetv3 import mobilenetv3_small  # noqa: E402
 
 

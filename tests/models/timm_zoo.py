@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mbkernels.nn import FusedModule
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 
 # name -> input size (the smallest that each model's stages take at a few pixels per stage)
 MODELS = {

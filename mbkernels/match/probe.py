@@ -1,0 +1,105 @@
+"""Numeric proof: a swap is made only when the fused computation equals the stock one on a probe.
+
+The stock modules run in float64 and the fused ones in float32 with the reference backend, on one small random
+probe with random BatchNorm statistics (fresh statistics make a BatchNorm an identity and would hide a skipped or
+misplaced one). The stock side runs once; the fused variants (a longer or shorter run, a block with or without its
+residual add) are tried in order and the first that matches is the proven one.
+"""
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterable, Optional
+
+import torch
+from torch import nn
+
+# Largest relative error (to the probe output's largest value) of float32 fused vs float64 stock: float32
+# rounding stays near 1e-6; a wrong activation, padding, fold or residual is off by far more.
+VERIFY_TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Random running statistics and affine parameters for every BatchNorm in `model`, in place.
+
+    Freshly initialised models in eval mode compute near-zero outputs that hide errors; tests, the probe checks
+    and the main command use this instead."""
+    def fill(t: torch.Tensor, sample: Callable) -> None:
+        t.copy_(sample(torch.empty(t.shape, dtype=torch.float64)))
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.running_mean is not None:
+                fill(m.running_mean, lambda t: t.normal_(0.0, 0.5, generator=generator))
+                fill(m.running_var, lambda t: t.uniform_(0.5, 2.0, generator=generator))
+            if m.weight is not None:
+                fill(m.weight, lambda t: t.uniform_(0.5, 1.5, generator=generator))
+            if m.bias is not None:
+                fill(m.bias, lambda t: t.normal_(0.0, 0.5, generator=generator))
+    return model
+
+
+def probe_copy(module: nn.Module, generator: torch.Generator,
+               restore: Callable[[nn.Module], nn.Module] = lambda m: m) -> nn.Module:
+    """A float32 CPU eval-mode copy of module with random BatchNorm statistics; `restore` puts the stock modules
+    back into the copy where a fused one stands (the planner's unpatch)."""
+    clone = restore(copy.deepcopy(module)).to(device="cpu", dtype=torch.float32).eval()
+    return randomize_batchnorm(clone, generator)
+
+
+def probe_input(channels: int, height: int, width: int, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
+    """A float64 random probe; keep it small and odd-shaped: float64 convolutions are slow on CPUs."""
+    return torch.randn(batch, channels, height, width, dtype=torch.float64, generator=generator)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| in float64 (NaN when got holds a NaN)."""
+    want = want.double()
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+@dataclass
+class Proof:
+    """What a probe showed: the first variant that matched the stock modules (None: none did), why each variant
+    tried before it failed, and whether the stock modules wrote into their input."""
+    proven: Optional[Hashable] = None
+    failures: dict = field(default_factory=dict)
+    stock_writes_input: bool = False
+
+    @property
+    def failure(self) -> Optional[str]:
+        """The first variant's failure when none matched, else None."""
+        return None if self.proven is not None else next(iter(self.failures.values()), "no variant to prove")
+
+
+def describe_failure(error: BaseException) -> str:
+    return f"could not be checked on a probe: {type(error).__name__}: {error}"
+
+
+@torch.no_grad()
+def prove(stock: nn.Module, variants: Iterable[tuple[Hashable, Callable[[], nn.Module]]], probe: torch.Tensor,
+          tolerance: float = VERIFY_TOLERANCE) -> Proof:
+    """Run `stock` once in float64 on probe, then each variant (built by its callable, on its own copy of the stock
+    modules) in float32 until one matches within tolerance. Anything a variant raises means "not proven equal";
+    what the stock modules raise propagates (the probe is not their input)."""
+    proof = Proof()
+    probe_input_copy = probe.clone()
+    want = stock.double().eval()(probe_input_copy)
+    proof.stock_writes_input = not torch.equal(probe_input_copy, probe)
+    for key, build in variants:
+        try:
+            fused = build().float().eval()
+            got = fused(probe.float())
+        except Exception as error:  # whatever stops the variant: it is not proven
+            proof.failures[key] = describe_failure(error)
+            continue
+        if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (got, want)]
+            proof.failures[key] = f"fused output shape {shapes[0]} differs from stock {shapes[1]} on a probe"
+            continue
+        error = relative_error(got, want)
+        if not error <= tolerance:  # also catches NaN
+            proof.failures[key] = f"fused output differs from stock on a probe (max relative error {error:.2e})"
+            continue
+        proof.proven = key
+        return proof
+    return proof

@@ -1,0 +1,77 @@
+"""mbkernels.patch(model): swap stock depthwise conv -> BatchNorm -> activation runs, squeeze-excite modules, whole
+inverted-residual blocks and the other convs' BatchNorms for the fused modules of mbkernels.nn, in place; unpatch
+puts the stock modules back; patch_report says what was (or would be) fused and what was left alone, and why.
+
+    kinds.py     the fusion kinds behind one protocol and the one registry of them (flags, report labels)
+    cost.py      the block cost model and its hardware constants (block or layer fusion without measurements)
+    planner.py   the visit of the module tree, the swaps (all or none), unpatch
+    report.py    PatchReport
+
+Matching is by structure, never by model names (mbkernels.match.structural):
+  * a module holding one inverted-residual block (expand 1x1 -> BN -> act -> depthwise -> BN -> act -> [SE] ->
+    project 1x1 -> BN [+ x]) is offered to mbkernels.nn.InvertedResidual.from_module, and fused whole where the
+    cost model prefers it (BlockKind); otherwise its layers are fused by the kinds below;
+  * a depthwise nn.Conv2d (or timm's Conv2dSame; any depth multiplier) and what its parent applies after it: a
+    BatchNorm2d (a BatchNormAct2d brings its activation; a nested Sequential(BN, act) is opened), then an activation
+    with a kernel. In a plain nn.Sequential that is what runs next; in any other parent the probe must prove it, and
+    the longest run it proves is fused (conv + BN + act, else conv + BN, else the conv alone). What follows and is
+    not taken (an activation without a kernel, or one the probe refused) makes the entry half-fused, and the
+    report says so (PatchEntry.note);
+  * a MixedConv2d-like module (two or more depthwise convs over consecutive channel groups) with its BN and
+    activation: one depthwise op call, the kernels zero-padded to the largest (mbkernels.nn.MixedDWConvBNAct);
+  * a module whose only weights are two Linear / 1x1-conv layers C -> R -> C (R < C; a BatchNorm after the first
+    is folded), or any module with a gate child and 1x1 layers (an effective SE, one layer C -> C), is offered to
+    mbkernels.nn.SqueezeExcite.from_module.
+  * any other nn.Conv2d (dense, pointwise, grouped) that a BatchNorm2d follows, with the activation after it: the
+    BN folded into the conv (mbkernels.nn.ConvBNAct), matched and proven like the depthwise runs.
+Every depthwise conv and SE-like module the planner visits gets an entry: fused, or left alone with the reason.
+Every swap is proven once, on a probe, before it is made (mbkernels.match.probe): the stock modules in float64
+against the fused ones in float32 with the reference backend, with random BatchNorm statistics; a mismatch is
+refused and reported. In a parent other than a plain Sequential the whole parent runs, so a forward that does not
+apply the BN (or the activation) right after the conv is caught. All swaps are made at the end, all or none.
+"""
+from typing import Optional
+
+from torch import nn
+
+from .cost import BlockDecision
+from .kinds import FLAGS, KIND_LABELS, REGISTRY, FusionKind
+from .planner import apply, plan, unpatch
+from .report import PatchEntry, PatchReport
+
+
+def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False, **flags) -> nn.Module:
+    """Swap, in place, every depthwise conv -> BatchNorm -> activation run for mbkernels.nn.DWConvBNAct, every
+    squeeze-excite for mbkernels.nn.SqueezeExcite and every other conv -> BatchNorm -> activation run for
+    mbkernels.nn.ConvBNAct; return the model.
+
+    backend: the backend the fused modules ask for (None: the best available at each call). Each swap is proven
+    on a probe first and refused when it does not match; state_dict keys and values stay those of the stock model.
+    Patching a patched model changes nothing. If a swap fails half-way, the model is left as it was.
+    verbose: print patch_report's table.
+    Flags (each True by default; False leaves that kind alone):
+      dwconv  depthwise conv + BN + activation runs (mbkernels.nn.DWConvBNAct, MixedDWConvBNAct);
+      se      squeeze-excite modules (mbkernels.nn.SqueezeExcite);
+      blocks  whole inverted-residual blocks (mbkernels.nn.InvertedResidual) where the planner's cost model prefers
+              them to layer fusion (mbkernels.planner.cost); "all" fuses every block the Triton kernel accepts,
+              whatever the cost model says (to measure the block kernels);
+      convs   the BatchNorm (and the activation) after every other conv (dense, pointwise, grouped) folded into it
+              (mbkernels.nn.ConvBNAct): PyTorch's own conv on folded weights, one pass over memory less per layer.
+    """
+    planner = plan(model, backend, flags)
+    apply(model, planner)
+    if verbose:
+        print(planner.report)
+    return model
+
+
+def patch_report(model: nn.Module, backend: Optional[str] = None, **flags) -> PatchReport:
+    """What is fused in model, what patch would fuse (fusable), what was left alone and why, and each block's
+    plan (block or layer fusion, estimated bytes). Changes nothing."""
+    planner = plan(model, backend, flags)
+    planner.report.fusable = [swap.entry for swap in planner.swaps]
+    return planner.report
+
+
+__all__ = ["BlockDecision", "FLAGS", "FusionKind", "KIND_LABELS", "PatchEntry", "PatchReport", "REGISTRY", "patch",
+           "patch_report", "unpatch"]

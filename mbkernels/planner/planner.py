@@ -1,0 +1,156 @@
+"""The planner: visits a model's module tree, offers each parent's children to the fusion kinds (REGISTRY order),
+and collects the proven swaps; `apply` makes them all or none, `unpatch` undoes them."""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn._cache import EagerWindow
+from ..nn.dwconv import FusedInto
+from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip
+from .report import PatchEntry, PatchReport
+
+STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
+
+
+@dataclass
+class Swap:
+    parent: nn.Module
+    assignments: list  # [(slot name, new module)], applied in order
+    entry: PatchEntry
+
+
+class Planner:
+    def __init__(self, backend: Optional[str], flags: dict):
+        self.backend = backend
+        self.blocks = flags["blocks"]  # BlockKind's mode: True (measured or cost model) or "all"
+        self.kinds = [entry.kind(self) for entry in REGISTRY if flags[entry.flag]]
+        self.fused_types = tuple(entry.kind.fused_type for entry in REGISTRY)
+        self.report = PatchReport()
+        self.swaps = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    @staticmethod
+    def restore(module: nn.Module) -> nn.Module:
+        return unpatch(module)
+
+    def visit(self, parent: nn.Module, path: str) -> None:
+        children = list(parent.named_children())
+        taken = {name for name, child in children if isinstance(child, FusedInto) or self.record_fused(child, path + name)}
+        skipped = {}  # child name -> the skip entries of candidates that child started
+        for kind in self.kinds:
+            for candidate in list(kind.candidates(parent, path, children, taken)):
+                try:
+                    taken.update(self.plan(parent, kind, candidate))
+                except Skip as skip:
+                    entry = PatchEntry(candidate.path, kind.kind, candidate.shape, "", str(skip))
+                    self.report.skipped.append(entry)
+                    skipped.setdefault(candidate.path[len(path):].partition(".")[0], []).append(entry)
+        for name, child in children:
+            if name in taken:
+                continue
+            fused_before = len(self.report.fused) + len(self.swaps)
+            self.visit(child, f"{path}{name}.")
+            if len(self.report.fused) + len(self.swaps) > fused_before:
+                # A wrapper around what was fused inside it (an SE inside a module with the SE's layers): the
+                # match is inside, so the wrapper's own refusal is no news.
+                for entry in skipped.get(name, []):
+                    self.report.skipped.remove(entry)
+
+    def record_fused(self, module: nn.Module, path: str) -> bool:
+        for kind in self.kinds:
+            if type(module) is kind.fused_type:  # exactly: MixedDWConvBNAct is a DWConvBNAct of another kind
+                self.report.fused.append(PatchEntry(path, kind.kind, *kind.describe(module), note=kind.note(module)))
+                return True
+        return False
+
+    def plan(self, parent: nn.Module, kind: FusionKind, candidate: Candidate) -> list:
+        """Build one candidate (proven on a probe) and plan its swap; the slots it takes. Skip when it cannot be
+        fused."""
+        items = candidate.build()
+        fused = items[0][1]
+        object.__setattr__(fused, STOCK_SLOTS, tuple((slot, stock) for slot, _, stock in items))
+        for _, new, stock in items:
+            new.training = stock.training  # new modules start in training mode; take the stock one's
+        shape, activation = kind.describe(fused)
+        entry = PatchEntry(candidate.path, kind.kind, shape, activation, note=kind.note(fused))
+        self.swaps.append(Swap(parent, [(slot, new) for slot, new, _ in items], entry))
+        return [slot for slot, _, _ in items]
+
+
+def check_flags(flags: dict) -> dict:
+    """patch's keyword flags (one per REGISTRY flag, True by default), checked."""
+    unknown = set(flags) - set(FLAGS)
+    if unknown:
+        raise TypeError(f"unknown keyword {', '.join(sorted(unknown))}; patch takes the flags {', '.join(FLAGS)} "
+                        f"(each True by default)")
+    flags = {flag: flags.get(flag, True) for flag in FLAGS}
+    if flags["blocks"] not in (True, False, "all"):
+        raise ValueError(f"blocks must be True, False or 'all', got {flags['blocks']!r}")
+    return flags
+
+
+def _refuse_meta_tensors(model: nn.Module) -> None:
+    """Weights on the meta device cannot be folded or checked: say so rather than fuse nothing quietly."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    meta = [name for name, tensor in tensors if tensor.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"cannot patch: {len(meta)} parameters/buffers are on the meta device (first: '{meta[0]}'); load the "
+            f"weights first (model.to_empty(device=...), then load_state_dict)"
+        )
+
+
+def plan(model: nn.Module, backend: Optional[str], flags: dict) -> Planner:
+    """Every candidate of the model, matched and proven, as planned swaps and a report (the model unchanged)."""
+    _refuse_meta_tensors(model)
+    planner = Planner(backend, check_flags(flags))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
+    try:
+        planner.visit(model, "")
+    finally:
+        torch.set_num_threads(threads)
+    return planner
+
+
+def get_slot(parent: nn.Module, slot: str) -> nn.Module:
+    """The module in a slot of parent: a child's name, or a dotted path into a child ("5.0")."""
+    return parent.get_submodule(slot)
+
+
+def set_slot(parent: nn.Module, slot: str, module: nn.Module) -> None:
+    owner, _, name = slot.rpartition(".")
+    setattr(parent.get_submodule(owner) if owner else parent, name, module)
+
+
+def apply(model: nn.Module, planner: Planner) -> None:
+    """Make every planned swap, or none (a failure half-way undoes those made), then give the model its eager
+    window and the report its fused entries in module order."""
+    done = []  # (parent, slot, previous module), to undo
+    try:
+        for swap in planner.swaps:
+            for slot, module in swap.assignments:
+                done.append((swap.parent, slot, get_slot(swap.parent, slot)))
+                set_slot(swap.parent, slot, module)
+    except BaseException:
+        for parent, slot, previous in reversed(done):
+            set_slot(parent, slot, previous)
+        raise
+    EagerWindow.attach(model)
+    report = planner.report
+    report.fused += [swap.entry for swap in planner.swaps]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report.fused.sort(key=lambda entry: order.get(entry.path, -1))
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put back, in place, the stock modules (the very objects) that patch swapped out; return the model."""
+    EagerWindow.detach(model)
+    for parent in list(model.modules()):
+        for _, child in list(parent.named_children()):
+            for slot, stock in getattr(child, STOCK_SLOTS, ()):
+                stock.train(child.training)
+                set_slot(parent, slot, stock)
+    return model

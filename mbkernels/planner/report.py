@@ -1,0 +1,66 @@
+"""patch_report's answer: what is fused, what patch would fuse, what was left alone and why, each block's plan."""
+from dataclasses import dataclass, field
+
+from .kinds import KIND_LABELS
+
+
+@dataclass
+class PatchEntry:
+    path: str  # the module's path in the model ("features.3.block.1.0")
+    kind: str  # a key of KIND_LABELS, e.g. "dwconv_bn_act"
+    shape: str  # "C=72 k=5x5 s=2" / "C=72 R=24"
+    activation: str  # "hardswish" / "relu -> hardsigmoid"; "" when unknown
+    reason: str = ""  # why it was left alone (skipped entries)
+    note: str = ""  # fused entries: what runs on its own right after (a half fusion), e.g. an activation
+
+
+@dataclass
+class PatchReport:
+    """fused: fused modules in the model; fusable: matches not swapped yet (patch_report of a stock model);
+    skipped: what looked close but was left alone, with the reason; blocks: the planner's decision for each
+    inverted-residual block it matched (block or layer fusion, estimated bytes)."""
+    fused: list = field(default_factory=list)
+    fusable: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+
+    def count(self, kind: str, status: str = "fused") -> int:
+        return sum(entry.kind == kind for entry in getattr(self, status))
+
+    def summary(self) -> str:
+        def counts(status):
+            return ", ".join(f"{self.count(kind, status)} {label}" for kind, label in KIND_LABELS.items())
+        text = f"fused: {counts('fused')}"
+        half = sum(bool(entry.note) for entry in self.fused + self.fusable)
+        if half:
+            text += f" ({half} half-fused)"
+        if self.fusable:
+            text += f"; fusable (not patched yet): {counts('fusable')}"
+        return text + f"; left alone: {len(self.skipped)}"
+
+    def __str__(self) -> str:
+        lines = [f"mbkernels patch report -- {self.summary()}"]
+        if not (self.fused or self.fusable or self.skipped):
+            lines.append("  nothing to fuse: no depthwise conv, no squeeze-excite and no conv + BatchNorm found")
+        for title, entries in (("fused", self.fused), ("fusable, not patched yet", self.fusable)):
+            if entries:
+                lines.append(f"{title}:")
+                lines += table([("module", "kind", "shape", "activation")]
+                               + [(e.path, KIND_LABELS[e.kind], e.shape,
+                                   e.activation + (f"; half-fused: {e.note}" if e.note else "")) for e in entries])
+        if self.blocks:
+            lines.append("block plans (estimated HBM bytes per input pixel, float16):")
+            lines += table([("module", "shape", "plan", "block B/px", "layers B/px", "expand work", "why")]
+                           + [(d.path, d.shape, d.plan, f"{d.block_bytes:.0f}", f"{d.layer_bytes:.0f}",
+                               f"x{d.recompute:.2f}", d.reason) for d in self.blocks])
+        if self.skipped:
+            lines.append("left alone:")
+            lines += table([("module", "kind", "shape", "why")]
+                           + [(e.path, KIND_LABELS[e.kind], e.shape, e.reason) for e in self.skipped])
+        return "\n".join(lines)
+
+
+def table(rows) -> list:
+    """Rows as aligned text lines (two spaces of indent; the last column is not padded)."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[-1]) for row in rows]
