@@ -149,8 +149,10 @@ _PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
 
 
 def _probe_output(module):
-    """What a parameter-free module computes on _PROBE, or None when it is not an elementwise function of it."""
-    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+    """What a parameter-free module (or a function of one tensor) computes on _PROBE, or None when it is not an
+    elementwise function of it."""
+    if isinstance(module, torch.nn.Module) and (any(True for _ in module.parameters())
+                                                or any(True for _ in module.buffers())):
         return None
     try:
         with torch.no_grad():
@@ -166,8 +168,9 @@ def _matches(out: torch.Tensor, want: torch.Tensor) -> bool:
     return torch.allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
-def identify_activation(module: torch.nn.Module):
-    """The spec of a stock or hand-written activation module, or None if it computes none of the table's."""
+def identify_activation(module):
+    """The spec of a stock or hand-written activation module (or a function of one tensor: an expression such as
+    x * torch.sigmoid(x)), or None if it computes none of the table's."""
     spec = _module_activation(module)
     if spec is not None:
         return spec
@@ -184,8 +187,8 @@ def identify_activation(module: torch.nn.Module):
     return None
 
 
-def identify_gate(module: torch.nn.Module):
-    """The GATES name of a stock or hand-written gate module, or None."""
+def identify_gate(module):
+    """The GATES name of a stock or hand-written gate module (or a function of one tensor), or None."""
     name = GATE_MODULES.get(type(module))
     if name is not None:
         return name

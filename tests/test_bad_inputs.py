@@ -192,8 +192,8 @@ ROWS = [
      "conv is not depthwise: groups=2, in_channels=4, out_channels=6 (groups must equal in_channels, and "
      "out_channels be a multiple of it)"),
     ("module-conv-subclass", lambda: mbkernels.nn.DWConvBNAct(ShiftedConv(C, C, 3, groups=C)), ValueError,
-     "conv is a ShiftedConv, whose forward differs from nn.Conv2d's; only nn.Conv2d's own forward and timm's "
-     "Conv2dSame are fused"),
+     "conv is a ShiftedConv, whose forward differs from nn.Conv2d's and computes no zero-padded conv of its "
+     "weights on probes (neither its own padding, a zero-padding module before it, nor TensorFlow 'SAME')"),
     ("mixed-odd-even",
      lambda: mbkernels.nn.MixedDWConvBNAct(mixed_conv(depthwise_conv(), nn.Conv2d(C, C, 4, groups=C))), ValueError,
      "the kernels of ModuleDict ((3, 3), (4, 4)) cannot all be centred in the largest one (their sizes "

@@ -77,18 +77,20 @@ def describe_failure(error: BaseException) -> str:
 
 @torch.no_grad()
 def prove(stock: nn.Module, variants: Iterable[tuple[Hashable, Callable[[], nn.Module]]], probe: torch.Tensor,
-          tolerance: float = VERIFY_TOLERANCE) -> Proof:
-    """Run `stock` once in float64 on probe, then each variant (built by its callable, on its own copy of the stock
-    modules) in float32 until one matches within tolerance. Anything a variant raises means "not proven equal";
-    what the stock modules raise propagates (the probe is not their input)."""
+          tolerance: float = VERIFY_TOLERANCE, kwargs: Optional[dict] = None) -> Proof:
+    """Run `stock` once in float64 on probe (and kwargs, the call's other arguments), then each variant (built by
+    its callable, on its own copy of the stock modules) in float32 until one matches within tolerance. Anything a
+    variant raises means "not proven equal"; what the stock modules raise propagates (the probe is not their
+    input)."""
     proof = Proof()
+    kwargs = kwargs or {}
     probe_input_copy = probe.clone()
-    want = stock.double().eval()(probe_input_copy)
+    want = stock.double().eval()(probe_input_copy, **kwargs)
     proof.stock_writes_input = not torch.equal(probe_input_copy, probe)
     for key, build in variants:
         try:
             fused = build().float().eval()
-            got = fused(probe.float())
+            got = fused(probe.float(), **kwargs)
         except Exception as error:  # whatever stops the variant: it is not proven
             proof.failures[key] = describe_failure(error)
             continue

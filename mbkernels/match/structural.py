@@ -9,6 +9,7 @@ import copy
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import activations
@@ -21,12 +22,6 @@ def overrides_forward(module: nn.Module, base: type) -> bool:
 
 def is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and not overrides_forward(module, nn.Sequential)
-
-
-def computes_tf_same_padding(conv: nn.Module) -> bool:
-    """timm's Conv2dSame: TensorFlow 'SAME' padding computed from the input's size at every call (its forward
-    pads with timm.layers.pad_same, then runs F.conv2d unpadded)."""
-    return type(conv).__name__ == "Conv2dSame" and type(conv).__module__.startswith("timm.")
 
 
 def tf_same_padding(size: tuple, conv: nn.Conv2d) -> list[int]:
@@ -42,11 +37,8 @@ def tf_same_padding(size: tuple, conv: nn.Conv2d) -> list[int]:
     return padding
 
 
-def static_padding(conv: nn.Conv2d) -> Optional[list[int]]:
-    """conv's padding as the [top, bottom, left, right] the op takes, or None when it depends on the input's size
-    (timm's Conv2dSame: see tf_same_padding)."""
-    if computes_tf_same_padding(conv):
-        return None
+def attribute_padding(conv: nn.Conv2d) -> list[int]:
+    """nn.Conv2d's own zero padding, from its attributes, as [top, bottom, left, right]."""
     if conv.padding == "valid":
         return [0, 0, 0, 0]
     if conv.padding == "same":
@@ -57,6 +49,85 @@ def static_padding(conv: nn.Conv2d) -> Optional[list[int]]:
             padding += [total // 2, total - total // 2]
         return padding
     return [conv.padding[0], conv.padding[0], conv.padding[1], conv.padding[1]]
+
+
+def static_padding(conv: nn.Conv2d) -> Optional[list[int]]:
+    """conv's zero padding as the [top, bottom, left, right] the ops take, or None when it is TensorFlow 'SAME'
+    computed from the input's size at every call (see tf_same_padding). nn.Conv2d's own forward pads by its
+    attributes; a subclass that overrides forward is recognised by what it computes (identify_padding);
+    ValueError when it computes no zero-padded conv of its weights."""
+    if not overrides_forward(conv, nn.Conv2d):
+        return attribute_padding(conv)
+    return identify_padding(conv)
+
+
+# a conv's configuration (see _configuration) -> its identified padding (a tuple, or "same"), or the ValueError
+# message: the planner asks for every copy it probes, and models repeat a few configurations many times
+_IDENTIFIED = {}
+_IDENTIFY_TOLERANCE = 1e-9  # float64: the same conv of the same weights agrees to rounding
+_TF_SAME = "same"
+
+
+def identify_padding(conv: nn.Conv2d) -> Optional[list[int]]:
+    """The padding a Conv2d subclass with its own forward applies, found on float64 probes of several sizes (every
+    remainder of the stride): its attributes' padding (a forward that adds nothing), a zero-padding child's padding
+    plus that (efficientnet_pytorch's Conv2dStaticSamePadding: a ZeroPad2d fixed at construction), or TensorFlow
+    'SAME' (timm's Conv2dSame, efficientnet_pytorch's Conv2dDynamicSamePadding; a plain list at stride 1, where it
+    does not depend on the size). ValueError when it computes none of them (e.g. standardised weights)."""
+    key = _configuration(conv)
+    known = _IDENTIFIED.get(key)
+    if known is None:
+        known = _IDENTIFIED[key] = _identify_padding(conv)
+    if isinstance(known, ValueError):
+        raise ValueError(str(known))
+    return None if known == _TF_SAME else list(known)
+
+
+def _configuration(module: nn.Module) -> tuple:
+    """What a module's forward may depend on besides its tensors: its class and its plain attributes, and those of
+    its submodules (a ZeroPad2d's padding)."""
+    settings = tuple(sorted((name, value) for name, value in vars(module).items()
+                            if isinstance(value, (bool, int, float, str, tuple)) and not name.startswith("_")))
+    return (type(module), settings, tuple(_configuration(child) for child in module.children()))
+
+
+@torch.no_grad()
+def _identify_padding(conv: nn.Conv2d):
+    own = attribute_padding(conv)
+    candidates = [own]
+    pads = [m for m in conv.modules() if isinstance(m, nn.ConstantPad2d) and float(m.value) == 0.0]
+    if len(pads) == 1:
+        left, right, top, bottom = pads[0].padding
+        candidates.append([own[0] + top, own[1] + bottom, own[2] + left, own[3] + right])
+    candidates.append(_TF_SAME)
+    probe = copy.deepcopy(conv).to(device="cpu", dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    reach = [d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation)]
+    sizes = [(reach[0] + 2 * conv.stride[0] + i, reach[1] + 2 * conv.stride[1] + i + 1)
+             for i in range(max(conv.stride) + 1)]
+    inputs = [torch.randn(1, conv.in_channels, h, w, dtype=torch.float64, generator=generator) for h, w in sizes]
+    try:
+        outputs = [probe(x) for x in inputs]
+    except Exception as error:  # whatever the forward raises: nothing we can stand in for
+        return ValueError(f"conv is a {type(conv).__name__} whose forward fails on a probe: {type(error).__name__}: "
+                          f"{error}")
+    for candidate in candidates:
+        matches = True
+        for x, out in zip(inputs, outputs):
+            top, bottom, left, right = tf_same_padding(x.shape[2:], conv) if candidate == _TF_SAME else candidate
+            want = F.conv2d(F.pad(x, [left, right, top, bottom]), probe.weight, probe.bias, conv.stride, 0,
+                            conv.dilation, conv.groups)
+            if not (isinstance(out, torch.Tensor) and out.shape == want.shape and (out - want).abs().max()
+                    <= _IDENTIFY_TOLERANCE * want.abs().max().clamp_min(1e-30)):
+                matches = False
+                break
+        if matches:
+            if candidate == _TF_SAME and tuple(conv.stride) == (1, 1):
+                return tuple(tf_same_padding(sizes[0], conv))  # at stride 1 the same at every size
+            return candidate if candidate == _TF_SAME else tuple(candidate)
+    return ValueError(f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's and computes no "
+                      f"zero-padded conv of its weights on probes (neither its own padding, a zero-padding module "
+                      f"before it, nor TensorFlow 'SAME')")
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -77,13 +148,11 @@ def check_depthwise(conv: nn.Module) -> None:
 
 
 def check_conv_forward(conv: nn.Module, done: str) -> None:
-    """Raise ValueError when conv's forward is not nn.Conv2d's (or timm's Conv2dSame) or it pads other than with
-    zeros; `done` says what would be done with it ("fused", "folded")."""
-    if overrides_forward(conv, nn.Conv2d) and not computes_tf_same_padding(conv):
-        raise ValueError(f"conv is a {type(conv).__name__}, whose forward differs from nn.Conv2d's; only nn.Conv2d's "
-                         f"own forward and timm's Conv2dSame are {done}")
+    """Raise ValueError when conv pads other than with zeros, or its forward computes no zero-padded conv of its
+    weights (see static_padding); `done` says what would be done with it ("fused", "folded")."""
     if conv.padding_mode != "zeros":
         raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; only zero padding is {done}")
+    static_padding(conv)
 
 
 def carried_activation(bn: nn.Module) -> Optional[nn.Module]:
@@ -407,9 +476,16 @@ def _is_se(module: nn.Module) -> bool:
 
 def _check_pointwise(conv: nn.Conv2d, path: str) -> None:
     if (tuple(conv.kernel_size) != (1, 1) or conv.groups != 1 or tuple(conv.stride) != (1, 1)
-            or overrides_forward(conv, nn.Conv2d) or static_padding(conv) != [0, 0, 0, 0]):
+            or conv.padding_mode != "zeros" or _padding_or_none(conv) != [0, 0, 0, 0]):
         raise ValueError(f"{path} is {conv}; a block's expand and project convs are plain 1x1 convs with stride 1, "
                          f"groups=1 and no padding")
+
+
+def _padding_or_none(conv: nn.Conv2d) -> Optional[list[int]]:
+    try:
+        return static_padding(conv)
+    except ValueError:
+        return None
 
 
 class _Cursor:
@@ -465,8 +541,8 @@ def find_block_parts(block: nn.Module) -> BlockParts:
         dw_conv, conv, dw_bn, dw_activation = _conv_bn_act(cursor, "a depthwise conv")
         check_depthwise(conv)
         if conv.out_channels != conv.in_channels or static_padding(conv) is None:
-            raise ValueError(f"{dw_conv} is {conv}; a block's depthwise conv has depth multiplier 1 and a padding "
-                             f"fixed at construction (not timm's Conv2dSame, which pads by the input's size)")
+            raise ValueError(f"{dw_conv} is {conv}; a block's depthwise conv has depth multiplier 1 and a fixed "
+                             f"padding (not TensorFlow 'SAME' at a stride, which pads by the input's size)")
         se_path, se_module = cursor.optional("se")
         se = None
         post_se_activation = "identity"

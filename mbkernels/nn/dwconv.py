@@ -31,6 +31,9 @@ def _forget_keys_loaded_elsewhere(module: "FoldedConvBNAct", incompatible_keys) 
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(moved)]
 
 
+FROM_CONV = "from the conv"  # FoldedConvBNAct's padding: the conv's own
+
+
 class FoldedConvBNAct(FusedModule):
     """What a conv -> BatchNorm -> activation run folded into one module is, whatever computes it: the stock
     modules inside, the BN folded into the conv's weight and bias, and the stock names in the state_dict.
@@ -44,16 +47,21 @@ class FoldedConvBNAct(FusedModule):
     stock_slots (set by `mbkernels.patch`): the names conv, bn and act had in the parent, e.g.
     {"conv": "3", "bn": "4", "act": "5"}; this module takes conv's name, and its state_dict entries are written
     and read under those names, so they equal the stock model's.
+
+    padding and activation, when given, replace what conv and act say: a run matched in a forward's dataflow
+    (mbkernels.nn.rewrite) pads before the conv (a ZeroPad2d, F.pad) and applies an expression, not a module.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None,
-                 backend: Optional[str] = None, stock_slots: Optional[dict[str, str]] = None):
+                 backend: Optional[str] = None, stock_slots: Optional[dict[str, str]] = None, *,
+                 padding=FROM_CONV, activation: Optional[str] = None):
         super().__init__()
         self.check_conv(conv)
         if bn is not None:
             check_norm(bn)
-        self.activation = fused_activation(bn, act)
-        self.padding = self.static_padding(conv)  # None: computed per call from x's size
+        self.activation = activation if activation is not None else fused_activation(bn, act)
+        # [top, bottom, left, right]; None: computed per call from x's size
+        self.padding = self.static_padding(conv) if padding is FROM_CONV else padding
         self.conv = conv
         self.stride, self.dilation = self.stride_dilation(conv)
         self.bn = bn if bn is not None else nn.Identity()

@@ -33,9 +33,10 @@ _FOLDED = ("w_expand", "b_expand", "w_dw", "b_dw", "w_se_reduce", "b_se_reduce",
 
 # ------------------------------------------------------------------------------------------------ folding
 @torch.no_grad()
-def fold(block: nn.Module, parts: BlockParts) -> dict:
-    """The op's float32 weights of the block (BN folded), by argument name; absent parts give None."""
-    get = block.get_submodule
+def fold(modules: dict, parts: BlockParts) -> dict:
+    """The op's float32 weights of the block (BN folded), by argument name; absent parts give None. modules maps
+    the paths of parts to the stock modules."""
+    get = lambda path: modules[path] if path is not None else None  # noqa: E731
     folded = dict.fromkeys(_FOLDED)
     if parts.expand_conv is not None:
         weight, folded["b_expand"] = ops.fold_bn(get(parts.expand_conv), get(parts.expand_bn))
@@ -44,21 +45,19 @@ def fold(block: nn.Module, parts: BlockParts) -> dict:
     folded["w_dw"] = device_layout(weight, tap_major)
     if parts.se is not None:
         reduce = get(parts.se_reduce)
-        folded["w_se_reduce"], folded["b_se_reduce"] = se_reduce_weights(
-            reduce, get(parts.se_norm) if parts.se_norm else None, torch.float32)
+        folded["w_se_reduce"], folded["b_se_reduce"] = se_reduce_weights(reduce, get(parts.se_norm), torch.float32)
         folded["w_se_expand"], folded["b_se_expand"] = se_expand_weights(
-            get(parts.se_expand) if parts.se_expand else None, reduce.weight.shape[1], torch.float32,
-            reduce.weight.device)
+            get(parts.se_expand), reduce.weight.shape[1], torch.float32, reduce.weight.device)
     weight, folded["b_project"] = ops.fold_bn(get(parts.project_conv), get(parts.project_bn))
     folded["w_project"] = device_layout(weight.flatten(1), input_major)
     return folded
 
 
-def _bundle(x: torch.Tensor, block: nn.Module, parts: BlockParts, folded: dict, residual: bool) -> BlockArgs:
-    dw_conv = block.get_submodule(parts.dw_conv)
+def _bundle(x: torch.Tensor, padding: list, dw_conv: nn.Conv2d, parts: BlockParts, folded: dict,
+            residual: bool) -> BlockArgs:
     return BlockArgs(
         x, folded["w_expand"], folded["b_expand"], parts.expand_activation, folded["w_dw"], folded["b_dw"],
-        list(dw_conv.stride), static_padding(dw_conv), list(dw_conv.dilation),
+        list(dw_conv.stride), padding, list(dw_conv.dilation),
         parts.dw_activation, folded["w_se_reduce"], folded["b_se_reduce"], folded["w_se_expand"],
         folded["b_se_expand"], parts.se_activation, parts.se_gate, parts.post_se_activation, folded["w_project"],
         folded["b_project"], parts.project_activation, residual)
@@ -71,14 +70,21 @@ class InvertedResidual(FusedModule):
     Build it with `InvertedResidual.from_module(block)`. The stock block stays inside as `stock` and runs
     unchanged in training mode or when autograd needs a graph; the state_dict has the block's own keys."""
 
-    def __init__(self, stock: nn.Module, parts: BlockParts, backend: Optional[str] = None):
+    def __init__(self, stock: nn.Module, parts: BlockParts, backend: Optional[str] = None,
+                 padding: Optional[list] = None):
         super().__init__()
         self.stock = stock
         self.parts = parts
         self.backend = backend
-        dw_conv = stock.get_submodule(parts.dw_conv)
+        # The stock modules of the parts, held by reference: layer fusion inside the block (tried beside block
+        # fusion when the planner measures) moves them out of their slots, and the folds must still find them.
+        paths = [path for path in (parts.expand_conv, parts.expand_bn, parts.dw_conv, parts.dw_bn, parts.se_reduce,
+                                   parts.se_expand, parts.se_norm, parts.project_conv, parts.project_bn) if path]
+        object.__setattr__(self, "part_modules", {path: stock.get_submodule(path) for path in paths})
+        dw_conv = self.part_modules[parts.dw_conv]
         self.stride, self.dilation = list(dw_conv.stride), list(dw_conv.dilation)
-        self.padding = static_padding(dw_conv)  # [top, bottom, left, right]
+        # [top, bottom, left, right]: the conv's own, or the pad a forward applies before it (nn.rewrite)
+        self.padding = padding if padding is not None else static_padding(dw_conv)
         for name in _FOLDED:
             self.register_buffer(name, None, persistent=False)
         self.refresh()
@@ -119,14 +125,14 @@ class InvertedResidual(FusedModule):
         return proof.proven
 
     def _fold_modules(self):
-        return tuple(self.stock.modules())
+        return tuple(self.part_modules.values())
 
     def _fold_settings(self) -> tuple:
-        return tuple(m.eps for m in self.stock.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        return tuple(m.eps for m in self.part_modules.values() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def _fold(self) -> dict:
         """The stock block's BNs folded into the float32 buffers the op reads."""
-        return fold(self.stock, self.parts)
+        return fold(self.part_modules, self.parts)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -151,8 +157,8 @@ class InvertedResidual(FusedModule):
     @property
     def shape(self) -> str:
         """C, E, O, the depthwise kernel and stride, SE and residual: "C=16 E=64 O=24 k3x3 s2 se +x"."""
-        dw = self.stock.get_submodule(self.parts.dw_conv)
-        first = self.stock.get_submodule(self.parts.expand_conv) if self.parts.expand_conv else dw
+        dw = self.part_modules[self.parts.dw_conv]
+        first = self.part_modules[self.parts.expand_conv] if self.parts.expand_conv else dw
         text = (f"C={first.in_channels} E={dw.in_channels} O={self.w_project.shape[0]} "
                 f"k{dw.kernel_size[0]}x{dw.kernel_size[1]} s{dw.stride[0]}")
         if tuple(dw.dilation) != (1, 1):
@@ -161,7 +167,8 @@ class InvertedResidual(FusedModule):
 
     def bundle(self, x: torch.Tensor) -> BlockArgs:
         """The op's argument bundle for input x, with this module's folded weights (checked, normalised)."""
-        args = _bundle(x, self.stock, self.parts, {name: getattr(self, name) for name in _FOLDED}, self.parts.residual)
+        args = _bundle(x, self.padding, self.part_modules[self.parts.dw_conv], self.parts,
+                       {name: getattr(self, name) for name in _FOLDED}, self.parts.residual)
         check_inverted_residual(args)
         return normalise_inverted_residual(args)
 
@@ -174,7 +181,7 @@ class InvertedResidual(FusedModule):
                    compile's epilogues;
           block    block fusion: x in, y out; with SE the depthwise output d is written once and read once."""
         batch, channels, height, width = input_shape
-        dw = self.stock.get_submodule(self.parts.dw_conv)
+        dw = self.part_modules[self.parts.dw_conv]
         (kh, kw), (sh, sw), (dh, dwl) = dw.kernel_size, dw.stride, dw.dilation
         top, bottom, left, right = self.padding
         out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1

@@ -69,7 +69,7 @@ def patch_report(model: nn.Module, backend: Optional[str] = None, **flags) -> Pa
     """What is fused in model, what patch would fuse (fusable), what was left alone and why, and each block's
     plan (block or layer fusion, estimated bytes). Changes nothing."""
     planner = plan(model, backend, flags)
-    planner.report.fusable = [swap.entry for swap in planner.swaps]
+    planner.report.fusable = [entry for swap in planner.swaps for entry in swap.entries]
     return planner.report
 
 

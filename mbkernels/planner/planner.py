@@ -6,57 +6,117 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn import rewrite
 from ..nn._cache import EagerWindow
 from ..nn.dwconv import FusedInto
+from .dataflow import DataflowPass, Rewrite, leftovers
 from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip
 from .report import PatchEntry, PatchReport
 
 STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
+ABSENT = None  # in STOCK_SLOTS: the slot was empty (a rewrite's forward and fused list): unpatch deletes it
 
 
 @dataclass
 class Swap:
     parent: nn.Module
-    assignments: list  # [(slot name, new module)], applied in order
-    entry: PatchEntry
+    assignments: list  # [(slot name, new module or attribute value)], applied in order
+    entries: list  # PatchEntry per fused module
 
 
 class Planner:
     def __init__(self, backend: Optional[str], flags: dict):
         self.backend = backend
+        self.flags = flags
         self.blocks = flags["blocks"]  # BlockKind's mode: True (measured or cost model) or "all"
         self.kinds = [entry.kind(self) for entry in REGISTRY if flags[entry.flag]]
         self.fused_types = tuple(entry.kind.fused_type for entry in REGISTRY)
         self.report = PatchReport()
         self.swaps = []
         self.generator = torch.Generator().manual_seed(0)
+        self.dataflow = DataflowPass(self)
 
     @staticmethod
     def restore(module: nn.Module) -> nn.Module:
         return unpatch(module)
 
-    def visit(self, parent: nn.Module, path: str) -> None:
+    def visit(self, parent: nn.Module, path: str, outer: tuple = ()) -> None:
+        """Plan parent's children (path: parent's path with a trailing dot; outer: (path, module) of each module
+        parent is inside, the model first: their forwards say how parent is called)."""
         children = list(parent.named_children())
         taken = {name for name, child in children if isinstance(child, FusedInto) or self.record_fused(child, path + name)}
+        taken |= self.record_rewrite(parent)
         skipped = {}  # child name -> the skip entries of candidates that child started
+        swaps_before, fused_here = len(self.swaps), []
         for kind in self.kinds:
             for candidate in list(kind.candidates(parent, path, children, taken)):
+                child = candidate.path[len(path):].partition(".")[0]
                 try:
                     taken.update(self.plan(parent, kind, candidate))
+                    fused_here.append((child, self.swaps[-1].entries[0]))
                 except Skip as skip:
                     entry = PatchEntry(candidate.path, kind.kind, candidate.shape, "", str(skip))
                     self.report.skipped.append(entry)
-                    skipped.setdefault(candidate.path[len(path):].partition(".")[0], []).append(entry)
+                    skipped.setdefault(child, []).append(entry)
+        here = fused_here + [(child, entry) for child, entries in skipped.items() for entry in entries]
+        if not rewrite.rewritten(parent) and leftovers(parent, children, taken, here):
+            taken |= self.plan_rewrite(parent, path, outer, swaps_before, skipped, here)
         for name, child in children:
             if name in taken:
                 continue
             fused_before = len(self.report.fused) + len(self.swaps)
-            self.visit(child, f"{path}{name}.")
+            self.visit(child, f"{path}{name}.", outer + ((path, parent),))
             if len(self.report.fused) + len(self.swaps) > fused_before:
                 # A wrapper around what was fused inside it (an SE inside a module with the SE's layers): the
                 # match is inside, so the wrapper's own refusal is no news.
                 for entry in skipped.get(name, []):
                     self.report.skipped.remove(entry)
+
+    def plan_rewrite(self, parent: nn.Module, path: str, outer: tuple, swaps_before: int, skipped: dict,
+                     here: list) -> set:
+        """Plan a rewrite of parent's forward (the dataflow pass); the child slots it takes. Its matches replace
+        the structural swaps and refusals of the children they cover; where there is no rewrite, the entries of
+        the children left behind say why."""
+        planned = self.dataflow.plan(parent, path, self.dataflow.call_of(path, outer))
+        if not isinstance(planned, Rewrite):
+            if planned:
+                where = f"the forward of {path[:-1] or 'the model'} was not rewritten: {planned}"
+                for _, entry in here:
+                    if entry.reason:
+                        entry.reason += f" ({where})"
+                    elif entry.note:
+                        entry.note += f" ({where})"
+            return set()
+        structural = {swap.assignments[0][0]: (not isinstance(swap.assignments[0][1].bn, nn.Identity),
+                                                swap.assignments[0][1].activation != "identity")
+                      for swap in self.swaps[swaps_before:] if hasattr(swap.assignments[0][1], "bn")}
+        if not planned.gains_over(structural):
+            return set()
+        covered = {target.partition(".")[0] for target in planned.covered}
+        self.swaps[swaps_before:] = [swap for swap in self.swaps[swaps_before:]
+                                     if not any(slot.partition(".")[0] in covered for slot, _ in swap.assignments)]
+        for child in covered:
+            for entry in skipped.pop(child, []):
+                self.report.skipped.remove(entry)
+        container = planned.container
+        object.__setattr__(container, STOCK_SLOTS, ((rewrite.CONTAINER, ABSENT), ("forward", ABSENT)))
+        container.covered = sorted(covered)
+        for fused in container:
+            fused.training = parent.training
+        entries = [PatchEntry(*entry, via=f"forward of {path[:-1] or 'the model'}") for entry in planned.entries]
+        self.swaps.append(Swap(parent, [(rewrite.CONTAINER, container), ("forward", planned.forward)], entries))
+        return covered | {rewrite.CONTAINER}
+
+    def record_rewrite(self, parent: nn.Module) -> set:
+        """The fused modules of a rewritten forward, in the report; the child slots they cover."""
+        if not rewrite.rewritten(parent):
+            return set()
+        container = getattr(parent, rewrite.CONTAINER)
+        for fused in container:
+            kind = next(kind for kind in self.kinds if type(fused) is kind.fused_type)
+            self.report.fused.append(PatchEntry(fused.dataflow_path, kind.kind, *kind.describe(fused),
+                                                via=f"forward of {fused.dataflow_path.rpartition('.')[0] or 'the model'}"))
+        return set(container.covered) | {rewrite.CONTAINER}
 
     def record_fused(self, module: nn.Module, path: str) -> bool:
         for kind in self.kinds:
@@ -75,7 +135,7 @@ class Planner:
             new.training = stock.training  # new modules start in training mode; take the stock one's
         shape, activation = kind.describe(fused)
         entry = PatchEntry(candidate.path, kind.kind, shape, activation, note=kind.note(fused))
-        self.swaps.append(Swap(parent, [(slot, new) for slot, new, _ in items], entry))
+        self.swaps.append(Swap(parent, [(slot, new) for slot, new, _ in items], [entry]))
         return [slot for slot, _, _ in items]
 
 
@@ -115,14 +175,22 @@ def plan(model: nn.Module, backend: Optional[str], flags: dict) -> Planner:
     return planner
 
 
-def get_slot(parent: nn.Module, slot: str) -> nn.Module:
-    """The module in a slot of parent: a child's name, or a dotted path into a child ("5.0")."""
-    return parent.get_submodule(slot)
-
-
-def set_slot(parent: nn.Module, slot: str, module: nn.Module) -> None:
+def get_slot(parent: nn.Module, slot: str):
+    """What a slot of parent holds: a child's name, or a dotted path into a child ("5.0"), or an instance attribute
+    (a rewrite's "forward"); ABSENT when it holds nothing."""
     owner, _, name = slot.rpartition(".")
-    setattr(parent.get_submodule(owner) if owner else parent, name, module)
+    owner = parent.get_submodule(owner) if owner else parent
+    return owner._modules[name] if name in owner._modules else owner.__dict__.get(name, ABSENT)
+
+
+def set_slot(parent: nn.Module, slot: str, value) -> None:
+    owner, _, name = slot.rpartition(".")
+    owner = parent.get_submodule(owner) if owner else parent
+    if value is ABSENT:
+        if name in owner._modules or name in owner.__dict__:
+            delattr(owner, name)
+    else:
+        setattr(owner, name, value)
 
 
 def apply(model: nn.Module, planner: Planner) -> None:
@@ -140,7 +208,7 @@ def apply(model: nn.Module, planner: Planner) -> None:
         raise
     EagerWindow.attach(model)
     report = planner.report
-    report.fused += [swap.entry for swap in planner.swaps]
+    report.fused += [entry for swap in planner.swaps for entry in swap.entries]
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.fused.sort(key=lambda entry: order.get(entry.path, -1))
 
@@ -151,6 +219,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for _, child in list(parent.named_children()):
             for slot, stock in getattr(child, STOCK_SLOTS, ()):
-                stock.train(child.training)
+                if stock is not ABSENT:
+                    stock.train(child.training)
                 set_slot(parent, slot, stock)
     return model

@@ -12,6 +12,7 @@ class PatchEntry:
     activation: str  # "hardswish" / "relu -> hardsigmoid"; "" when unknown
     reason: str = ""  # why it was left alone (skipped entries)
     note: str = ""  # fused entries: what runs on its own right after (a half fusion), e.g. an activation
+    via: str = ""  # fused in a rewritten forward (the dataflow pass): "forward of <module path>"
 
 
 @dataclass

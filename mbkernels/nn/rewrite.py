@@ -1,0 +1,242 @@
+"""A module whose forward code does the work, rewritten: its captured graph (mbkernels.match.dataflow) with fused
+modules in place of the matched nodes.
+
+The rewrite leaves the module tree as it is: the stock modules stay in their slots (the state_dict does not change,
+unpatch has nothing to put back) and the stock forward runs in training mode, when autograd needs a graph, and for
+calls whose non-tensor arguments differ from those the graph was captured with. In inference the module's forward
+is the instance attribute `forward` (a CapturedForward), which runs the rewritten graph; the fused modules live in
+the module's `_mbkernels_fused` list, borrowing the stock modules they fold from (they hold them without
+registering them, so they add no state_dict entries and .to() / .half() move the stock modules once).
+"""
+import inspect
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..match.dataflow import BlockMatch, Capture, ConvRun, SEMatch
+from ..match.structural import BlockParts, SEParts
+from .conv_bn_act import ConvBNAct
+from .dwconv import DWConvBNAct
+from .inverted_residual import InvertedResidual
+from .squeeze_excite import SqueezeExcite
+
+CONTAINER = "_mbkernels_fused"  # the rewritten module's list of fused modules
+
+
+class GraphCode:
+    """The Python code of an fx graph, run with `owner` as self (call_module targets are paths in owner). Copies and
+    pickles carry the graph and make the code again."""
+
+    def __init__(self, owner: nn.Module, graph: fx.Graph):
+        self.owner = owner
+        self.graph = graph
+        self._compile()
+
+    def _compile(self) -> None:
+        code = self.graph.python_code(root_module="self")
+        namespace = dict(code.globals)
+        exec(compile(code.src, f"<mbkernels rewrite of {type(self.owner).__name__}>", "exec"), namespace)
+        self.function = namespace["forward"]
+
+    def __call__(self, *values):
+        return self.function(self.owner, *values)
+
+    def __getstate__(self):
+        return {"owner": self.owner, "graph": self.graph}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+
+def _same(a, b) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+class CapturedForward:
+    """The `forward` instance attribute of a rewritten module: its rewritten graph in inference, its stock forward
+    otherwise (training, autograd, or non-tensor arguments other than those the graph was captured with)."""
+
+    def __init__(self, owner: nn.Module, code: GraphCode, capture: Capture, call_kwargs: dict):
+        self.owner = owner
+        self.code = code
+        self.tensors = list(capture.tensors)
+        self.concrete = dict(capture.concrete)
+        # The call the parent makes (x positionally, the specialised values by keyword) is checked by one dict
+        # comparison; any other call is bound to the signature and checked value by value.
+        self.fast_kwargs = dict(call_kwargs)
+        self.fast = (capture.parameters[:len(self.tensors)] == self.tensors
+                     and all(_same(call_kwargs.get(name, value), value) for name, value in self.concrete.items())
+                     and set(call_kwargs) <= set(self.concrete))
+
+    def stock(self, *args, **kwargs):
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+    def values(self, args: tuple, kwargs: dict) -> Optional[list]:
+        """The graph's inputs for a call, or None when the call's specialised values differ from the graph's."""
+        if self.fast and len(args) == len(self.tensors) and kwargs == self.fast_kwargs:
+            return list(args)
+        try:
+            bound = inspect.signature(type(self.owner).forward).bind(self.owner, *args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        if not all(_same(bound.arguments[name], value) for name, value in self.concrete.items()):
+            return None
+        return [bound.arguments[name] for name in self.tensors]
+
+    def __call__(self, *args, **kwargs):
+        owner = self.owner
+        if owner.training or (torch.is_grad_enabled() and _needs_grad(owner, args, kwargs)):
+            return self.stock(*args, **kwargs)
+        values = self.values(args, kwargs)
+        if values is None:
+            return self.stock(*args, **kwargs)
+        return self.code(*values)
+
+
+def _needs_grad(owner: nn.Module, args: tuple, kwargs: dict) -> bool:
+    tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in owner.parameters())
+
+
+def borrow(fused: nn.Module) -> nn.Module:
+    """Hold fused's child modules as plain attributes: they stay in their own slots in the model, and fused adds no
+    state_dict entries and no second registration of them."""
+    for name in list(fused._modules):
+        object.__setattr__(fused, name, fused._modules.pop(name))
+    return fused
+
+
+def _holder(**modules) -> nn.Module:
+    holder = nn.Module()
+    for name, module in modules.items():
+        if module is not None:
+            holder.add_module(name, module)
+    return holder
+
+
+def fused_run(root: nn.Module, run: ConvRun, backend: Optional[str]) -> nn.Module:
+    conv = root.get_submodule(run.conv)
+    norm = root.get_submodule(run.norm) if run.norm else None
+    kind = DWConvBNAct if run.depthwise else ConvBNAct
+    return kind(conv, norm, None, backend=backend, padding=run.padding, activation=run.activation)
+
+
+def fused_se(root: nn.Module, se: SEMatch, backend: Optional[str]) -> nn.Module:
+    get = lambda path: root.get_submodule(path) if path else None  # noqa: E731
+    holder = _holder(reduce=get(se.reduce), expand=get(se.expand), norm=get(se.norm))
+    parts = SEParts("reduce", "expand" if se.expand else None, se.activation, se.gate, "norm" if se.norm else None)
+    return SqueezeExcite(holder, parts, backend=backend)
+
+
+def fused_block(root: nn.Module, block: BlockMatch, backend: Optional[str], residual: bool) -> nn.Module:
+    get = lambda path: root.get_submodule(path) if path else None  # noqa: E731
+    expand, dw, se, project = block.expand, block.dw, block.se, block.project
+    holder = _holder(expand_conv=get(expand and expand.conv), expand_bn=get(expand and expand.norm),
+                     dw_conv=get(dw.conv), dw_bn=get(dw.norm), se_reduce=get(se and se.reduce),
+                     se_expand=get(se and se.expand), se_norm=get(se and se.norm), project_conv=get(project.conv),
+                     project_bn=get(project.norm))
+    name = lambda present, path: path if present else None  # noqa: E731
+    parts = BlockParts(
+        name(expand, "expand_conv"), name(expand and expand.norm, "expand_bn"),
+        expand.activation if expand else "identity", "dw_conv", name(dw.norm, "dw_bn"), dw.activation,
+        name(se, "se"), se.activation if se else "relu", se.gate if se else "sigmoid", name(se, "se_reduce"),
+        name(se and se.expand, "se_expand"), block.post_se_activation, "project_conv", name(project.norm, "project_bn"),
+        project.activation, residual, se_norm=name(se and se.norm, "se_norm"))
+    return InvertedResidual(holder, parts, backend=backend, padding=dw.padding)
+
+
+def build(root: nn.Module, match, backend: Optional[str]) -> nn.Module:
+    """The fused module of one match, borrowing root's stock modules."""
+    if isinstance(match, ConvRun):
+        fused = fused_run(root, match, backend)
+    elif isinstance(match, SEMatch):
+        fused = fused_se(root, match, backend)
+    else:
+        fused = fused_block(root, match, backend, match.residual)
+    return borrow(fused)
+
+
+def _copy_graph(graph: fx.Graph) -> tuple:
+    """A copy of graph and the map from its nodes to the copy's."""
+    copied, nodes = fx.Graph(), {}
+    output = copied.graph_copy(graph, nodes)
+    copied.output(output)
+    return copied, nodes
+
+
+def _stock_subgraph(graph: fx.Graph, match) -> fx.Graph:
+    """The match's own nodes as a graph of its input (and of what they read besides: shapes of the input)."""
+    sub = fx.Graph()
+    env = {match.input: sub.placeholder("x")}
+
+    def copy_node(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node.op == "placeholder":
+                raise ValueError(f"{node.name} is an input of the forward the match does not take")
+            for source in node.all_input_nodes:
+                copy_node(source)
+            env[node] = sub.node_copy(node, env.__getitem__)
+        return env[node]
+
+    copy_node(match.output)
+    sub.output(env[match.output])
+    return sub
+
+
+def rewrite(root: nn.Module, capture: Capture, matches: list, backend: Optional[str],
+            call_kwargs: dict) -> tuple:
+    """(CapturedForward, fused module list) of root with each match replaced by a call of its fused module; install
+    both on root (`install`) to use them. Each fused module's stock_forward is the match's own stock nodes."""
+    graph, nodes = _copy_graph(capture.graph)
+    container = nn.ModuleList()
+    for match in sorted(matches, key=lambda m: list(capture.graph.nodes).index(m.output)):
+        fused = build(root, match, backend)
+        fused.stock_forward = GraphCode(root, _stock_subgraph(capture.graph, match))
+        container.append(fused)
+        output = nodes[match.output]
+        with graph.inserting_after(output):
+            call = graph.call_module(f"{CONTAINER}.{len(container) - 1}", (nodes[match.input],))
+        output.replace_all_uses_with(call)
+        inputs = {source for node in match.nodes for source in nodes[node].all_input_nodes}
+        erased = {nodes[node] for node in match.nodes}
+        for node in reversed(match.nodes):
+            graph.erase_node(nodes[node])
+        nodes[match.output] = call  # a later match may start where this one ends
+        _erase_unused(graph, inputs - erased)
+    graph.lint()
+    return CapturedForward(root, GraphCode(root, graph), capture, call_kwargs), container
+
+
+def _erase_unused(graph: fx.Graph, candidates: set) -> None:
+    """Erase what only the erased nodes used (the shapes an SE's views read), transitively; calls of modules stay."""
+    frontier = list(candidates)
+    while frontier:
+        node = frontier.pop()
+        if node.graph is graph and not node.users and node.op in ("call_function", "call_method") \
+                and not node.is_impure():
+            sources = node.all_input_nodes
+            graph.erase_node(node)
+            frontier += sources
+
+
+def install(root: nn.Module, forward: CapturedForward, container: nn.ModuleList) -> None:
+    """Make root run the rewrite (the fused list registered last: .to() moves the stock modules before the fused
+    modules refold from them)."""
+    setattr(root, CONTAINER, container)
+    root.forward = forward
+
+
+def uninstall(root: nn.Module) -> None:
+    """root's own forward again, and no fused list."""
+    if isinstance(root.__dict__.get("forward"), CapturedForward):
+        del root.forward
+    if CONTAINER in root._modules:
+        delattr(root, CONTAINER)
+
+
+def rewritten(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), CapturedForward)

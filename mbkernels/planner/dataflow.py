@@ -1,0 +1,211 @@
+"""The planner's dataflow pass: a module whose forward code does what the structural kinds cannot see (a
+BatchNorm and an activation applied in forward, one activation module serving several calls, an inline
+squeeze-excite) is captured as a graph, its patterns matched (mbkernels.match.dataflow), and its forward rewritten
+with fused modules (mbkernels.nn.rewrite), proven on a probe like every swap.
+
+The pass runs where the structural kinds left something behind among a module's own children (a depthwise conv or
+another conv left alone or half-fused, or two or more 1x1 layers no kind took: an SE written in forward); its
+matches then replace the structural swaps of the children they cover. Modules the structural kinds cover fully
+(timm's and torchvision's) are never captured.
+"""
+import copy
+import functools
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..match import probe_copy, probe_input, prove
+from ..match.dataflow import VALUE, BlockMatch, CaptureError, ConvRun, SEMatch, capture, find
+from ..match.probe import describe_failure
+from ..match.structural import is_plain_sequential, overrides_forward
+from ..nn import rewrite
+from . import cost
+from .kinds import conv_shape
+
+
+def _layer_channels(module: nn.Module) -> Optional[tuple]:
+    """(in, out) of a Linear or 1x1 conv with groups 1 (an SE's layer), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1:
+        return module.in_channels, module.out_channels
+    return None
+
+
+def leftovers(parent: nn.Module, children: list, taken: set, entries: list) -> bool:
+    """Whether the structural kinds left something a rewrite of parent's forward could take: a conv child left
+    alone or half-fused (`entries`: the report entries of this parent's children), or 1x1 layers no kind took that
+    could be an SE computed in forward (C -> R and R -> C, or one C -> C)."""
+    if is_plain_sequential(parent) or not overrides_forward(parent, nn.Module):
+        return False
+    convs = {name for name, child in children if isinstance(child, nn.Conv2d)}
+    if any(entry_child in convs and (entry.reason or entry.note) for entry_child, entry in entries):
+        return True
+    free = [shape for name, child in children if name not in taken for shape in [_layer_channels(child)] if shape]
+    return any(c_in == c_out for c_in, c_out in free) or any((r, c) in free for c, r in free if r < c)
+
+
+class DataflowPass:
+    def __init__(self, planner):
+        self.planner = planner
+        self.captures = {}  # module path -> Capture, or the CaptureError of that module
+
+    def call_of(self, path: str, outer: tuple) -> Optional[tuple]:
+        """How the nearest module around it whose forward calls the module at path calls it (a call spec), when
+        that forward can be captured and calls it one way; None otherwise (its defaults then specialise it)."""
+        for outer_path, module in reversed(outer):
+            captured = self.capture(outer_path, module, None)
+            if isinstance(captured, CaptureError):
+                continue
+            calls = [call for call in captured.calls.get(path[len(outer_path):-1], [])]
+            if calls:
+                return calls[0] if None not in calls and all(call == calls[0] for call in calls) else None
+        return None
+
+    def capture(self, path: str, module: nn.Module, call: Optional[tuple]):
+        if path not in self.captures:
+            try:
+                self.captures[path] = capture(module, call)
+            except CaptureError as error:
+                self.captures[path] = error
+        return self.captures[path]
+
+    def plan(self, parent: nn.Module, path: str, call: Optional[tuple]):
+        """A Rewrite of parent's forward, proven, or the reason there is none (a str)."""
+        captured = self.capture(path, parent, call)
+        if isinstance(captured, CaptureError):
+            return str(captured)
+        matches = self.select(parent, path, find(captured))
+        if not matches:
+            return None
+        called_kwargs = {k: v for k, v in call[1].items() if v is not VALUE} if call else {}
+        failure = self.prove(parent, captured, matches, called_kwargs, _bound_constants(parent, call))
+        if failure is not None:
+            return f"its rewritten forward {failure.removeprefix('fused output ')}"
+        forward, container = rewrite.rewrite(parent, captured, matches, self.planner.backend, called_kwargs)
+        covered = {node.target for match in matches for node in match.nodes if node.op == "call_module"}
+        entries = [self.entry(path, parent, match, fused) for match, fused in zip(
+            sorted(matches, key=lambda m: list(captured.graph.nodes).index(m.output)), container)]
+        for (fused_path, _kind, _shape, _activation), fused in zip(entries, container):
+            fused.dataflow_path = fused_path
+        return Rewrite(forward, container, covered, entries, matches)
+
+    def select(self, parent: nn.Module, path: str, found) -> list:
+        """The matches to fuse: blocks where block fusion is planned, then SEs, then conv runs, none overlapping,
+        as patch's flags allow."""
+        flags = self.planner.flags
+        chosen, used = [], set()
+
+        def take(match) -> None:
+            if not used & set(match.nodes):
+                chosen.append(match)
+                used.update(match.nodes)
+
+        if flags["blocks"]:
+            for block in found.blocks:
+                fused = rewrite.fused_block(parent, block, "reference", block.residual)
+                decision = cost.decide(fused, f"{path}{block.dw.conv}", self.planner.backend,
+                                       every_block=flags["blocks"] == "all")
+                decision.shape = fused.shape
+                self.planner.report.blocks.append(decision)
+                if decision.plan == "block":
+                    take(block)
+        if flags["se"]:
+            for se in found.ses:
+                take(se)
+        for run in found.runs:
+            if flags["dwconv"] if run.depthwise else flags["convs"]:
+                take(run)
+        return chosen
+
+    def prove(self, parent: nn.Module, captured, matches: list, call_kwargs: dict, probe_kwargs: dict
+              ) -> Optional[str]:
+        """None when parent's rewritten forward (reference backend) equals its stock forward on a probe."""
+        if len(captured.tensors) != 1:
+            return f"takes {len(captured.tensors)} tensor inputs; a probe needs one"
+        generator = self.planner.generator
+        try:
+            stock = probe_copy(parent, generator, self.planner.restore)
+
+            def variant():
+                copied = copy.deepcopy(stock)
+                local = _relocate(captured, copied)
+                rewrite.install(copied, *rewrite.rewrite(copied, local, matches, "reference", call_kwargs))
+                return copied
+
+            channels, size = _probe_plane(parent, captured)
+            proof = prove(stock, [(0, variant)], probe_input(channels, size, size + 1, generator),
+                          kwargs=probe_kwargs)
+        except Exception as error:  # the stock forward cannot run on a probe: not proven
+            return describe_failure(error)
+        return proof.failure
+
+    def entry(self, path: str, parent: nn.Module, match, fused) -> tuple:
+        """(path, kind, shape, activation) of one match, for the report."""
+        if isinstance(match, ConvRun):
+            kind = "dwconv_bn_act" if match.depthwise else "conv_bn_act"
+            return f"{path}{match.conv}", kind, conv_shape(parent.get_submodule(match.conv)), match.activation
+        if isinstance(match, SEMatch):
+            reduce = parent.get_submodule(match.reduce)
+            channels = reduce.in_features if isinstance(reduce, nn.Linear) else reduce.in_channels
+            reduced = reduce.out_features if isinstance(reduce, nn.Linear) else reduce.out_channels
+            shape = f"C={channels} R={reduced}" + ("" if match.expand else " (one layer)")
+            return f"{path}{match.reduce}", "squeeze_excite", shape, f"{match.activation} -> {match.gate}"
+        return f"{path}{match.dw.conv}", "inverted_residual", fused.shape, fused.extra_repr().split(
+            "activations=")[1].split(",")[0]
+
+
+class Rewrite:
+    """A planned rewrite of one module's forward: what to install, the child slots its matches cover, one
+    (path, kind, shape, activation) per fused module, and the matches."""
+
+    def __init__(self, forward, container, covered: set, entries: list, matches: list):
+        self.forward, self.container, self.covered, self.entries = forward, container, covered, entries
+        self.matches = matches
+
+    def gains_over(self, structural: dict) -> bool:
+        """Whether it fuses more than the structural swaps of the same children do (structural: conv slot ->
+        (BatchNorm folded, activation fused)): an SE or a block, a conv they leave, or a BatchNorm or an activation
+        they leave beside a conv."""
+        for match in self.matches:
+            if not isinstance(match, ConvRun):
+                return True
+            norm, act = structural.get(match.conv, (None, None))
+            if norm is None or (match.norm and not norm) or (match.activation != "identity" and not act):
+                return True
+        return False
+
+
+def _relocate(captured, module: nn.Module):
+    """The capture with its module replaced by a copy (the graph addresses submodules by path)."""
+    return type(captured)(module, captured.graph, captured.parameters, captured.tensors, captured.concrete,
+                          captured.calls)
+
+
+def _bound_constants(parent: nn.Module, call: Optional[tuple]) -> dict:
+    """The specialised arguments of the call the parent gets, by name (what the probe passes besides x)."""
+    if call is None:
+        return {}
+    arguments = inspect.signature(type(parent).forward).bind(None, *call[0], **call[1]).arguments
+    return {name: value for name, value in list(arguments.items())[1:] if value is not VALUE}
+
+
+def _probe_plane(module: nn.Module, captured) -> tuple:
+    """(channels, height) of a probe for module's one tensor input: the channels of the first conv or linear that
+    reads it (else of the first module stating in_channels), a plane large enough for every stride inside."""
+    placeholder = next(node for node in captured.graph.nodes if node.op == "placeholder")
+    channels = None
+    for user in placeholder.users:
+        if user.op == "call_module":
+            layer = module.get_submodule(user.target)
+            channels = getattr(layer, "in_channels", getattr(layer, "in_features", None))
+            if channels is not None:
+                break
+    if channels is None:
+        channels = next(m.in_channels for m in module.modules() if isinstance(getattr(m, "in_channels", None), int))
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    downsampling = min(functools.reduce(lambda a, c: a * max(c.stride), convs, 1), 64)
+    reach = max([d * (k - 1) for c in convs for k, d in zip(c.kernel_size, c.dilation)] or [0])
+    return channels, downsampling + reach + 3
