@@ -114,10 +114,10 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
 
     Each variant is warmed up (`warmup` calls), then calibrated: batches of doubling size until one lasts
     clock.round_ms, which sets its calls per round. Then `rounds` rounds; in round r the variants take turns from
-    the r-th one on, each timing one batch of its calls. budget_s bounds the calibration and rounds together
-    (the warm-up, which may compile kernels, is not counted): fewer rounds where they would not fit, down to
-    MIN_ROUNDS, then fewer calls per round. A variant that raises is reported failed (Timing.error) and not run
-    again; the others go on."""
+    the r-th one on, each timing one batch of its calls, and the round waits once, for all of them. budget_s
+    bounds the calibration and rounds together (the warm-up, which may compile kernels, is not counted): fewer
+    rounds where they would not fit, down to MIN_ROUNDS, then fewer calls per round. A variant that raises is
+    reported failed (Timing.error) and not run again; the others go on."""
     if not inputs:
         raise ValueError("time_variants needs at least one input")
     if rounds < MIN_ROUNDS:
@@ -125,21 +125,25 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
     clock = clock if clock is not None else clock_for(device)
     calls_made = 0
 
-    def batch(fn: Callable, count: int) -> float:
-        """Milliseconds of `count` calls of fn, timed together (waits for them)."""
+    def batch(fn: Callable, count: int) -> tuple:
+        """(start, end) marks around `count` calls of fn (on a GPU, the calls may still be running)."""
         nonlocal calls_made
         start = clock.mark()
         for _ in range(count):
             fn(inputs[calls_made % len(inputs)])
             calls_made += 1
-        end = clock.mark()
+        return start, clock.mark()
+
+    def timed(fn: Callable, count: int) -> float:
+        """Milliseconds of `count` calls of fn, waited for."""
+        start, end = batch(fn, count)
         clock.wait(end)
         return clock.elapsed_ms(start, end)
 
     errors = {}
     for name, fn in variants.items():
         try:
-            batch(fn, warmup)  # waits: a fault in an asynchronous kernel is this variant's
+            timed(fn, warmup)  # waits: a fault in an asynchronous kernel is this variant's
         except Exception as error:
             errors[name] = _error_text(error)
 
@@ -151,7 +155,7 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
         count = 1
         try:
             while True:
-                elapsed = batch(fn, count)
+                elapsed = timed(fn, count)
                 spent_ms += elapsed
                 if elapsed >= clock.round_ms or count >= MAX_CALLS_PER_ROUND:
                     break
@@ -176,14 +180,18 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
     measured = {name: [] for name in calls}
     names = list(calls)
     for r in range(planned if names else 0):
+        marks = {}
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in errors:
                 continue
             try:
-                elapsed = batch(variants[name], calls[name])
+                marks[name] = batch(variants[name], calls[name])
             except Exception as error:
                 errors[name] = _error_text(error)
-                continue
+        if marks:
+            clock.wait(list(marks.values())[-1][1])  # one wait per round: the batches queue back to back
+        for name, (start, end) in marks.items():
+            elapsed = clock.elapsed_ms(start, end)
             spent_ms += elapsed
             measured[name].append(elapsed / calls[name])
         if spent_ms >= budget_s * 1e3 and r + 1 >= MIN_ROUNDS:
@@ -208,37 +216,38 @@ def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: flo
     if baseline not in timings:
         raise ValueError(f"no baseline {baseline!r} among the timings ({', '.join(timings)})")
     base = timings[baseline]
-    ran = [t for t in timings.values() if not t.failed]
-    failed = [t.name for t in timings.values() if t.failed and t.name != baseline]
+    ran = {name: t for name, t in timings.items() if not t.failed}
+    failed = [name for name, t in timings.items() if t.failed and name != baseline]
     failed_note = f" ({', '.join(failed)} failed)" if failed else ""
     if base.failed:
         if not ran:
             raise ValueError(f"every variant failed; {baseline}: {base.error}")
-        best = min(ran, key=lambda t: t.median_ms)
-        return best.name, f"{best.name} {best.median_ms:.3f} ms: the baseline {baseline} failed ({base.error})"
-    others = [t for t in ran if t.name != baseline]
+        best = min(ran, key=lambda name: ran[name].median_ms)
+        return best, f"{best} {ran[best].median_ms:.3f} ms: the baseline {baseline} failed ({base.error})"
+    others = {name: t for name, t in ran.items() if name != baseline}
     if not others:
         return baseline, f"{baseline} kept: no other variant ran{failed_note}"
 
-    def gain(t: Timing) -> float:
-        return 1 - t.median_ms / base.median_ms
+    def gain(name: str) -> float:
+        return 1 - others[name].median_ms / base.median_ms
 
-    def needed(t: Timing) -> float:
-        return max(min_gain, base.noise + t.noise)
+    def needed(name: str) -> float:
+        return max(min_gain, base.noise + others[name].noise)
 
-    winners = [t for t in others if gain(t) > needed(t)]
+    def versus(name: str, word: str) -> str:
+        return (f"{name} {others[name].median_ms:.3f} ms vs {baseline} {base.median_ms:.3f} ms: {gain(name):.1%} "
+                f"faster, {word} the {needed(name):.1%} needed (noise {base.noise + others[name].noise:.1%}, floor "
+                f"{min_gain:.1%}){failed_note}")
+
+    winners = [name for name in others if gain(name) > needed(name)]
     if winners:
-        best = min(winners, key=lambda t: t.median_ms)
-        return best.name, (f"{best.name} {best.median_ms:.3f} ms vs {baseline} {base.median_ms:.3f} ms: "
-                           f"{gain(best):.1%} faster, beyond the {needed(best):.1%} needed (noise "
-                           f"{base.noise + best.noise:.1%}, floor {min_gain:.0%}){failed_note}")
-    fastest = min(others, key=lambda t: t.median_ms)
+        best = min(winners, key=lambda name: others[name].median_ms)
+        return best, versus(best, "beyond")
+    fastest = min(others, key=lambda name: others[name].median_ms)
     if gain(fastest) <= 0:
-        return baseline, (f"{baseline} kept: {baseline} {base.median_ms:.3f} ms, the fastest other is "
-                          f"{fastest.name} {fastest.median_ms:.3f} ms{failed_note}")
-    return baseline, (f"{baseline} kept: {fastest.name} {fastest.median_ms:.3f} ms vs {base.median_ms:.3f} ms is "
-                      f"{gain(fastest):.1%} faster, within the {needed(fastest):.1%} needed (noise "
-                      f"{base.noise + fastest.noise:.1%}, floor {min_gain:.0%}){failed_note}")
+        return baseline, (f"{baseline} kept: {baseline} {base.median_ms:.3f} ms, the fastest other is {fastest} "
+                          f"{others[fastest].median_ms:.3f} ms{failed_note}")
+    return baseline, f"{baseline} kept: " + versus(fastest, "within")
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
