@@ -240,8 +240,9 @@ def test_processes_tuning_at_once_lose_no_entry(tmp_path):
         assert process.exitcode == 0
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tuning.json.")]  # no temporary left
     table = load(path)
-    assert all(table.get({"worker": w, "round": r}) == {"choice": f"w{w}r{r}"}
-               for w in range(workers) for r in range(rounds))
+    lost = [(w, r) for w in range(workers) for r in range(rounds)
+            if table.get({"worker": w, "round": r}) != {"choice": f"w{w}r{r}"}]
+    assert lost == []
 
 
 def test_a_read_only_file_is_read_but_never_written(tmp_path, monkeypatch):

@@ -138,8 +138,7 @@ class _File:
         self.path = path
         self.tables = {}  # environment key -> (environment, {signature key: record})
         self.added = {}  # the same, this process's entries not yet saved
-        self.writable = True
-        self.warned = False
+        self.writable = True  # False once refused: one warning per file per process (one _File per path)
         self.lock = threading.Lock()
         try:
             self.tables = _parse(path.read_bytes())
@@ -151,11 +150,9 @@ class _File:
             self.refuse(f"it cannot be read ({error}); results are kept in memory for this process")
 
     def refuse(self, why: str) -> None:
-        """Stop writing this file, and say so once per process."""
+        """Stop writing this file, and say why."""
         self.writable = False
-        if not self.warned:
-            self.warned = True
-            warnings.warn(f"mbkernels tuning cache {self.path}: {why}", TuningCacheWarning, stacklevel=4)
+        warnings.warn(f"mbkernels tuning cache {self.path}: {why}", TuningCacheWarning, stacklevel=4)
 
     def put(self, env: dict, signature_key: str, record: Any) -> None:
         for tables in (self.tables, self.added):
