@@ -145,14 +145,15 @@ class _File:
         except FileNotFoundError:
             pass
         except _Unusable as error:
-            self.refuse(f"{error}; it is ignored and left as it is, and results are not saved")
+            self.refuse(f"{error}; it is ignored and left as it is")
         except OSError as error:
-            self.refuse(f"it cannot be read ({error}); results are kept in memory for this process")
+            self.refuse(f"it cannot be read ({error})")
 
     def refuse(self, why: str) -> None:
         """Stop writing this file, and say why."""
         self.writable = False
-        warnings.warn(f"mbkernels tuning cache {self.path}: {why}", TuningCacheWarning, stacklevel=4)
+        warnings.warn(f"mbkernels tuning cache {self.path}: {why}; tuning results are kept in memory for this "
+                      f"process, not saved", TuningCacheWarning, stacklevel=4)
 
     def put(self, env: dict, signature_key: str, record: Any) -> None:
         for tables in (self.tables, self.added):
@@ -164,7 +165,7 @@ class _File:
             if not self.added or not self.writable:
                 return False
             if self.path.exists() and not self._user_writable():
-                self.refuse("the file is read-only; results are kept in memory for this process")
+                self.refuse("the file is read-only")
                 return False
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,7 @@ class _File:
                         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
                     return self._merge_and_replace()
             except OSError as error:
-                self.refuse(f"it cannot be written ({error}); results are kept in memory for this process")
+                self.refuse(f"it cannot be written ({error})")
                 return False
 
     def _user_writable(self) -> bool:
@@ -187,7 +188,7 @@ class _File:
         except FileNotFoundError:
             on_disk = {}
         except _Unusable as error:  # replaced by something else since it was read: still not ours to overwrite
-            self.refuse(f"{error}; it is left as it is, and results are not saved")
+            self.refuse(f"{error}; it is left as it is")
             return False
         for env_key, (env, entries) in self.added.items():
             on_disk.setdefault(env_key, (env, {}))[1].update(entries)
@@ -227,10 +228,11 @@ class TuningCache:
         self._env_key = _key(env)
 
     @classmethod
-    def load(cls, device: Union[str, torch.device] = "cpu", path: Union[str, Path, None] = None,
+    def load(cls, device: Union[str, torch.device, None], path: Union[str, Path, None] = None, *,
              env: Optional[dict] = None) -> "TuningCache":
-        """The table for `device`'s environment (or the environment `env`) in the file at `path` (default:
-        cache_path()). The file is read on the first load in the process; later loads share what was read."""
+        """The table for `device`'s environment (environment(device); or `env`, and device None) in the file at
+        `path` (default: cache_path()). The file is read on the first load in the process; later loads share what
+        was read (and what each save merged from the file)."""
         path = Path(path).expanduser() if path is not None else cache_path()
         key = os.path.realpath(path)
         with _FILES_LOCK:
