@@ -109,8 +109,8 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
                   device: torch.device, *, clock=None, warmup: int = 3, rounds: int = 15,
                   budget_s: float = 0.25) -> dict[str, Timing]:
     """{name: Timing} for each variant (an ordered mapping name -> callable(x), already built; the caller runs this
-    under torch.no_grad()). Call i, counted over all variants, takes inputs[i % len(inputs)], so consecutive
-    batches never re-read the inputs the previous batch just read.
+    under torch.no_grad()). Call i, counted over all variants, takes inputs[i % len(inputs)]: each call reads the
+    least recently read input, whichever variant ran before it.
 
     Each variant is warmed up (`warmup` calls), then calibrated: batches of doubling size until one lasts
     clock.round_ms, which sets its calls per round. Then `rounds` rounds; in round r the variants take turns from
@@ -282,8 +282,9 @@ def is_resident(x_bytes: int, out_bytes: int, cache_bytes: int) -> bool:
     The rule: input + output fit in half the cache. The previous layer has just written the input, so its lines are
     in the cache; this layer then reads them while its output claims lines of its own. While the two together take
     at most half the cache, little of the input is evicted before it is read: the other half leaves room for the
-    weights, other traffic, and a replacement policy that is neither LRU nor fully associative (and, on H100-class
-    GPUs, an L2 split into two partitions). Beyond that, the layer is timed as streaming from memory."""
+    weights, other traffic, and a replacement policy that is neither LRU nor fully associative (and, on A100 and
+    H100, an L2 split into two partitions: NVIDIA's architecture whitepapers). Beyond that, the layer is timed as
+    streaming from memory."""
     return x_bytes + out_bytes <= cache_bytes / 2
 
 
