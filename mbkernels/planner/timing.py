@@ -1,0 +1,308 @@
+"""Timing the variants of one fused candidate on the user's device, and the choice among them.
+
+`time_variants` runs each variant (the stock modules, each backend's fused module) on rotating inputs: a warm-up
+(the first calls compile Triton kernels, make plans, allocate), a calibration of the calls per round, then rounds
+in which the variants take turns, so that drift (clocks, temperature, other work) hits all of them alike. A round
+times a batch of calls together and divides by their count: one reading per batch keeps the clock's resolution
+and its own cost out of the per-call time. `choose` keeps the baseline unless a variant beats it by more than the
+rounds' spread and a small floor.
+
+The clock is the device's: CUDA events recorded on the current stream on a GPU (the time the GPU spends, or waits
+for launches, between them; one synchronisation per round), time.perf_counter on the CPU. Tests inject a clock.
+"""
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+# The shortest batch each clock times well. CUDA events resolve about 0.5 us (cudaEventElapsedTime's documented
+# resolution), 0.25% of 0.2 ms; on the CPU, a batch of 1 ms keeps perf_counter's readings and the scheduler's
+# hiccups of a few microseconds to well under 1%.
+GPU_ROUND_MS = 0.2
+CPU_ROUND_MS = 1.0
+MAX_CALLS_PER_ROUND = 4096
+MIN_ROUNDS = 3  # the fewest rounds a spread (interquartile range) is measured from
+
+# When a device does not report its last-level cache: 50 MiB, the L2 of an H100 (NVIDIA's H100 datasheet) on a
+# GPU; 32 MiB on a CPU, an assumed L3 of one server socket, used only where Linux's sysfs does not say.
+GPU_CACHE_FALLBACK_BYTES = 50 * 2**20
+CPU_CACHE_FALLBACK_BYTES = 32 * 2**20
+_SYSFS_CACHES = "/sys/devices/system/cpu/cpu0/cache"
+
+
+class HostClock:
+    """Host time from `now` (seconds; time.perf_counter by default). A mark is a reading; nothing to wait for.
+    Tests pass a scripted `now` to time variants without running anything real."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter, round_ms: float = CPU_ROUND_MS):
+        self.now = now
+        self.round_ms = round_ms
+
+    def mark(self) -> float:
+        return self.now()
+
+    def wait(self, mark: float) -> None:
+        pass
+
+    def elapsed_ms(self, start: float, end: float) -> float:
+        return (end - start) * 1e3
+
+
+class CudaClock:
+    """CUDA events recorded on the device's current stream: the GPU time between two marks."""
+
+    def __init__(self, device: torch.device, round_ms: float = GPU_ROUND_MS):
+        self.device = device
+        self.round_ms = round_ms
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def wait(self, mark: torch.cuda.Event) -> None:
+        mark.synchronize()
+
+    def elapsed_ms(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        return start.elapsed_time(end)
+
+
+def clock_for(device: torch.device):
+    """The clock for `device`: CudaClock on a CUDA device, HostClock (perf_counter) elsewhere."""
+    device = torch.device(device)
+    return CudaClock(device) if device.type == "cuda" else HostClock()
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One variant's measurement: the median of its rounds' milliseconds per call, each round's value, the calls
+    per round, and the noise (interquartile range of the rounds over their median). A variant that raised has
+    `error` (its exception, as text) and no rounds."""
+    name: str
+    median_ms: float = math.nan
+    rounds_ms: tuple = ()
+    calls_per_round: int = 0
+    noise: float = math.nan
+    error: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    def as_dict(self) -> dict:
+        """A JSON-able summary (for the tuning cache): median_ms, noise, rounds, calls_per_round; error if any."""
+        if self.failed:
+            return {"error": self.error}
+        return {"median_ms": self.median_ms, "noise": self.noise, "rounds": len(self.rounds_ms),
+                "calls_per_round": self.calls_per_round}
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence[torch.Tensor],
+                  device: torch.device, *, clock=None, warmup: int = 3, rounds: int = 15,
+                  budget_s: float = 0.25) -> dict[str, Timing]:
+    """{name: Timing} for each variant (an ordered mapping name -> callable(x), already built; the caller runs this
+    under torch.no_grad()). Call i, counted over all variants, takes inputs[i % len(inputs)]: each call reads the
+    least recently read input, whichever variant ran before it.
+
+    Each variant is warmed up (`warmup` calls), then calibrated: batches of doubling size until one lasts
+    clock.round_ms, which sets its calls per round. Then `rounds` rounds; in round r the variants take turns from
+    the r-th one on, each timing one batch of its calls, and the round waits once, for all of them. budget_s
+    bounds the calibration and rounds together (the warm-up, which may compile kernels, is not counted): fewer
+    rounds where they would not fit, down to MIN_ROUNDS, then fewer calls per round. A variant that raises is
+    reported failed (Timing.error) and not run again; the others go on."""
+    if not inputs:
+        raise ValueError("time_variants needs at least one input")
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"rounds must be at least {MIN_ROUNDS} (the spread of the rounds is the noise estimate)")
+    clock = clock if clock is not None else clock_for(device)
+    calls_made = 0
+
+    def batch(fn: Callable, count: int) -> tuple:
+        """(start, end) marks around `count` calls of fn (on a GPU, the calls may still be running)."""
+        nonlocal calls_made
+        start = clock.mark()
+        for _ in range(count):
+            fn(inputs[calls_made % len(inputs)])
+            calls_made += 1
+        return start, clock.mark()
+
+    def timed(fn: Callable, count: int) -> float:
+        """Milliseconds of `count` calls of fn, waited for."""
+        start, end = batch(fn, count)
+        clock.wait(end)
+        return clock.elapsed_ms(start, end)
+
+    errors = {}
+    for name, fn in variants.items():
+        try:
+            timed(fn, warmup)  # waits: a fault in an asynchronous kernel is this variant's
+        except Exception as error:
+            errors[name] = _error_text(error)
+
+    spent_ms = 0.0
+    per_call_ms = {}
+    for name, fn in variants.items():
+        if name in errors:
+            continue
+        count = 1
+        try:
+            while True:
+                elapsed = timed(fn, count)
+                spent_ms += elapsed
+                if elapsed >= clock.round_ms or count >= MAX_CALLS_PER_ROUND:
+                    break
+                count = min(2 * count, MAX_CALLS_PER_ROUND)
+        except Exception as error:
+            errors[name] = _error_text(error)
+            continue
+        per_call_ms[name] = elapsed / count
+
+    calls = {name: min(MAX_CALLS_PER_ROUND, max(1, math.ceil(clock.round_ms / max(ms, 1e-9))))
+             for name, ms in per_call_ms.items()}
+    round_ms = sum(calls[name] * per_call_ms[name] for name in calls)
+    left_ms = budget_s * 1e3 - spent_ms
+    planned = rounds
+    if round_ms > 0 and rounds * round_ms > left_ms:
+        planned = max(MIN_ROUNDS, min(rounds, math.floor(left_ms / round_ms)))
+        if planned * round_ms > left_ms:  # even MIN_ROUNDS do not fit: each variant gets an equal share
+            share_ms = max(left_ms, 0.0) / (planned * len(calls))
+            calls = {name: max(1, min(count, math.floor(share_ms / max(per_call_ms[name], 1e-9))))
+                     for name, count in calls.items()}
+
+    measured = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(planned if names else 0):
+        marks = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in errors:
+                continue
+            try:
+                marks[name] = batch(variants[name], calls[name])
+            except Exception as error:
+                errors[name] = _error_text(error)
+        if marks:
+            clock.wait(list(marks.values())[-1][1])  # one wait per round: the batches queue back to back
+        for name, (start, end) in marks.items():
+            elapsed = clock.elapsed_ms(start, end)
+            spent_ms += elapsed
+            measured[name].append(elapsed / calls[name])
+        if spent_ms >= budget_s * 1e3 and r + 1 >= MIN_ROUNDS:
+            break
+
+    timings = {}
+    for name in variants:
+        if name in errors:
+            timings[name] = Timing(name, error=errors[name])
+            continue
+        values = measured[name]
+        median = statistics.median(values)
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        timings[name] = Timing(name, median, tuple(values), calls[name], (q3 - q1) / median if median > 0 else 0.0)
+    return timings
+
+
+def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: float = 0.02) -> tuple[str, str]:
+    """(name of the variant to use, why, in one line). A variant replaces the baseline only if it is faster by more
+    than both their noises together and by more than min_gain (a fraction of the baseline's time); among those that
+    are, the fastest wins. Ties, gains within the noise and failed variants keep the baseline."""
+    if baseline not in timings:
+        raise ValueError(f"no baseline {baseline!r} among the timings ({', '.join(timings)})")
+    base = timings[baseline]
+    ran = {name: t for name, t in timings.items() if not t.failed}
+    failed = [name for name, t in timings.items() if t.failed and name != baseline]
+    failed_note = f" ({', '.join(failed)} failed)" if failed else ""
+    if base.failed:
+        if not ran:
+            raise ValueError(f"every variant failed; {baseline}: {base.error}")
+        best = min(ran, key=lambda name: ran[name].median_ms)
+        return best, f"{best} {ran[best].median_ms:.3f} ms: the baseline {baseline} failed ({base.error})"
+    others = {name: t for name, t in ran.items() if name != baseline}
+    if not others:
+        return baseline, f"{baseline} kept: no other variant ran{failed_note}"
+
+    def gain(name: str) -> float:
+        return 1 - others[name].median_ms / base.median_ms
+
+    def needed(name: str) -> float:
+        return max(min_gain, base.noise + others[name].noise)
+
+    def versus(name: str, word: str) -> str:
+        return (f"{name} {others[name].median_ms:.3f} ms vs {baseline} {base.median_ms:.3f} ms: {gain(name):.1%} "
+                f"faster, {word} the {needed(name):.1%} needed (noise {base.noise + others[name].noise:.1%}, floor "
+                f"{min_gain:.1%}){failed_note}")
+
+    winners = [name for name in others if gain(name) > needed(name)]
+    if winners:
+        best = min(winners, key=lambda name: others[name].median_ms)
+        return best, versus(best, "beyond")
+    fastest = min(others, key=lambda name: others[name].median_ms)
+    if gain(fastest) <= 0:
+        return baseline, (f"{baseline} kept: {baseline} {base.median_ms:.3f} ms, the fastest other is {fastest} "
+                          f"{others[fastest].median_ms:.3f} ms{failed_note}")
+    return baseline, f"{baseline} kept: " + versus(fastest, "within")
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The device's last-level cache in bytes: a GPU's L2 (torch's device properties, L2_cache_size), a CPU's
+    largest cache as Linux's sysfs reports it for cpu0 (the L3 of its socket, shared by its cores); the
+    fallbacks above where neither says."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return int(getattr(properties, "L2_cache_size", 0) or GPU_CACHE_FALLBACK_BYTES)
+    return _sysfs_cache_bytes() or CPU_CACHE_FALLBACK_BYTES
+
+
+def _sysfs_cache_bytes() -> int:
+    """The largest cache of cpu0 in /sys/devices/system/cpu/cpu0/cache/index*/size ("491520K"); 0 if unreadable."""
+    sizes = []
+    try:
+        for index in os.listdir(_SYSFS_CACHES):
+            if index.startswith("index"):
+                with open(os.path.join(_SYSFS_CACHES, index, "size")) as file:
+                    text = file.read().strip()
+                units = {"K": 2**10, "M": 2**20, "G": 2**30}
+                sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    except (OSError, ValueError):
+        return 0
+    return max(sizes, default=0)
+
+
+def is_resident(x_bytes: int, out_bytes: int, cache_bytes: int) -> bool:
+    """Whether a layer's input is still in the last-level cache when the layer runs inside the model.
+
+    The rule: input + output fit in half the cache. The previous layer has just written the input, so its lines are
+    in the cache; this layer then reads them while its output claims lines of its own. While the two together take
+    at most half the cache, little of the input is evicted before it is read: the other half leaves room for the
+    weights, other traffic, and a replacement policy that is neither LRU nor fully associative (and, on A100 and
+    H100, an L2 split into two partitions: NVIDIA's architecture whitepapers). Beyond that, the layer is timed as
+    streaming from memory."""
+    return x_bytes + out_bytes <= cache_bytes / 2
+
+
+def rotation_inputs(x: torch.Tensor, device_cache_bytes: int, budget_bytes: int,
+                    resident: bool) -> list[torch.Tensor]:
+    """Fresh random inputs like x (shape, dtype, device; x's strides where it is dense, else its memory format):
+    one when the layer's input is cache-resident in the model, else as many as it takes for their total to exceed
+    twice the device's last-level cache, so no call finds its input still cached from an earlier one; at most
+    budget_bytes in total (the caller's bound, e.g. twice the model's largest activation), but always one.
+
+    Normal values with exact zeros replaced (zeros would time a special case, and hide unread elements); drawn from
+    a private generator, so the caller's random state is untouched."""
+    nbytes = max(1, x.numel() * x.element_size())
+    count = 1 if resident else 2 * device_cache_bytes // nbytes + 1
+    count = max(1, min(count, budget_bytes // nbytes))
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    buffers = []
+    for _ in range(count):
+        buffer = torch.empty_like(x, memory_format=torch.preserve_format).normal_(generator=generator)
+        buffers.append(buffer.masked_fill_(buffer == 0, 1))
+    return buffers
