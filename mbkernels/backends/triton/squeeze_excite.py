@@ -123,13 +123,15 @@ def _mlp_kernel(
         hidden += tl.load(b_reduce_ptr + rows, mask=row_mask, other=0.0)[None, :]
     hidden = tl.where(row_mask[None, :], apply_activation(hidden, ACTIVATION, ACT_PARAM), 0.0)
 
-    # scale = gate(hidden @ w_expand.T + b_expand), w_expand [C, R] read transposed into [BLOCK_R x BLOCK_C] tiles.
+    # scale = gate(hidden @ w_expand.T + b_expand), w_expand [C, R] in [BLOCK_C x BLOCK_R] tiles, reduced along R
+    # as read. (Read transposed, as [BLOCK_R x BLOCK_C], each tile went through shared memory into the layout of
+    # the reduction; triton 3.6 then spilled at C=240, R=10.)
     for first_channel in range(0, C, BLOCK_C):
         channels = first_channel + tl.arange(0, BLOCK_C)
         channel_mask = channels < C
-        w_mask = row_mask[:, None] & channel_mask[None, :]
-        w = tl.load(w_expand_ptr + channels[None, :] * R + rows[:, None], mask=w_mask, other=0.0)
-        logits = tl.sum(w[None, :, :] * hidden[:, :, None], axis=1)
+        w_mask = channel_mask[:, None] & row_mask[None, :]
+        w = tl.load(w_expand_ptr + channels[:, None] * R + rows[None, :], mask=w_mask, other=0.0)
+        logits = tl.sum(w[None, :, :] * hidden[:, None, :], axis=2)
         if b_expand_ptr is not None:
             logits += tl.load(b_expand_ptr + channels, mask=channel_mask, other=0.0)[None, :]
         scale_mask = sample_mask[:, None] & channel_mask[None, :]
