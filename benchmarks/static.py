@@ -28,7 +28,7 @@ from .shapes import load_shapes
 BATCHES = (1, 32, 256)
 # (dtype, channels_last): the configurations the benchmarks run.
 FORMATS = ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False))
-# H200 (toolchain.md): copy bandwidth (bytes read + written per second) and SMs.
+# H200, measured there: device-to-device copy bandwidth (bytes read + written per second); its SM count.
 COPY_BANDWIDTH = 4.3e12
 MULTIPROCESSORS = 132
 # Per-SM limits of sm_80 / sm_90: registers, shared memory (bytes), threads, blocks.
@@ -281,7 +281,7 @@ def gate_failures(records: list) -> list:
 
     failures = static_cuda.gate_failures([r for r in records if r["backend"] == "cuda"])
     for r in (r for r in records if r["backend"] == "triton"):
-        where = f"{r['backend']} {r['kernel']} [{r['case']}, batch {r['batch']}, {r['dtype']} {r['layout']}]"
+        where = f"{r['backend']} {r['kernel']} [{r['case']}]"  # the case label names batch, dtype and layout
         if "error" in r:
             failures.append(f"compile: {where} does not compile for sm_{int(r['arch'] * 10)}: {r['error']}")
             continue

@@ -1,17 +1,9 @@
-"""The triton backend: its declaration, availability and launch rules (importable without triton; the kernels are
-in dwconv.py, squeeze_excite.py and inverted_residual.py, imported on first use)."""
-import contextlib
-import os
-import threading
-from typing import Any, NamedTuple
-
+"""The triton backend's declaration and availability (importable without triton). The kernels are in dwconv.py,
+squeeze_excite.py and inverted_residual.py, imported on first use; how they launch, in launch.py."""
 import torch
 
 from .. import Backend, OpSupport
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launch import interpreting
 
 
 def unavailable_reason():
@@ -31,34 +23,6 @@ def describe() -> str:
 
     where = "the CPU interpreter (TRITON_INTERPRET=1)" if interpreting() else "CUDA GPUs"
     return f"triton {triton.__version__} on {where}"
-
-
-_INTERPRETER_LOCK = threading.Lock()
-
-
-def launch_lock():
-    """Serialises kernel launches under the interpreter, which is not thread-safe; free on a GPU."""
-    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
-
-
-class Launch(NamedTuple):
-    """One kernel launch as a launcher plans it: what runs it (run_launches) and what the static sm_90 report
-    compiles (benchmarks/static.py), so that both see exactly the same configuration."""
-    kernel: Any  # a @triton.jit function
-    grid: tuple
-    args: tuple  # tensors and scalars, in the kernel's order
-    constexprs: dict  # constexpr arguments and launch options (num_warps, num_stages)
-
-
-def run_launches(launches, device) -> None:
-    # Triton launches on the current device (device_of is a no-op for CPU tensors). wrap_triton makes the launch
-    # traceable (torch.compile, export); under the interpreter the kernel is called directly: there triton.jit
-    # returns an InterpretedFunction, which older torch (2.11) rejects ("wrap_triton only works on functions
-    # annotated with triton.jit or triton.autotune"), and nothing traces CPU interpreter launches.
-    with torch.cuda.device_of(device), launch_lock():
-        for launch in launches:
-            kernel = launch.kernel if interpreting() else torch.library.wrap_triton(launch.kernel)
-            kernel[launch.grid](*launch.args, **launch.constexprs)
 
 
 def _dwconv_bn_act(args):

@@ -10,8 +10,8 @@ import triton.language as tl
 
 from ... import activations
 from ..._contract import DWConvArgs, dwconv_bn_act_output, memory_format_of, tap_major
-from . import Launch, interpreting, run_launches
 from .activation_math import apply_activation
+from .launch import Launch, interpreting, run_launches
 
 # Past this many elements offsets go int64 (with a margin: masked-off taps compute addresses outside x).
 INT64_ELEMENTS = 2**30

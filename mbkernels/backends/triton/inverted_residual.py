@@ -8,7 +8,7 @@ from that on-chip tile (tl.gather of each tap's shifted pixels), and feeds the r
 1x1 conv's tl.dot. Launches:
   no SE    `_block_kernel` alone: x read once (plus halo), y written once;
   with SE  `_block_kernel` in its first-stage form writes the depthwise output d once and per-tile partial pool
-           sums; squeeze_excite's `_mlp_kernel` turns the sums into the per-channel scale; `_project_kernel`
+           sums; squeeze_excite's MLP kernel (`mlp_launch`) turns the sums into the per-channel scale; `_project_kernel`
            reads d once, scales it, and runs the project conv, BN, activation and residual add.
 fp16 / bf16 dots run on tensor cores; float32 dots in IEEE float32 (TF32 would miss the float32 tolerance).
 Dot shapes are at least 16 along every axis (channel blocks padded with masks), as the GPU compiler requires.
@@ -21,9 +21,9 @@ import triton.language as tl
 
 from ... import activations
 from ..._contract import BlockArgs, inverted_residual_output, kernel_layouts, memory_format_of
-from . import Launch, interpreting, run_launches
 from .activation_math import apply_activation
-from .squeeze_excite import MAX_REDUCED_CHANNELS, _mlp_kernel, _mlp_tile
+from .launch import Launch, interpreting, run_launches
+from .squeeze_excite import MAX_REDUCED_CHANNELS, mlp_launch
 
 MIN_DOT = 16  # the GPU compiler's smallest tl.dot extent
 # What the kernel declines: the project accumulator [BLOCK_P, BLOCK_O] and the halo tile [HALO_P, BLOCK_E]
@@ -209,8 +209,9 @@ def _project_kernel(
 
 # ------------------------------------------------------------------------------------------------ launcher
 def _dot(x_dtype: torch.dtype):
-    """(DOT_DTYPE, INPUT_PRECISION): x's own dtype on tensor cores; float32 in IEEE float32. The interpreter's
-    bf16 dot is wrong (toolchain.md), so bf16 runs float32 dots there."""
+    """(DOT_DTYPE, INPUT_PRECISION): x's own dtype on tensor cores; float32 in IEEE float32. Under Triton's CPU
+    interpreter (TRITON_INTERPRET=1) a bf16 tl.dot gives wrong results (seen with triton 3.8's interpreter), so
+    bf16 runs float32 dots there."""
     if x_dtype == torch.float16:
         return tl.float16, "ieee"
     if x_dtype == torch.bfloat16 and not interpreting():
@@ -295,15 +296,9 @@ def plan(args: BlockArgs) -> tuple[torch.Tensor, list]:
              DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, **tile))
     if not args.has_se:
         return out, [block]
-    reduced = int(args.w_se_reduce.shape[0])
     scale = torch.empty((batch, hidden), dtype=torch.float32, device=x.device)
-    mlp_block_n, block_r, mlp_block_c = _mlp_tile(batch, hidden, reduced)
-    se_code, se_param = _code_and_parameter(args.se_activation)
-    mlp = Launch(_mlp_kernel, (triton.cdiv(batch, mlp_block_n),),
-                 (partial_sums, args.w_se_reduce, args.b_se_reduce, args.w_se_expand, args.b_se_expand, scale,
-                  batch, hidden, reduced, out_h * out_w, tiles_per_image, se_param),
-                 dict(ACTIVATION=se_code, GATE=activations.gate_code(args.se_gate),
-                      BLOCK_N=mlp_block_n, BLOCK_R=block_r, BLOCK_C=mlp_block_c))
+    mlp = mlp_launch(partial_sums, scale, args.w_se_reduce, args.b_se_reduce, args.w_se_expand, args.b_se_expand,
+                     out_h * out_w, args.se_activation, args.se_gate)
     block_p = _block(out_h * out_w, 1024 if interpreting() else 32)
     pixel_blocks = triton.cdiv(out_h * out_w, block_p)
     project = Launch(

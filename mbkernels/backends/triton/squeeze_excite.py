@@ -16,8 +16,8 @@ import triton.language as tl
 
 from ... import activations
 from ..._contract import SEArgs, memory_format_of, squeeze_excite_output
-from . import Launch, interpreting, run_launches
 from .activation_math import apply_activation, apply_gate
+from .launch import Launch, interpreting, run_launches
 
 INT32_LIMIT = 2**31
 # The hidden vector of one sample lives in one program's registers.
@@ -123,13 +123,15 @@ def _mlp_kernel(
         hidden += tl.load(b_reduce_ptr + rows, mask=row_mask, other=0.0)[None, :]
     hidden = tl.where(row_mask[None, :], apply_activation(hidden, ACTIVATION, ACT_PARAM), 0.0)
 
-    # scale = gate(hidden @ w_expand.T + b_expand), w_expand [C, R] read transposed into [BLOCK_R x BLOCK_C] tiles.
+    # scale = gate(hidden @ w_expand.T + b_expand), w_expand [C, R] in [BLOCK_C x BLOCK_R] tiles, reduced along R
+    # as read. (Read transposed, as [BLOCK_R x BLOCK_C], each tile went through shared memory into the layout of
+    # the reduction; triton 3.6 then spilled at C=240, R=10.)
     for first_channel in range(0, C, BLOCK_C):
         channels = first_channel + tl.arange(0, BLOCK_C)
         channel_mask = channels < C
-        w_mask = row_mask[:, None] & channel_mask[None, :]
-        w = tl.load(w_expand_ptr + channels[None, :] * R + rows[:, None], mask=w_mask, other=0.0)
-        logits = tl.sum(w[None, :, :] * hidden[:, :, None], axis=1)
+        w_mask = channel_mask[:, None] & row_mask[None, :]
+        w = tl.load(w_expand_ptr + channels[:, None] * R + rows[None, :], mask=w_mask, other=0.0)
+        logits = tl.sum(w[None, :, :] * hidden[:, None, :], axis=2)
         if b_expand_ptr is not None:
             logits += tl.load(b_expand_ptr + channels, mask=channel_mask, other=0.0)[None, :]
         scale_mask = sample_mask[:, None] & channel_mask[None, :]
@@ -209,6 +211,21 @@ def _pool_splits(sample_blocks: int, channel_blocks: int, pixels: int, block_p: 
     return pixels_per_split, triton.cdiv(pixels, pixels_per_split)
 
 
+def mlp_launch(partial_sums, scale, w_reduce, b_reduce, w_expand, b_expand, pixels: int, activation: str,
+               gate: str) -> Launch:
+    """The MLP launch that turns float32 partial pool sums [N, splits, C] of planes of `pixels` pixels into the
+    float32 per-channel scale [N, C] (this op's second launch; inverted_residual's too, over its tiles' sums)."""
+    batch, splits, channels = (int(size) for size in partial_sums.shape)
+    reduced = int(w_reduce.shape[0])
+    block_n, block_r, block_c = _mlp_tile(batch, channels, reduced)
+    name, parameter = activations.parse_activation(activation)
+    return Launch(_mlp_kernel, (triton.cdiv(batch, block_n),),
+                  (partial_sums, w_reduce, b_reduce, w_expand, b_expand, scale,
+                   batch, channels, reduced, pixels, splits, parameter),
+                  dict(ACTIVATION=activations.ACTIVATIONS.index(name), GATE=activations.gate_code(gate),
+                       BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_C=block_c))
+
+
 def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     """The output (allocated) and the launches that fill it: pool, MLP, scale. `multiprocessors`: the SM count to
     fill (default: x's device's; the static report plans for an H200 on a machine without one)."""
@@ -216,7 +233,6 @@ def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     # Plain ints: the tiles are picked per shape (when traced with dynamic shapes, this specialises them).
     batch, channels, height, width = (int(size) for size in x.shape)
     pixels = height * width
-    reduced = int(w_reduce.shape[0])
     channels_last = memory_format_of(x) == torch.channels_last
     int64 = x.numel() >= INT32_LIMIT
     out = squeeze_excite_output(args)
@@ -229,8 +245,6 @@ def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
                                             multiprocessors)
     partial_sums = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
     scale = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
-    mlp_block_n, block_r, mlp_block_c = _mlp_tile(batch, channels, reduced)
-    name, parameter = activations.parse_activation(args.activation)
     vector = 16 // x.element_size()
     aligned = (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
                and (channels if channels_last else pixels) % vector == 0)
@@ -239,11 +253,7 @@ def plan(args: SEArgs, multiprocessors=None) -> tuple[torch.Tensor, list]:
     return out, [
         Launch(_pool_kernel, (sample_blocks * channel_blocks * splits,),
                (x, partial_sums, batch, channels, pixels, pixels_per_split, splits), tiles),
-        Launch(_mlp_kernel, (triton.cdiv(batch, mlp_block_n),),
-               (partial_sums, w_reduce, b_reduce, w_expand, b_expand, scale,
-                batch, channels, reduced, pixels, splits, parameter),
-               dict(ACTIVATION=activations.ACTIVATIONS.index(name), GATE=activations.gate_code(args.gate),
-                    BLOCK_N=mlp_block_n, BLOCK_R=block_r, BLOCK_C=mlp_block_c)),
+        mlp_launch(partial_sums, scale, w_reduce, b_reduce, w_expand, b_expand, pixels, args.activation, args.gate),
         Launch(_scale_kernel, (sample_blocks * channel_blocks * pixel_blocks,), (x, scale, out, batch, channels, pixels),
                tiles),
     ]
