@@ -141,6 +141,8 @@ DEPTHWISE_CONVS = {
     "tf-same-k3x5-s2-even-odd": (lambda: timm_layers.Conv2dSame(10, 10, (3, 5), stride=2, groups=10), (10, 11)),
     "tf-same-k3x5-s2-odd-even": (lambda: timm_layers.Conv2dSame(10, 10, (3, 5), stride=2, groups=10), (11, 10)),
     "tf-same-k4-s2x1": (lambda: timm_layers.Conv2dSame(10, 10, 4, stride=(2, 1), groups=10), (9, 10)),
+    "tf-same-k3-s2-d2x3": (lambda: timm_layers.Conv2dSame(10, 10, 3, stride=2, dilation=(2, 3), groups=10),
+                           (10, 13)),
 }
 
 
