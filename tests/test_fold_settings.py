@@ -167,10 +167,10 @@ def _every_kind_model() -> nn.Module:
         nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12, affine=False), nn.ReLU6()))
 
 
-def _patched_every_kind(inference: bool, backend="reference") -> nn.Module:
+def _patched_every_kind(inference: bool) -> nn.Module:
     with torch.inference_mode() if inference else nullcontext():
         stock = _every_kind_model()
-    patched = mbkernels.patch(stock, backend=backend, blocks="all")
+    patched = mbkernels.patch(stock, backend="reference", blocks="all")
     kinds = {type(m) for m in patched.modules() if isinstance(m, FusedModule)}
     assert kinds == {ConvBNAct, DWConvBNAct, MixedDWConvBNAct, SqueezeExcite, InvertedResidual}, \
         mbkernels.patch_report(patched)
@@ -210,6 +210,8 @@ def test_a_module_follows_to_dtype_and_edits_after_it(kind, dtype, inference):
     _check(module, _stock64_of_module, _x(channels), "building", mode)
     with mode():
         module.to(dtype)
+    if inference:
+        assert all(t.is_inference() for t in module.state_dict().values() if t.is_floating_point())
     _check(module, _stock64_of_module, _x(channels, dtype), f"to({dtype})", mode)
     with mode():
         for _, norm in _norms(module):
