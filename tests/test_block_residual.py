@@ -16,7 +16,7 @@ from torch import nn
 import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, assert_close_to_reference, random_x
 from mbkernels.nn import InvertedResidual
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 
 timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks")
 

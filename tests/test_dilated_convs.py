@@ -17,7 +17,7 @@ from torch import nn
 import mbkernels
 from conftest import ALL_BACKENDS, DEVICE, assert_close_to_reference, random_x
 from mbkernels.nn import ConvBNAct, DWConvBNAct, MixedDWConvBNAct
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 
 timm_layers = pytest.importorskip("timm.layers")
 

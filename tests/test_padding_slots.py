@@ -18,7 +18,7 @@ from conftest import ALL_BACKENDS, DEVICE, assert_close_to_reference, random_x
 from oracle import as64, dwconv64, se64, stock_activation
 from mbkernels import ops
 from mbkernels.nn import ConvBNAct, DWConvBNAct, InvertedResidual
-from mbkernels.patch import randomize_batchnorm
+from mbkernels.match import randomize_batchnorm
 
 timm_layers = pytest.importorskip("timm.layers")
 

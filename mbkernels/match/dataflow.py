@@ -163,6 +163,7 @@ class ConvRun:
     output: fx.Node
     conv: str  # the conv module's path in the captured module
     padding: Optional[list]  # [top, bottom, left, right] with any pad node merged; None: TF 'SAME' per call
+    pad_before: Optional[list]  # a pad node's own [top, bottom, left, right], merged above
     norm: Optional[str]  # the BatchNorm's path
     activation: str  # the spec applied last
     depthwise: bool
@@ -307,6 +308,8 @@ class _Graph:
             padding = [a + b for a, b in zip(padding, pad)]
             nodes.insert(0, source)
             source = source.args[0]
+        else:
+            pad = None
         last, norm, activation = node, None, "identity"
         user = self.only_user(node)
         if user is not None and isinstance(self.module(user), nn.BatchNorm2d) and user.args == (node,):
@@ -331,7 +334,7 @@ class _Graph:
                      and padding == [0, 0, 0, 0])
         if not depthwise and norm is None and activation == "identity":
             return None  # nothing to fold into a plain conv
-        return ConvRun(nodes, source, nodes[-1], node.target, padding, norm, activation, depthwise, pointwise)
+        return ConvRun(nodes, source, nodes[-1], node.target, padding, pad, norm, activation, depthwise, pointwise)
 
     def zero_pad(self, node: fx.Node) -> Optional[list]:
         """[top, bottom, left, right] of a zero-padding node (ZeroPad2d / ConstantPad2d(0) module, F.pad with

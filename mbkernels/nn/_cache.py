@@ -108,7 +108,7 @@ class FusedModule(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _fold_modules(self) -> tuple:
-        """The modules whose parameters and buffers are folded (listed once per refresh, read on every eager call)."""
+        """The modules whose parameters and buffers are folded, as they are now (asked on every staleness check)."""
         raise NotImplementedError
 
     def _fold_settings(self) -> tuple:
@@ -118,19 +118,20 @@ class FusedModule(nn.Module):
         raise NotImplementedError
 
     def _sources_key(self) -> Optional[tuple]:
-        """The sources' storages and versions (an in-place edit bumps a version; a replaced tensor or `.data`
-        swap moves the storage) and the fold settings."""
-        tensors = tuple(filter(_present, chain.from_iterable(map(dict.values, self._source_tables))))
+        """The source modules (one replaced by another is seen), their tensors' storages and versions (an in-place
+        edit bumps a version; a replaced tensor or `.data` swap moves the storage) and the fold settings."""
+        modules = tuple(filter(_present, self._fold_modules()))
+        tables = chain.from_iterable((m._parameters.values(), m._buffers.values()) for m in modules)
+        tensors = tuple(filter(_present, chain.from_iterable(tables)))
         try:
-            return tuple(map(_data_ptr_of, tensors)), tuple(map(_version_of, tensors)), self._fold_settings()
+            return (tuple(map(id, modules)), tuple(map(_data_ptr_of, tensors)), tuple(map(_version_of, tensors)),
+                    self._fold_settings())
         except RuntimeError:  # inference tensors carry no version counter
             return None
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Refold the weights from the stock layers' current values (needed after edits through `.data`)."""
-        self._source_tables = tuple(table for m in self._fold_modules() if m is not None
-                                    for table in (m._parameters, m._buffers))
         for name, value in self._fold().items():
             buffer = self._buffers.get(name)
             if (value is not None and buffer is not None and buffer.shape == value.shape

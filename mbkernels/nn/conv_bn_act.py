@@ -36,8 +36,10 @@ class ConvBNAct(FoldedConvBNAct):
         return {"folded_weight": weight.to(dtype), "folded_bias": bias.to(dtype)}
 
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
-        weight, bias = self.folded_weights() if padding is not None else (None, None)
+        if not self.uses_fused_kernel(x):
+            return self.stock_forward(x)
+        weight, bias = self.folded_weights()  # first: a refold reads the conv's settings again
+        padding = self.padding_for(x)
         if padding is None or x.dtype != weight.dtype:  # a dtype the stock conv refuses (or autocasts) too
             return self.stock_forward(x)
         settings = (weight, bias, self.stride, padding, self.dilation, self.conv.groups, self.activation)

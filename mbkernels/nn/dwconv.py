@@ -31,9 +31,6 @@ def _forget_keys_loaded_elsewhere(module: "FoldedConvBNAct", incompatible_keys) 
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(moved)]
 
 
-FROM_CONV = "from the conv"  # FoldedConvBNAct's padding: the conv's own
-
-
 class FoldedConvBNAct(FusedModule):
     """What a conv -> BatchNorm -> activation run folded into one module is, whatever computes it: the stock
     modules inside, the BN folded into the conv's weight and bias, and the stock names in the state_dict.
@@ -48,22 +45,22 @@ class FoldedConvBNAct(FusedModule):
     {"conv": "3", "bn": "4", "act": "5"}; this module takes conv's name, and its state_dict entries are written
     and read under those names, so they equal the stock model's.
 
-    padding and activation, when given, replace what conv and act say: a run matched in a forward's dataflow
-    (mbkernels.nn.rewrite) pads before the conv (a ZeroPad2d, F.pad) and applies an expression, not a module.
+    pad_before and activation, when given, add to and replace what conv and act say: a run matched in a forward's
+    dataflow (mbkernels.nn.rewrite) may pad before the conv (a ZeroPad2d, F.pad: [top, bottom, left, right]) and
+    apply an expression, not a module. The conv's stride, padding and dilation are read again at every refold.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None,
                  backend: Optional[str] = None, stock_slots: Optional[dict[str, str]] = None, *,
-                 padding=FROM_CONV, activation: Optional[str] = None):
+                 pad_before: Optional[list] = None, activation: Optional[str] = None):
         super().__init__()
         self.check_conv(conv)
         if bn is not None:
             check_norm(bn)
         self.activation = activation if activation is not None else fused_activation(bn, act)
-        # [top, bottom, left, right]; None: computed per call from x's size
-        self.padding = self.static_padding(conv) if padding is FROM_CONV else padding
+        self.pad_before = pad_before
         self.conv = conv
-        self.stride, self.dilation = self.stride_dilation(conv)
+        self.read_conv_settings()
         self.bn = bn if bn is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
         self.backend = backend
@@ -83,6 +80,15 @@ class FoldedConvBNAct(FusedModule):
     def stride_dilation(conv: nn.Module) -> tuple:
         return tuple(conv.stride), tuple(conv.dilation)
 
+    def read_conv_settings(self) -> None:
+        """stride, dilation and padding ([top, bottom, left, right]; None: computed per call from x's size) from
+        the conv as it is now."""
+        self.stride, self.dilation = self.stride_dilation(self.conv)
+        padding = self.static_padding(self.conv)
+        if padding is not None and self.pad_before is not None:
+            padding = [a + b for a, b in zip(padding, self.pad_before)]
+        self.padding = padding
+
     def padding_for(self, x: torch.Tensor) -> Optional[list[int]]:
         """[top, bottom, left, right] for x (None: the stock modules must run)."""
         return self.padding if self.padding is not None else tf_same_padding(x.shape[2:], self.conv)
@@ -95,10 +101,13 @@ class FoldedConvBNAct(FusedModule):
         return self.conv, self.bn
 
     def _fold_settings(self) -> tuple:
-        return (self.bn.eps,) if isinstance(self.bn, nn.BatchNorm2d) else ()
+        convs = [self.conv, *self.conv.children()]  # a MixedConv2d's groups
+        settings = tuple((c.stride, c.padding, c.dilation) for c in convs if isinstance(c, nn.Conv2d))
+        return settings + ((self.bn.eps,) if isinstance(self.bn, nn.BatchNorm2d) else ())
 
     def folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 (weight, bias) of the conv with the BN folded in."""
+        """The float32 (weight, bias) of the conv with the BN folded in (the conv's settings read again)."""
+        self.read_conv_settings()
         weight, bias = self.conv_weight_bias()
         if isinstance(self.bn, nn.BatchNorm2d):
             weight, bias = ops.fold_bn_into(weight, bias, self.bn)
@@ -162,10 +171,12 @@ class DWConvBNAct(FoldedConvBNAct):
         return {"folded_weight": device_layout(weight, tap_major), "folded_bias": bias}
 
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        padding = self.padding_for(x) if self.uses_fused_kernel(x) else None
+        if not self.uses_fused_kernel(x):
+            return self.stock_forward(x)
+        weight, bias = self.folded_weights()  # first: a refold reads the conv's settings again
+        padding = self.padding_for(x)
         if padding is None:
             return self.stock_forward(x)
-        weight, bias = self.folded_weights()
         return self.run_op("dwconv_bn_act", x, weight, bias, self.stride, padding, self.dilation, self.activation,
                            self.backend or "")
 

@@ -25,6 +25,7 @@ from .._contract import (BlockArgs, check_inverted_residual, device_layout, inpu
 from ..match import probe_copy, probe_input, prove
 from ..match.structural import BlockParts, find_block_parts, static_padding
 from ._cache import FusedModule, use_stock_state_dict_keys
+from .dwconv import FusedInto
 from .squeeze_excite import se_expand_weights, se_reduce_weights
 
 _FOLDED = ("w_expand", "b_expand", "w_dw", "b_dw", "w_se_reduce", "b_se_reduce", "w_se_expand", "b_se_expand",
@@ -71,20 +72,19 @@ class InvertedResidual(FusedModule):
     unchanged in training mode or when autograd needs a graph; the state_dict has the block's own keys."""
 
     def __init__(self, stock: nn.Module, parts: BlockParts, backend: Optional[str] = None,
-                 padding: Optional[list] = None):
+                 pad_before: Optional[list] = None):
         super().__init__()
         self.stock = stock
         self.parts = parts
         self.backend = backend
-        # The stock modules of the parts, held by reference: layer fusion inside the block (tried beside block
-        # fusion when the planner measures) moves them out of their slots, and the folds must still find them.
-        paths = [path for path in (parts.expand_conv, parts.expand_bn, parts.dw_conv, parts.dw_bn, parts.se_reduce,
-                                   parts.se_expand, parts.se_norm, parts.project_conv, parts.project_bn) if path]
-        object.__setattr__(self, "part_modules", {path: stock.get_submodule(path) for path in paths})
-        dw_conv = self.part_modules[parts.dw_conv]
-        self.stride, self.dilation = list(dw_conv.stride), list(dw_conv.dilation)
-        # [top, bottom, left, right]: the conv's own, or the pad a forward applies before it (nn.rewrite)
-        self.padding = padding if padding is not None else static_padding(dw_conv)
+        self.pad_before = pad_before  # [top, bottom, left, right] a forward pads by before the dw conv (nn.rewrite)
+        self.part_paths = tuple(path for path in (
+            parts.expand_conv, parts.expand_bn, parts.dw_conv, parts.dw_bn, parts.se_reduce, parts.se_expand,
+            parts.se_norm, parts.project_conv, parts.project_bn) if path)
+        # The stock modules as found at build: what a path leads to when layer fusion inside the block (timed
+        # beside block fusion by a tuned patch) has put a fused module in its place.
+        object.__setattr__(self, "_built_parts", {path: stock.get_submodule(path) for path in self.part_paths})
+        self.read_dw_settings()
         for name in _FOLDED:
             self.register_buffer(name, None, persistent=False)
         self.refresh()
@@ -124,14 +124,39 @@ class InvertedResidual(FusedModule):
                              f"compute one: {proof.failure}")
         return proof.proven
 
+    @property
+    def part_modules(self) -> dict:
+        """Path -> the stock module of each part, as the block holds it now (one replaced by another is seen)."""
+        found = {}
+        for path in self.part_paths:
+            try:
+                module = self.stock.get_submodule(path)
+            except AttributeError:
+                module = None
+            stock = getattr(module, "stock", None) if isinstance(module, FusedInto) else getattr(module, "conv", None)
+            found[path] = (module if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
+                           else stock if isinstance(stock, nn.Module) else self._built_parts[path])
+        return found
+
+    def read_dw_settings(self) -> None:
+        """stride, dilation and padding from the depthwise conv as it is now (and what the forward pads before)."""
+        dw_conv = self.part_modules[self.parts.dw_conv]
+        self.stride, self.dilation = list(dw_conv.stride), list(dw_conv.dilation)
+        padding = static_padding(dw_conv)
+        self.padding = padding if self.pad_before is None else [a + b for a, b in zip(padding, self.pad_before)]
+
     def _fold_modules(self):
         return tuple(self.part_modules.values())
 
     def _fold_settings(self) -> tuple:
-        return tuple(m.eps for m in self.part_modules.values() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        parts = self.part_modules
+        dw_conv = parts[self.parts.dw_conv]
+        return ((dw_conv.stride, dw_conv.padding, dw_conv.dilation),
+                *(m.eps for m in parts.values() if isinstance(m, nn.modules.batchnorm._BatchNorm)))
 
     def _fold(self) -> dict:
-        """The stock block's BNs folded into the float32 buffers the op reads."""
+        """The stock block's BNs folded into the float32 buffers the op reads (the dw conv's settings read again)."""
+        self.read_dw_settings()
         return fold(self.part_modules, self.parts)
 
     def train(self, mode: bool = True):

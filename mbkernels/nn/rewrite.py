@@ -122,7 +122,7 @@ def fused_run(root: nn.Module, run: ConvRun, backend: Optional[str]) -> nn.Modul
     conv = root.get_submodule(run.conv)
     norm = root.get_submodule(run.norm) if run.norm else None
     kind = DWConvBNAct if run.depthwise else ConvBNAct
-    return kind(conv, norm, None, backend=backend, padding=run.padding, activation=run.activation)
+    return kind(conv, norm, None, backend=backend, pad_before=run.pad_before, activation=run.activation)
 
 
 def fused_se(root: nn.Module, se: SEMatch, backend: Optional[str]) -> nn.Module:
@@ -146,7 +146,7 @@ def fused_block(root: nn.Module, block: BlockMatch, backend: Optional[str], resi
         name(se, "se"), se.activation if se else "relu", se.gate if se else "sigmoid", name(se, "se_reduce"),
         name(se and se.expand, "se_expand"), block.post_se_activation, "project_conv", name(project.norm, "project_bn"),
         project.activation, residual, se_norm=name(se and se.norm, "se_norm"))
-    return InvertedResidual(holder, parts, backend=backend, padding=dw.padding)
+    return InvertedResidual(holder, parts, backend=backend, pad_before=dw.pad_before)
 
 
 def build(root: nn.Module, match, backend: Optional[str]) -> nn.Module:
