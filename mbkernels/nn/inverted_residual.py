@@ -193,11 +193,10 @@ def fold(block: nn.Module, parts: BlockParts) -> dict:
 def _bundle(x: torch.Tensor, block: nn.Module, parts: BlockParts, folded: dict, residual: bool) -> BlockArgs:
     dw_conv = block.get_submodule(parts.dw_conv)
     return BlockArgs(
-        x, folded["w_expand"], folded["b_expand"], parts.expand_activation, folded["w_dw"], folded["b_dw"],
-        list(dw_conv.stride), static_padding(dw_conv), list(dw_conv.dilation),
-        parts.dw_activation, folded["w_se_reduce"], folded["b_se_reduce"], folded["w_se_expand"],
-        folded["b_se_expand"], parts.se_activation, parts.se_gate, parts.post_se_activation, folded["w_project"],
-        folded["b_project"], parts.project_activation, residual)
+        x=x, **folded, expand_activation=parts.expand_activation, stride=list(dw_conv.stride),
+        padding=static_padding(dw_conv), dilation=list(dw_conv.dilation), dw_activation=parts.dw_activation,
+        se_activation=parts.se_activation, se_gate=parts.se_gate, post_se_activation=parts.post_se_activation,
+        project_activation=parts.project_activation, residual=residual)
 
 
 @torch.no_grad()
@@ -288,12 +287,8 @@ class InvertedResidual(FusedModule):
         if not self.uses_fused_kernel(x):
             return self.stock(x)
         self.refresh_if_stale()
-        parts = self.parts
-        return self.run_op(
-            "inverted_residual", x, self.w_expand, self.b_expand, parts.expand_activation, self.w_dw, self.b_dw,
-            self.stride, self.padding, self.dilation, parts.dw_activation, self.w_se_reduce, self.b_se_reduce,
-            self.w_se_expand, self.b_se_expand, parts.se_activation, parts.se_gate, parts.post_se_activation,
-            self.w_project, self.b_project, parts.project_activation, parts.residual, self.backend or "")
+        args = _bundle(x, self.stock, self.parts, {name: getattr(self, name) for name in _FOLDED}, self.parts.residual)
+        return self.run_op("inverted_residual", *args, self.backend or "")
 
     @property
     def shape(self) -> str:
