@@ -352,8 +352,11 @@ def se_by_the_table(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate)
     return x.double() * scale[:, :, None, None]
 
 
+TABLE_TOLERANCE = dict(rtol=2e-6, atol=1e-6)  # float32 math against float64
+
+
 def assert_computes_the_table(out, expected):
-    torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), expected, **TABLE_TOLERANCE)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -373,6 +376,7 @@ def test_the_kernels_squeeze_excite_computes_mbkernels_activations_and_gates(spe
 
 # The public ops' C++ CPU kernels, in a process that loads mbkernels._C as a plain library: in this one,
 # mbkernels.ops has put its own kernels on those ops (the dispatcher keeps the C++ ones inactive behind them).
+# Each call gives its output, or its error's message.
 RUN_THE_PUBLIC_OPS_IN_CPP = """
 import sys
 import torch
@@ -380,32 +384,46 @@ import torch
 library, inputs, outputs = sys.argv[1:]
 torch.ops.load_library(library)
 probe, se_probe, specs, gates = torch.load(inputs)
+
+
+def run(op, *args):
+    try:
+        return op(*args)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+
+
 torch.save({
-    "dwconv_bn_act": {spec: torch.ops.mbkernels.dwconv_bn_act(*probe, [1, 1], [0, 0, 0, 0], [1, 1], spec, "")
-                      for spec in specs},
-    "squeeze_excite": {(spec, gate): torch.ops.mbkernels.squeeze_excite(*se_probe, spec, gate, "")
-                       for spec in specs for gate in gates},
+    **{spec: run(torch.ops.mbkernels.dwconv_bn_act, *probe, [1, 1], [0, 0, 0, 0], [1, 1], spec, "")
+       for spec in specs},
+    **{(spec, gate): run(torch.ops.mbkernels.squeeze_excite, *se_probe, spec, gate, "")
+       for spec in specs for gate in gates},
 }, outputs)
 """
 
 
 def test_the_public_ops_cpp_kernels_compute_mbkernels_activations_and_gates(tmp_path):
-    """The CPU kernels C++ programs run (AOTInductor packages of patched models)."""
+    """The CPU kernels C++ programs run (AOTInductor packages of patched models), every spec and gate."""
     probe, se_probe = probe_input(), se_probe_input()
     torch.save((probe, se_probe, TABLE_SPECS, activations.GATES), tmp_path / "inputs.pt")
     run = subprocess.run([sys.executable, "-c", RUN_THE_PUBLIC_OPS_IN_CPP, _C.__file__, str(tmp_path / "inputs.pt"),
                           str(tmp_path / "outputs.pt")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     outputs = torch.load(tmp_path / "outputs.pt")
-    for spec in TABLE_SPECS:
-        assert_computes_the_table(outputs["dwconv_bn_act"][spec], activations.apply_activation(spec, probe[0].double()))
-        for gate in activations.GATES:
-            assert_computes_the_table(outputs["squeeze_excite"][spec, gate], se_by_the_table(*se_probe, spec, gate))
+    expected = {spec: activations.apply_activation(spec, probe[0].double()) for spec in TABLE_SPECS}
+    expected.update({(spec, gate): se_by_the_table(*se_probe, spec, gate)
+                     for spec in TABLE_SPECS for gate in activations.GATES})
+    wrong = {}
+    for call, want in expected.items():
+        got = outputs[call]
+        if isinstance(got, str):
+            wrong[call] = got
+        elif not torch.allclose(got.double(), want, **TABLE_TOLERANCE):
+            wrong[call] = f"off by up to {(got.double() - want).abs().max().item():.3g}"
+    assert not wrong, "\n".join(f"{call}: {why}" for call, why in wrong.items())
 
 
 # -------------------------------------------------------------------------------------- the op contracts
-
-
 def test_empty_batch_gives_empty_outputs():
     x = torch.randn(0, 8, 5, 5)
     weight, bias = dwconv_weights(16, 3, 3)
