@@ -1,6 +1,7 @@
-// The activation and gate math shared by every CUDA kernel and by their host emulation.
-// The order of kActivationNames / kGateNames is the integer code table shared with Python (mbkernels._C
-// exposes it as ACTIVATIONS / GATES).
+// The activation and gate math shared by every CUDA kernel, their host emulation and the public ops' CPU
+// kernels (public_ops.cpp). The table is mbkernels/activations.py's: mbkernels._C exposes these names (in their
+// code order) and parameter defaults as ACTIVATIONS / GATES / PARAMETER_DEFAULTS, and tests/test_cuda_kernels.py
+// holds them, the parser and the math to that module.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -38,6 +39,14 @@ inline constexpr int kNumActivations = sizeof(kActivationNames) / sizeof(kActiva
 inline constexpr int kNumGates = sizeof(kGateNames) / sizeof(kGateNames[0]);
 inline constexpr float kDefaultLeakyReluSlope = 0.01f;  // torch's default
 
+// "a, b, c": a table's names, for error messages.
+template <int N>
+inline std::string name_list(const char* const (&names)[N]) {
+  std::string list = names[0];
+  for (int i = 1; i < N; ++i) list = list + ", " + names[i];
+  return list;
+}
+
 // An activation with its parameter (only leaky_relu has one).
 struct ActivationSpec {
   Activation kind;
@@ -51,7 +60,7 @@ inline ActivationSpec parse_activation(std::string_view text, const char* op) {
   int code = -1;
   for (int i = 0; i < kNumActivations; ++i)
     if (name == kActivationNames[i]) code = i;
-  TORCH_CHECK(code >= 0, op, ": unknown activation '", text, "'");
+  TORCH_CHECK(code >= 0, op, ": unknown activation '", text, "'; expected one of ", name_list(kActivationNames));
   const Activation kind = static_cast<Activation>(code);
   ActivationSpec spec{kind, kind == Activation::LeakyReLU ? kDefaultLeakyReluSlope : 0.f};
   if (colon == std::string_view::npos) return spec;

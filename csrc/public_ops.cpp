@@ -1,8 +1,10 @@
 // The public ops mbkernels::dwconv_bn_act and mbkernels::squeeze_excite, defined here so that programs without
 // Python (AOTInductor packages of patched models, loaded by torch::inductor::AOTIModelPackageLoader) can run
-// them. Their schemas are those mbkernels/ops.py registers; in a Python process mbkernels.ops puts its own
-// kernels (the full backend choice) on these schemas. Here: the CPU kernels are the reference math in ATen;
-// the CUDA kernels call the CUDA kernels' ops (csrc/registration.cpp) through the dispatcher.
+// them. Their arguments are the fields of the op's bundle in mbkernels/_contract.py, then the backend's name
+// (tests/test_signatures.py holds the schemas to them); in a Python process mbkernels.ops puts its own kernels
+// (the full backend choice) on these schemas. Here: the CPU kernels are the reference math in ATen, on the
+// activation table of the CUDA kernels (activations.cuh); the CUDA kernels call the CUDA kernels' ops
+// (csrc/registration.cpp) through the dispatcher.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -10,34 +12,52 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include "activations.cuh"
 
 namespace {
 
-// "relu", "leaky_relu:0.2": the activation specs of mbkernels/activations.py.
-at::Tensor apply_activation(const at::Tensor& t, c10::string_view spec) {
-  const std::string text(spec);
-  const auto colon = text.find(':');
-  const std::string name = text.substr(0, colon);
-  if (name == "leaky_relu") {
-    return at::leaky_relu(t, colon == std::string::npos ? 0.01 : std::stod(text.substr(colon + 1)));
+std::string_view view(c10::string_view text) { return {text.data(), text.size()}; }
+
+// An activation spec ("relu", "leaky_relu:0.2"), parsed as the CUDA kernels parse it, in ATen.
+at::Tensor apply_activation(const at::Tensor& t, c10::string_view spec, const char* op) {
+  using mbkernels::Activation;
+  const mbkernels::ActivationSpec activation = mbkernels::parse_activation(view(spec), op);
+  switch (activation.kind) {
+    case Activation::Identity:
+      return t;
+    case Activation::ReLU:
+      return at::relu(t);
+    case Activation::ReLU6:
+      return at::hardtanh(t, 0.0, 6.0);
+    case Activation::HardSwish:
+      return at::hardswish(t);
+    case Activation::SiLU:
+      return at::silu(t);
+    case Activation::GELU:
+      return at::gelu(t);
+    case Activation::GELUTanh:
+      return at::gelu(t, "tanh");
+    case Activation::LeakyReLU:
+      return at::leaky_relu(t, activation.param);
   }
-  TORCH_CHECK(colon == std::string::npos, "activation '", name, "' takes no parameter, got '", text, "'");
-  if (name == "identity") return t;
-  if (name == "relu") return at::relu(t);
-  if (name == "relu6") return at::hardtanh(t, 0.0, 6.0);
-  if (name == "hardswish") return at::hardswish(t);
-  if (name == "silu") return at::silu(t);
-  if (name == "gelu") return at::gelu(t);
-  if (name == "gelu_tanh") return at::gelu(t, "tanh");
-  TORCH_CHECK(false, "unknown activation '", name,
-              "'; expected one of identity, relu, relu6, hardswish, silu, gelu, gelu_tanh, leaky_relu");
+  TORCH_CHECK(false, op, ": activation '", std::string(spec), "' has no ATen form");
 }
 
-at::Tensor apply_gate(const at::Tensor& t, c10::string_view gate) {
-  if (gate == "sigmoid") return at::sigmoid(t);
-  if (gate == "hardsigmoid") return at::hardsigmoid(t);
-  TORCH_CHECK(false, "unknown gate '", std::string(gate), "'; expected sigmoid or hardsigmoid");
+at::Tensor apply_gate(const at::Tensor& t, c10::string_view name) {
+  using mbkernels::Gate;
+  const int code = mbkernels::gate_index(view(name));
+  TORCH_CHECK(code >= 0, "squeeze_excite: unknown gate '", std::string(name), "'; expected one of ",
+              mbkernels::name_list(mbkernels::kGateNames));
+  switch (static_cast<Gate>(code)) {
+    case Gate::Sigmoid:
+      return at::sigmoid(t);
+    case Gate::HardSigmoid:
+      return at::hardsigmoid(t);
+  }
+  TORCH_CHECK(false, "squeeze_excite: gate '", std::string(name), "' has no ATen form");
 }
 
 at::MemoryFormat memory_format_of(const at::Tensor& x) {
@@ -97,7 +117,7 @@ at::Tensor dwconv_bn_act(const at::Tensor& x, const at::Tensor& weight, const at
   const std::vector<int64_t> no_padding = {0, 0};
   const at::Tensor y = at::conv2d(padded, weight.to(at::kFloat), bias.to(at::kFloat), ints(stride), no_padding,
                                   ints(dilation), x.size(1));
-  return apply_activation(y, activation).to(x.scalar_type()).contiguous(format);
+  return apply_activation(y, activation, "dwconv_bn_act").to(x.scalar_type()).contiguous(format);
 }
 
 at::Tensor squeeze_excite(const at::Tensor& x, const at::Tensor& w_reduce, const std::optional<at::Tensor>& b_reduce,
@@ -119,7 +139,8 @@ at::Tensor squeeze_excite(const at::Tensor& x, const at::Tensor& w_reduce, const
     return op.call(x.contiguous(format), reduce, as_float(b_reduce), expand, as_float(b_expand), activation, gate);
   }
   const at::Tensor x32 = x.to(at::kFloat);
-  const at::Tensor hidden = apply_activation(at::linear(x32.mean({2, 3}), reduce, as_float(b_reduce)), activation);
+  const at::Tensor hidden =
+      apply_activation(at::linear(x32.mean({2, 3}), reduce, as_float(b_reduce)), activation, "squeeze_excite");
   const at::Tensor scale = apply_gate(at::linear(hidden, expand, as_float(b_expand)), gate);
   return (x32 * scale.unsqueeze(-1).unsqueeze(-1)).to(x.scalar_type()).contiguous(format);
 }

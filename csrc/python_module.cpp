@@ -46,6 +46,10 @@ PYBIND11_MODULE(_C, m) {
   for (int i = 0; i < mbkernels::kNumGates; ++i) gates[i] = mbkernels::kGateNames[i];
   m.attr("ACTIVATIONS") = activations;
   m.attr("GATES") = gates;
+  pybind11::dict parameter_defaults;  // the activations that take a parameter, and its value when left out
+  parameter_defaults[mbkernels::kActivationNames[static_cast<int>(mbkernels::Activation::LeakyReLU)]] =
+      mbkernels::kDefaultLeakyReluSlope;
+  m.attr("PARAMETER_DEFAULTS") = parameter_defaults;
   m.def(
       "dwconv_bn_act_limit_reason",
       [](int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, int64_t C_out, int64_t kh, int64_t kw,

@@ -1,13 +1,16 @@
 // The native ops of the mbkernels:: namespace: their schemas and their CUDA / CPU (emulated) kernels.
 // Linked into both the Python extension mbkernels._C and the CMake library for libtorch programs.
+// Each op's arguments are the fields of its bundle in mbkernels/_contract.py (DWConvArgs, SEArgs), in order and
+// with their schema types: the cuda backend passes the bundle as it is, and tests/test_signatures.py holds the
+// schemas to the bundles. The kernels take SymInt[] arguments as int lists (the dispatcher unpacks them).
 #include <torch/library.h>
 
 #include "ops.h"
 
 TORCH_LIBRARY(mbkernels, m) {
   m.def(
-      "dwconv_bn_act_cuda(Tensor x, Tensor weight, Tensor bias, int[2] stride, int[4] padding, "
-      "int[2] dilation, str activation) -> Tensor");
+      "dwconv_bn_act_cuda(Tensor x, Tensor weight, Tensor bias, SymInt[] stride, SymInt[] padding, "
+      "SymInt[] dilation, str activation) -> Tensor");
   m.def(
       "squeeze_excite_cuda(Tensor x, Tensor w_reduce, Tensor? b_reduce, Tensor w_expand, Tensor? b_expand, "
       "str activation, str gate) -> Tensor");

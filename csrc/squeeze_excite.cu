@@ -561,7 +561,8 @@ at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
   const ActivationSpec spec =
       parse_activation(std::string_view(activation.data(), activation.size()), "squeeze_excite_cuda");
   const int gate_code = gate_index(std::string_view(gate.data(), gate.size()));
-  TORCH_CHECK(gate_code >= 0, "squeeze_excite_cuda: unknown gate '", gate, "'; expected sigmoid or hardsigmoid");
+  TORCH_CHECK(gate_code >= 0, "squeeze_excite_cuda: unknown gate '", gate, "'; expected one of ",
+              name_list(kGateNames));
   const bool channels_last = is_channels_last(x);
   const std::string limit = squeeze_excite_limit_reason(x.size(0), C, x.size(2), x.size(3), channels_last, R);
   TORCH_CHECK(limit.empty(), "squeeze_excite_cuda: ", limit);

@@ -8,6 +8,10 @@ and nothing above it. A backend's run function receives one checked, normalised 
            contiguous), a no-op for the fused modules' weights, which are folded into the layout of their device;
            every other weight contiguous;
   padding  four ints [top, bottom, left, right]; activation an activation spec ("relu", "leaky_relu:0.2").
+
+Each bundle's fields, in order and with their types, are the one list of its op's arguments: the registered op
+takes them (then the name of the backend to run it), its schema follows from them (`op_schema`), and so do the
+public function's call and the CUDA kernels' op; tests/test_signatures.py holds the C++ schemas to them.
 """
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -18,6 +22,8 @@ from . import activations
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IntOrPair = Union[int, Sequence[int]]
+# The schema type of each type a bundle's field has: what torch.library.infer_schema gives these Python types.
+SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", list[int]: "SymInt[]", str: "str", bool: "bool"}
 
 
 # ------------------------------------------------------------------------------------------- shared checks
@@ -105,9 +111,9 @@ class DWConvArgs(NamedTuple):
     x: Tensor
     weight: Tensor
     bias: Tensor
-    stride: list  # [h, w]
-    padding: list  # [top, bottom, left, right]
-    dilation: list  # [h, w]
+    stride: list[int]  # [h, w]
+    padding: list[int]  # [top, bottom, left, right]
+    dilation: list[int]  # [h, w]
     activation: str
 
     @property
@@ -225,9 +231,14 @@ def normalise_squeeze_excite(args: SEArgs) -> SEArgs:
     )
 
 
-def dwconv_bn_act_bundle(x, weight, bias, stride, padding, dilation, activation) -> DWConvArgs:
-    """The bundle of the registered op's arguments (padding given as [h, w] or [top, bottom, left, right])."""
-    return DWConvArgs(x, weight, bias, list(stride), padding4(list(padding)), list(dilation), activation)
+def _conv_settings(args):
+    """args with stride and dilation as lists, padding as [top, bottom, left, right] (from [h, w] too)."""
+    return args._replace(stride=list(args.stride), padding=padding4(list(args.padding)), dilation=list(args.dilation))
+
+
+def dwconv_bn_act_bundle(*values) -> DWConvArgs:
+    """The bundle of the registered op's arguments (its backend's name aside)."""
+    return _conv_settings(DWConvArgs(*values))
 
 
 # ------------------------------------------------------------------------------ inverted-residual block
@@ -256,9 +267,9 @@ class BlockArgs(NamedTuple):
     expand_activation: str
     w_dw: Tensor  # [E, 1, kh, kw]
     b_dw: Tensor  # [E]
-    stride: list  # [h, w]
-    padding: list  # [top, bottom, left, right]
-    dilation: list  # [h, w]
+    stride: list[int]  # [h, w]
+    padding: list[int]  # [top, bottom, left, right]
+    dilation: list[int]  # [h, w]
     dw_activation: str
     w_se_reduce: Optional[Tensor]  # [R, E]
     b_se_reduce: Optional[Tensor]  # [R]
@@ -286,7 +297,8 @@ class BlockArgs(NamedTuple):
 
     def depthwise(self, h: Tensor) -> DWConvArgs:
         """The block's depthwise stage as a dwconv_bn_act bundle on the hidden activations h."""
-        return DWConvArgs(h, self.w_dw, self.b_dw, self.stride, self.padding, self.dilation, self.dw_activation)
+        return DWConvArgs(x=h, weight=self.w_dw, bias=self.b_dw, stride=self.stride, padding=self.padding,
+                          dilation=self.dilation, activation=self.dw_activation)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -332,8 +344,9 @@ def check_inverted_residual(args: BlockArgs) -> None:
     if (se_weights[0] is None) != (se_weights[1] is None):
         raise ValueError("an SE needs both w_se_reduce and w_se_expand (or neither, for a block without SE)")
     if args.has_se:
-        check_squeeze_excite(SEArgs(x.new_empty((1, hidden, 1, 1)), args.w_se_reduce, args.b_se_reduce,
-                                    args.w_se_expand, args.b_se_expand, args.se_activation, args.se_gate))
+        check_squeeze_excite(SEArgs(x=x.new_empty((1, hidden, 1, 1)), w_reduce=args.w_se_reduce,
+                                    b_reduce=args.b_se_reduce, w_expand=args.w_se_expand, b_expand=args.b_se_expand,
+                                    activation=args.se_activation, gate=args.se_gate))
     elif args.b_se_reduce is not None or args.b_se_expand is not None:
         raise ValueError("SE biases are given without SE weights")
     elif activations.parse_activation(args.post_se_activation)[0] != "identity":
@@ -381,17 +394,15 @@ def kernel_layouts(args: BlockArgs) -> BlockArgs:
                          w_dw=tap_major(args.w_dw), w_project=input_major(args.w_project))
 
 
-def inverted_residual_bundle(x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding, dilation,
-                             dw_activation, w_se_reduce, b_se_reduce, w_se_expand, b_se_expand, se_activation,
-                             se_gate, post_se_activation, w_project, b_project, project_activation,
-                             residual) -> BlockArgs:
-    return BlockArgs(x, w_expand, b_expand, expand_activation, w_dw, b_dw, list(stride), padding4(list(padding)),
-                     list(dilation), dw_activation, w_se_reduce, b_se_reduce, w_se_expand, b_se_expand,
-                     se_activation, se_gate, post_se_activation, w_project, b_project, project_activation,
-                     bool(residual))
+def inverted_residual_bundle(*values) -> BlockArgs:
+    """The bundle of the registered op's arguments (its backend's name aside)."""
+    args = _conv_settings(BlockArgs(*values))
+    return args._replace(residual=bool(args.residual))
 
 
+# ------------------------------------------------------------------------------------------ the contracts
 class OpContract(NamedTuple):
+    fields: type  # the bundle (a NamedTuple): its fields are the op's arguments, in order, with their types
     bundle: callable  # the registered op's arguments (its backend name aside) -> the bundle
     check: callable
     output: callable  # allocates the output: the fake kernel, and what an empty input returns
@@ -399,8 +410,25 @@ class OpContract(NamedTuple):
 
 
 CONTRACTS = {
-    "dwconv_bn_act": OpContract(dwconv_bn_act_bundle, check_dwconv_bn_act, dwconv_bn_act_output, normalise_dwconv_bn_act),
-    "squeeze_excite": OpContract(SEArgs, check_squeeze_excite, squeeze_excite_output, normalise_squeeze_excite),
-    "inverted_residual": OpContract(inverted_residual_bundle, check_inverted_residual, inverted_residual_output,
-                                    normalise_inverted_residual),
+    "dwconv_bn_act": OpContract(DWConvArgs, dwconv_bn_act_bundle, check_dwconv_bn_act, dwconv_bn_act_output,
+                                normalise_dwconv_bn_act),
+    "squeeze_excite": OpContract(SEArgs, SEArgs, check_squeeze_excite, squeeze_excite_output, normalise_squeeze_excite),
+    "inverted_residual": OpContract(BlockArgs, inverted_residual_bundle, check_inverted_residual,
+                                    inverted_residual_output, normalise_inverted_residual),
 }
+
+
+def schema_arguments(fields: type) -> list[str]:
+    """A bundle's fields as schema arguments: ["Tensor x", "Tensor? b_reduce", "SymInt[] stride", ...]."""
+    return [f"{SCHEMA_TYPES[kind]} {name}" for name, kind in fields.__annotations__.items()]
+
+
+def tensor_positions(fields: type) -> tuple[int, ...]:
+    """The positions of a bundle's tensor fields (the optional ones too)."""
+    kinds = fields.__annotations__.values()
+    return tuple(i for i, kind in enumerate(kinds) if kind in (Tensor, Optional[Tensor]))
+
+
+def op_schema(op: str) -> str:
+    """The registered op's schema, its name aside: the bundle's fields, then the backend's name ("" picks one)."""
+    return f"({', '.join(schema_arguments(CONTRACTS[op].fields) + ['str backend'])}) -> Tensor"

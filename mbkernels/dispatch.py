@@ -2,14 +2,34 @@
 
 Each backend declares itself (mbkernels.backends.Backend): the devices it serves, those it serves only when asked
 for by name, whether it can run here, and per op its run function and limits. `select` asks them in priority order
-(or only the one named by the caller or MBKERNELS_BACKEND) and raises with every backend's reason when none fits.
+(or only the one named by the caller or MBKERNELS_BACKEND), returns the backend it chose with that op's support,
+and raises with every backend's reason when none fits.
 """
 import os
 from typing import Callable, NamedTuple, Optional
 
 from . import backends as _backends
+from .backends import Backend, OpSupport
 
 ENV_VAR = "MBKERNELS_BACKEND"
+
+
+class Choice(NamedTuple):
+    """The backend `select` chose for an op, and how it runs that op."""
+    backend: Backend
+    support: OpSupport
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def run(self) -> Callable:
+        return self.support.run
+
+    @property
+    def prepare(self) -> Optional[Callable]:
+        return self.support.prepare
 
 
 class BackendStatus(NamedTuple):
@@ -45,28 +65,32 @@ def why_not(backend, op: str, args, explicit: bool) -> Optional[str]:
     return backend.unavailable_reason() or _device_reason(backend, args.x.device, explicit) or support.limit(args)
 
 
-def select(op: str, backend: Optional[str], args) -> Callable:
-    """The run function of the first backend that can run `op` on args."""
+def select(op: str, backend: Optional[str], args) -> Choice:
+    """The backend that runs `op` on args: the one named (by the caller or MBKERNELS_BACKEND), else the first in
+    priority order that can."""
     name = requested_backend(backend)
     if name is not None:
         chosen = _backends.get(name)
         reason = why_not(chosen, op, args, explicit=True)
         if reason is not None:
             raise RuntimeError(f"the {name} backend cannot run {op} here: {reason}")
-        return chosen.ops[op].run
+        return Choice(chosen, chosen.ops[op])
     reasons = []
     for candidate in _backends.declared():
         reason = why_not(candidate, op, args, explicit=False)
         if reason is None:
-            return candidate.ops[op].run
+            return Choice(candidate, candidate.ops[op])
         reasons.append(f"{candidate.name}: {reason}")
     raise RuntimeError(f"no backend can run {op} on these inputs ({'; '.join(reasons)})")
 
 
-def backends() -> dict[str, BackendStatus]:
+def backend_status() -> dict[str, BackendStatus]:
     """Each backend's availability on this machine and, where it is off, why."""
     status = {}
     for backend in _backends.declared():
         reason = backend.unavailable_reason()
         status[backend.name] = BackendStatus(reason is None, reason or backend.describe())
     return status
+
+
+backends = backend_status  # removed when callers move to backend_status

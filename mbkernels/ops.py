@@ -13,8 +13,9 @@ from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _native, backends as _backends, dispatch  # _native first: it loads mbkernels._C
-from ._contract import CONTRACTS, DWConvArgs, IntOrPair, SEArgs, check_x, memory_format_of, pair, padding4
+from . import _native, dispatch  # _native first: it loads mbkernels._C
+from ._contract import (CONTRACTS, BlockArgs, DWConvArgs, IntOrPair, SEArgs, check_x, memory_format_of, op_schema, pair,
+                        padding4, tensor_positions)
 from .backends.triton import interpreting as triton_interpreting
 
 _native_op_kernels = []  # the Library holding our kernels for ops the native library defined (see _register)
@@ -45,7 +46,7 @@ def _run(op: str, args, backend: str) -> Tensor:
     if args.x.numel() == 0:
         return contract.output(args)
     args = contract.normalise(args)
-    return dispatch.select(op, backend, args)(args)
+    return dispatch.select(op, backend, args).run(args)
 
 
 def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
@@ -59,19 +60,13 @@ def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
         template = args._replace(x=None)
         return lambda x: contract.output(template._replace(x=x))
     args = contract.normalise(args)
-    run = dispatch.select(op, values[-1], args)
-    prepare = _backend_of(op, run).ops[op].prepare
-    if prepare is not None and args.x is values[0]:  # x needs no normalising: the backend's own plan, if it has one
-        planned = prepare(args)
+    choice = dispatch.select(op, values[-1], args)
+    if choice.prepare is not None and args.x is values[0]:  # x needs no normalising: the backend's own plan, if any
+        planned = choice.prepare(args)
         if planned is not None:
             return planned
-    layout, template = memory_format_of(args.x), args._replace(x=None)  # the plan keeps no input alive
+    run, layout, template = choice.run, memory_format_of(args.x), args._replace(x=None)  # the plan keeps no input
     return lambda x: run(template._replace(x=x.contiguous(memory_format=layout)))
-
-
-def _backend_of(op: str, run):
-    """The backend whose run function for op is `run` (what dispatch.select returned)."""
-    return next(b for b in _backends.declared() if op in b.ops and b.ops[op].run is run)
 
 
 def _seen_through(op: str, args, backend: str):
@@ -91,28 +86,33 @@ def _seen_through(op: str, args, backend: str):
     if args.x.numel() == 0:
         return None
     args = contract.normalise(args)
-    run = dispatch.select(op, backend, args)
-    chosen = _backend_of(op, run).name
-    if (chosen == "triton" and triton_interpreting()) or (chosen == "reference" and V.aot_compilation):
+    choice = dispatch.select(op, backend, args)
+    if (choice.name == "triton" and triton_interpreting()) or (choice.name == "reference" and V.aot_compilation):
         return None
-    return lambda: run(args)
+    return lambda: choice.run(args)
 
 
-def _register(op: str, function) -> None:
-    """Make function torch.ops.mbkernels.<op>: its implementation on CPU and CUDA tensors, the contract's output
-    as its fake kernel, and what AOTDispatcher (torch.compile, AOTInductor) traces in its place (_seen_through).
+def _register(op: str) -> None:
+    """Make torch.ops.mbkernels.<op> (arguments: the contract's bundle, then the backend's name) run _run on CPU
+    and CUDA tensors, with the contract's output as its fake kernel, and what AOTDispatcher (torch.compile,
+    AOTInductor) traces in its place (_seen_through).
 
     Where the native library defined the op (csrc/public_ops.cpp, in mbkernels._C; C++ programs run its C++
-    kernels), function becomes its kernel for Python callers; otherwise it is defined here as a custom op."""
+    kernels), this becomes its kernel for Python callers; otherwise the op is defined here, with the schema of
+    the contract's bundle (_contract.op_schema)."""
     contract = CONTRACTS[op]
     qualname = f"mbkernels::{op}"
+
+    def implementation(*values):
+        return _run(op, contract.bundle(*values[:-1]), values[-1])
+
     if hasattr(torch.ops.mbkernels, op):
         if not _native_op_kernels:
             _native_op_kernels.append(torch.library.Library("mbkernels", "IMPL"))
         for key in ("CPU", "CUDA"):
-            _native_op_kernels[0].impl(op, function, key)
+            _native_op_kernels[0].impl(op, implementation, key)
     else:
-        torch.library.custom_op(qualname, function, mutates_args=())
+        torch.library.custom_op(qualname, implementation, mutates_args=(), schema=op_schema(op))
 
     @torch.library.register_fake(qualname)
     def _(*values):
@@ -129,16 +129,22 @@ def _register(op: str, function) -> None:
         return mode.__torch_dispatch__(func, types, values, kwargs)
 
 
+for _op in CONTRACTS:
+    _register(_op)
+
+
+_TENSOR_POSITIONS = {op: tensor_positions(contract.fields) for op, contract in CONTRACTS.items()}
+
+
+def _call(op: str, args, backend: Optional[str]) -> Tensor:
+    """A public function's call of op on its bundle: a plain eager call (see plain_eager_call) runs the op's
+    implementation directly, any other goes through the registered op."""
+    if plain_eager_call(*(args[i] for i in _TENSOR_POSITIONS[op])):
+        return _run(op, args, backend or "")
+    return getattr(torch.ops.mbkernels, op)(*args, backend or "")
+
+
 # ----------------------------------------------------------------------------- depthwise conv + BN + act
-def _dwconv_bn_act_op(x: Tensor, weight: Tensor, bias: Tensor, stride: list[int], padding: list[int],
-                      dilation: list[int], activation: str, backend: str) -> Tensor:
-    args = CONTRACTS["dwconv_bn_act"].bundle(x, weight, bias, stride, padding, dilation, activation)
-    return _run("dwconv_bn_act", args, backend)
-
-
-_register("dwconv_bn_act", _dwconv_bn_act_op)
-
-
 def dwconv_bn_act(
     x: Tensor,
     weight: Tensor,
@@ -158,14 +164,13 @@ def dwconv_bn_act(
     """
     check_x(x)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    args = DWConvArgs(x=x, weight=weight, bias=bias, stride=stride, padding=[0] * 4, dilation=dilation,
+                      activation=activation)
     if padding is None:
         if not isinstance(weight, Tensor) or weight.dim() != 4:
-            CONTRACTS["dwconv_bn_act"].check(DWConvArgs(x, weight, bias, stride, [0] * 4, dilation, activation))
+            CONTRACTS["dwconv_bn_act"].check(args)  # it says what is wrong with weight
         padding = [dilation[0] * (weight.shape[2] // 2), dilation[1] * (weight.shape[3] // 2)]
-    args = (x, weight, bias, stride, padding4(padding), dilation, activation, backend or "")
-    if plain_eager_call(x, weight, bias):
-        return _dwconv_bn_act_op(*args)
-    return torch.ops.mbkernels.dwconv_bn_act(*args)
+    return _call("dwconv_bn_act", args._replace(padding=padding4(padding)), backend)
 
 
 @torch.no_grad()
@@ -206,14 +211,6 @@ def fold_bn_into(weight: Tensor, bias: Tensor, bn: torch.nn.Module) -> tuple[Ten
 
 
 # -------------------------------------------------------------------------------------- squeeze-excite
-def _squeeze_excite_op(x: Tensor, w_reduce: Tensor, b_reduce: Optional[Tensor], w_expand: Tensor,
-                       b_expand: Optional[Tensor], activation: str, gate: str, backend: str) -> Tensor:
-    return _run("squeeze_excite", SEArgs(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate), backend)
-
-
-_register("squeeze_excite", _squeeze_excite_op)
-
-
 def squeeze_excite(
     x: Tensor,
     w_reduce: Tensor,
@@ -230,29 +227,12 @@ def squeeze_excite(
     may be None. The pooled mean and the MLP run in float32; the output has x's dtype and memory format.
     """
     check_x(x)
-    args = (x, w_reduce, b_reduce, w_expand, b_expand, activation, gate, backend or "")
-    if plain_eager_call(x, w_reduce, b_reduce, w_expand, b_expand):
-        return _squeeze_excite_op(*args)
-    return torch.ops.mbkernels.squeeze_excite(*args)
+    args = SEArgs(x=x, w_reduce=w_reduce, b_reduce=b_reduce, w_expand=w_expand, b_expand=b_expand,
+                  activation=activation, gate=gate)
+    return _call("squeeze_excite", args, backend)
 
 
 # ----------------------------------------------------------------------------- inverted-residual block
-def _inverted_residual_op(x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], expand_activation: str,
-                          w_dw: Tensor, b_dw: Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                          dw_activation: str, w_se_reduce: Optional[Tensor], b_se_reduce: Optional[Tensor],
-                          w_se_expand: Optional[Tensor], b_se_expand: Optional[Tensor], se_activation: str,
-                          se_gate: str, post_se_activation: str, w_project: Tensor, b_project: Tensor,
-                          project_activation: str, residual: bool, backend: str) -> Tensor:
-    args = CONTRACTS["inverted_residual"].bundle(
-        x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding, dilation, dw_activation,
-        w_se_reduce, b_se_reduce, w_se_expand, b_se_expand, se_activation, se_gate, post_se_activation,
-        w_project, b_project, project_activation, residual)
-    return _run("inverted_residual", args, backend)
-
-
-_register("inverted_residual", _inverted_residual_op)
-
-
 def inverted_residual(
     x: Tensor,
     w_dw: Tensor,
@@ -297,9 +277,11 @@ def inverted_residual(
         se = (None, None, None, None)
     elif len(se) != 4:
         raise ValueError(f"se must be (w_reduce, b_reduce, w_expand, b_expand), got {len(se)} items")
-    args = (x, w_expand, b_expand, expand_activation, w_dw, b_dw, stride, padding4(padding), dilation,
-            dw_activation, *se, se_activation, se_gate, post_se_activation, w_project, b_project,
-            project_activation, bool(residual), backend or "")
-    if plain_eager_call(x, w_expand, b_expand, w_dw, b_dw, *se, w_project, b_project):
-        return _inverted_residual_op(*args)
-    return torch.ops.mbkernels.inverted_residual(*args)
+    w_se_reduce, b_se_reduce, w_se_expand, b_se_expand = se
+    args = BlockArgs(x=x, w_expand=w_expand, b_expand=b_expand, expand_activation=expand_activation, w_dw=w_dw,
+                     b_dw=b_dw, stride=stride, padding=padding4(padding), dilation=dilation,
+                     dw_activation=dw_activation, w_se_reduce=w_se_reduce, b_se_reduce=b_se_reduce,
+                     w_se_expand=w_se_expand, b_se_expand=b_se_expand, se_activation=se_activation, se_gate=se_gate,
+                     post_se_activation=post_se_activation, w_project=w_project, b_project=b_project,
+                     project_activation=project_activation, residual=bool(residual))
+    return _call("inverted_residual", args, backend)

@@ -10,6 +10,8 @@ C not a multiple of the vector width, misaligned x); NCHW tiled fast <K, S> and 
 small grids, inputs in several chunks), scale. The ops are called directly, with the native schemas.
 """
 import re
+import subprocess
+import sys
 import time
 import zlib
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import HAS_GPU, TOLERANCE, assert_close_to_reference
+from mbkernels import activations
 
 _C = pytest.importorskip("mbkernels._C", reason="the CUDA extension mbkernels._C is not built")
 
@@ -27,8 +30,7 @@ DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU to run the real kernels")
 
-# The activation table in its code order (shared with Python), and the stock module each name means.
-ACTIVATION_ORDER = ("identity", "relu", "relu6", "hardswish", "silu", "gelu", "gelu_tanh", "leaky_relu")
+# The stock module each activation spec means.
 STOCK_ACTIVATIONS = {
     "identity": nn.Identity(),
     "relu": nn.ReLU(),
@@ -316,12 +318,112 @@ def test_squeeze_excite_misaligned_x_takes_the_scalar_path(poisoned_outputs):
     assert_close_to_reference(out, se_reference(x, *weights, "relu", "hardsigmoid"), torch.float16)
 
 
+# ----------------------------------------------------------------------------------- the activation table
+# mbkernels.activations is the table. Its C++ copy (activations.cuh: the names, defaults, parser and math of the
+# CUDA kernels) and the ATen math of the public ops' CPU kernels (public_ops.cpp) are held to it here.
+TABLE_SPECS = activations.ACTIVATIONS + ("leaky_relu:0.37",)  # every name, leaky_relu with its default and not
+# Where the activations and gates bend (0, +-3, 6), both sides of those points, and the tails.
+PROBE = torch.tensor([-9.0, -6.0, -3.5, -3.0, -2.5, -1.0, -0.3, 0.0, 0.3, 1.0, 2.5, 3.0, 3.5, 6.0, 6.5, 9.0])
+
+
+def test_the_kernels_table_is_mbkernels_activations():
+    assert _C.ACTIVATIONS == activations.ACTIVATIONS
+    assert _C.GATES == activations.GATES
+    assert _C.PARAMETER_DEFAULTS == pytest.approx(activations.PARAMETER_DEFAULTS, rel=1e-7)  # float32 in C++
+
+
+def probe_input():
+    """PROBE's points, each in several places, as x [2, 16, 3, 5] for a 1x1 depthwise conv of weight 1, bias 0."""
+    x = PROBE.repeat(2 * 3 * 5)[torch.randperm(2 * 16 * 3 * 5)].view(2, 16, 3, 5)
+    return x, torch.ones(16, 1, 1, 1), torch.zeros(16)
+
+
+def se_probe_input():
+    """squeeze_excite arguments whose gate inputs lie near PROBE's points (b_expand), channel by channel."""
+    x = torch.randn(2, 16, 3, 5)
+    w_reduce, b_reduce, w_expand, _ = se_weights(16, 4, True)
+    return x, w_reduce, b_reduce, w_expand * 0.1, PROBE[torch.randperm(16)]
+
+
+def se_by_the_table(x, w_reduce, b_reduce, w_expand, b_expand, activation, gate):
+    pooled = x.double().mean(dim=(2, 3))
+    hidden = activations.apply_activation(activation, F.linear(pooled, w_reduce.double(), b_reduce.double()))
+    scale = activations.apply_gate(gate, F.linear(hidden, w_expand.double(), b_expand.double()))
+    return x.double() * scale[:, :, None, None]
+
+
+TABLE_TOLERANCE = dict(rtol=2e-6, atol=1e-6)  # float32 math against float64
+
+
+def assert_computes_the_table(out, expected):
+    torch.testing.assert_close(out.double(), expected, **TABLE_TOLERANCE)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spec", TABLE_SPECS)
+def test_the_kernels_activations_compute_mbkernels_activations(spec, layout, poisoned_outputs):
+    x, weight, bias = probe_input()
+    out = dwconv(x.contiguous(memory_format=LAYOUTS[layout]), weight, bias, [1, 1], [0] * 4, [1, 1], spec)
+    assert_computes_the_table(out, activations.apply_activation(spec, x.double()))
+
+
+@pytest.mark.parametrize("gate", activations.GATES)
+@pytest.mark.parametrize("spec", TABLE_SPECS)
+def test_the_kernels_squeeze_excite_computes_mbkernels_activations_and_gates(spec, gate, poisoned_outputs):
+    args = se_probe_input()
+    assert_computes_the_table(squeeze_excite(*args, spec, gate), se_by_the_table(*args, spec, gate))
+
+
+# The public ops' C++ CPU kernels, in a process that loads mbkernels._C as a plain library: in this one,
+# mbkernels.ops has put its own kernels on those ops (the dispatcher keeps the C++ ones inactive behind them).
+# Each call gives its output, or its error's message.
+RUN_THE_PUBLIC_OPS_IN_CPP = """
+import sys
+import torch
+
+library, inputs, outputs = sys.argv[1:]
+torch.ops.load_library(library)
+probe, se_probe, specs, gates = torch.load(inputs)
+
+
+def run(op, *args):
+    try:
+        return op(*args)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+
+
+torch.save({
+    **{spec: run(torch.ops.mbkernels.dwconv_bn_act, *probe, [1, 1], [0, 0, 0, 0], [1, 1], spec, "")
+       for spec in specs},
+    **{(spec, gate): run(torch.ops.mbkernels.squeeze_excite, *se_probe, spec, gate, "")
+       for spec in specs for gate in gates},
+}, outputs)
+"""
+
+
+def test_the_public_ops_cpp_kernels_compute_mbkernels_activations_and_gates(tmp_path):
+    """The CPU kernels C++ programs run (AOTInductor packages of patched models), every spec and gate."""
+    probe, se_probe = probe_input(), se_probe_input()
+    torch.save((probe, se_probe, TABLE_SPECS, activations.GATES), tmp_path / "inputs.pt")
+    run = subprocess.run([sys.executable, "-c", RUN_THE_PUBLIC_OPS_IN_CPP, _C.__file__, str(tmp_path / "inputs.pt"),
+                          str(tmp_path / "outputs.pt")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    outputs = torch.load(tmp_path / "outputs.pt")
+    expected = {spec: activations.apply_activation(spec, probe[0].double()) for spec in TABLE_SPECS}
+    expected.update({(spec, gate): se_by_the_table(*se_probe, spec, gate)
+                     for spec in TABLE_SPECS for gate in activations.GATES})
+    wrong = {}
+    for call, want in expected.items():
+        got = outputs[call]
+        if isinstance(got, str):
+            wrong[call] = got
+        elif not torch.allclose(got.double(), want, **TABLE_TOLERANCE):
+            wrong[call] = f"off by up to {(got.double() - want).abs().max().item():.3g}"
+    assert not wrong, "\n".join(f"{call}: {why}" for call, why in wrong.items())
+
+
 # -------------------------------------------------------------------------------------- the op contracts
-def test_activation_table_order():
-    assert tuple(_C.ACTIVATIONS) == ACTIVATION_ORDER
-    assert tuple(_C.GATES) == ("sigmoid", "hardsigmoid")
-
-
 def test_empty_batch_gives_empty_outputs():
     x = torch.randn(0, 8, 5, 5)
     weight, bias = dwconv_weights(16, 3, 3)

@@ -410,10 +410,10 @@ def test_environment_variable_picks_the_backend(monkeypatch):
         if not mbkernels.backends()[backend.name].available:
             continue
         monkeypatch.setenv(dispatch.ENV_VAR, backend.name)
-        assert dispatch.select("dwconv_bn_act", None, args) is backend.ops["dwconv_bn_act"].run
+        assert dispatch.select("dwconv_bn_act", None, args).backend is backend
     # The caller's explicit choice wins over the variable.
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
-    assert dispatch.select("dwconv_bn_act", "reference", args) is reference.dwconv_bn_act
+    assert dispatch.select("dwconv_bn_act", "reference", args).run is reference.dwconv_bn_act
 
 
 def test_environment_variable_reaches_the_op(monkeypatch):
@@ -535,7 +535,7 @@ def test_dispatch_falls_through_what_a_launcher_refuses(monkeypatch):
     monkeypatch.setitem(cuda.ops, "dwconv_bn_act", refused)
     if backend_unavailable("cuda") is None:
         assert dispatch.why_not(cuda, "dwconv_bn_act", args, explicit=True) == "refused by a test"
-    assert dispatch.select("dwconv_bn_act", None, args) is not refused.run
+    assert dispatch.select("dwconv_bn_act", None, args).run is not refused.run
 
 
 def test_cuda_limits_come_from_the_launcher():

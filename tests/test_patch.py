@@ -79,9 +79,9 @@ def ran_on(monkeypatch):
     select = dispatch.select
 
     def recording(*args, **kwargs):
-        run = select(*args, **kwargs)
-        modules.add(run.__module__)
-        return run
+        choice = select(*args, **kwargs)
+        modules.add(choice.run.__module__)
+        return choice
 
     monkeypatch.setattr(dispatch, "select", recording)
     return modules

@@ -54,16 +54,6 @@ def fold(modules: dict, parts: BlockParts) -> dict:
     return folded
 
 
-def _bundle(x: torch.Tensor, padding: list, dw_conv: nn.Conv2d, parts: BlockParts, folded: dict,
-            residual: bool) -> BlockArgs:
-    return BlockArgs(
-        x, folded["w_expand"], folded["b_expand"], parts.expand_activation, folded["w_dw"], folded["b_dw"],
-        list(dw_conv.stride), padding, list(dw_conv.dilation),
-        parts.dw_activation, folded["w_se_reduce"], folded["b_se_reduce"], folded["w_se_expand"],
-        folded["b_se_expand"], parts.se_activation, parts.se_gate, parts.post_se_activation, folded["w_project"],
-        folded["b_project"], parts.project_activation, residual)
-
-
 # ------------------------------------------------------------------------------------------------ module
 class InvertedResidual(FusedModule):
     """A stock inverted-residual block computed by `mbkernels.ops.inverted_residual` in inference.
@@ -172,12 +162,16 @@ class InvertedResidual(FusedModule):
         if not self.uses_fused_kernel(x):
             return self.stock_forward(x)
         self.refresh_if_stale()
+        return self.run_op("inverted_residual", *self.op_args(x), self.backend or "")
+
+    def op_args(self, x: torch.Tensor) -> BlockArgs:
+        """The op's arguments for input x: this module's folded weights and settings."""
         parts = self.parts
-        return self.run_op(
-            "inverted_residual", x, self.w_expand, self.b_expand, parts.expand_activation, self.w_dw, self.b_dw,
-            self.stride, self.padding, self.dilation, parts.dw_activation, self.w_se_reduce, self.b_se_reduce,
-            self.w_se_expand, self.b_se_expand, parts.se_activation, parts.se_gate, parts.post_se_activation,
-            self.w_project, self.b_project, parts.project_activation, parts.residual, self.backend or "")
+        return BlockArgs(
+            x=x, **{name: getattr(self, name) for name in _FOLDED}, expand_activation=parts.expand_activation,
+            stride=self.stride, padding=self.padding, dilation=self.dilation, dw_activation=parts.dw_activation,
+            se_activation=parts.se_activation, se_gate=parts.se_gate, post_se_activation=parts.post_se_activation,
+            project_activation=parts.project_activation, residual=parts.residual)
 
     @property
     def shape(self) -> str:
@@ -192,8 +186,7 @@ class InvertedResidual(FusedModule):
 
     def bundle(self, x: torch.Tensor) -> BlockArgs:
         """The op's argument bundle for input x, with this module's folded weights (checked, normalised)."""
-        args = _bundle(x, self.padding, self.part_modules[self.parts.dw_conv], self.parts,
-                       {name: getattr(self, name) for name in _FOLDED}, self.parts.residual)
+        args = self.op_args(x)
         check_inverted_residual(args)
         return normalise_inverted_residual(args)
 
