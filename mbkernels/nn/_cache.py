@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import dispatch, ops
+from ..backends import names as backend_names
 
 _MAX_PLANS = 64  # input signatures remembered per module (a server sees a few batch sizes; more is a leak)
 # The staleness check (once per forward of a patched model, for each fused module; see EagerWindow), iterated in C.
@@ -20,6 +21,15 @@ _version_of, _data_ptr_of, _present = attrgetter("_version"), torch.Tensor.data_
 def _signature(x: torch.Tensor, backend_variable: Optional[str]) -> tuple:
     """What a plan is made for: x's shape, layout, dtype and device, and the MBKERNELS_BACKEND in force."""
     return x.shape, x.stride(), x.dtype, x.device, backend_variable
+
+
+STOCK = "stock"  # a measured choice (FusedModule.tuned): the stock modules are the fastest for that input
+
+
+def tuning_key(x: torch.Tensor) -> tuple:
+    """What a measured choice is made for: x's shape, strides, dtype and device (plain ints: a traced call with
+    symbolic sizes specialises to the ones it was measured at)."""
+    return tuple(map(int, x.shape)), tuple(map(int, x.stride())), x.dtype, x.device
 
 
 class EagerWindow:
@@ -105,6 +115,9 @@ class FusedModule(nn.Module):
         super().__init__()
         self._folded_from = None  # the sources' (storage, version) and the settings when last folded
         self._plans = {}  # input signature -> ops.prepare's callable (see run_op)
+        # A tuned patch's measurements (mbkernels.planner.tuning): tuning_key(x) -> what runs for such an x
+        # (STOCK, a backend name, or a kind's own variant name), and -> {variant: median ms} for the report.
+        self.tuned, self.timings = {}, {}
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _fold_modules(self) -> tuple:
@@ -185,6 +198,30 @@ class FusedModule(nn.Module):
                 self._plans.clear()
             plan = self._plans[key] = make()
         return plan
+
+    def tuned_choice(self, x: torch.Tensor) -> Optional[str]:
+        """What a tuned patch measured fastest for an input like x; None when it measured none such."""
+        return self.tuned.get(tuning_key(x)) if self.tuned else None
+
+    def backend_for(self, x: torch.Tensor) -> str:
+        """The backend the op is asked for: the one this module was given, else the measured one for x (unless
+        MBKERNELS_BACKEND names one), else "" (dispatch picks)."""
+        if self.backend:
+            return self.backend
+        choice = self.tuned_choice(x)
+        if choice in backend_names() and not os.environ.get(dispatch.ENV_VAR):
+            return choice
+        return ""
+
+    def run_stock(self, x: torch.Tensor) -> torch.Tensor:
+        """The stock modules on x, where they were measured fastest (a plan like the fused op's, in plain eager)."""
+        if ops.plain_eager_call(x):
+            return self.plan_for(x, lambda: self.stock_forward)(x)
+        return self.stock_forward(x)
+
+    def stock_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What the stock modules compute on x."""
+        raise NotImplementedError
 
     def run_op(self, op: str, *values) -> torch.Tensor:
         """torch.ops.mbkernels.<op>(*values) (x first, the backend name last). A plain eager call (ops.plain_eager_call)

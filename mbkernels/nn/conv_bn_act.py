@@ -12,6 +12,7 @@ from torch import nn
 from .. import ops
 from ..conv_act import prepare_conv2d_act
 from ..match.structural import check_conv_forward
+from ._cache import STOCK
 from .dwconv import FoldedConvBNAct
 
 
@@ -38,6 +39,8 @@ class ConvBNAct(FoldedConvBNAct):
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
             return self.stock_forward(x)
+        if self.tuned_choice(x) == STOCK:
+            return self.run_stock(x)
         weight, bias = self.folded_weights()  # first: a refold reads the conv's settings again
         padding = self.padding_for(x)
         if padding is None or x.dtype != weight.dtype:  # a dtype the stock conv refuses (or autocasts) too

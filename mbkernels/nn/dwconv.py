@@ -12,7 +12,7 @@ from torch import nn
 from .. import ops
 from .._contract import device_layout, tap_major
 from ..match.structural import check_depthwise, check_norm, fused_activation, static_padding, tf_same_padding
-from ._cache import FusedModule
+from ._cache import STOCK, FusedModule
 
 
 def _load_module_tree(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -173,12 +173,20 @@ class DWConvBNAct(FoldedConvBNAct):
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
             return self.stock_forward(x)
+        if self.tuned_choice(x) == STOCK:
+            return self.run_stock(x)
+        call = self.op_call(x)
+        if call is None:
+            return self.stock_forward(x)
+        return self.run_op(*call, self.backend_for(x))
+
+    def op_call(self, x: torch.Tensor) -> Optional[tuple]:
+        """(op name, its arguments for x, the backend aside), or None where the stock modules must run."""
         weight, bias = self.folded_weights()  # first: a refold reads the conv's settings again
         padding = self.padding_for(x)
         if padding is None:
-            return self.stock_forward(x)
-        return self.run_op("dwconv_bn_act", x, weight, bias, self.stride, padding, self.dilation, self.activation,
-                           self.backend or "")
+            return None
+        return "dwconv_bn_act", x, weight, bias, self.stride, padding, self.dilation, self.activation
 
     def extra_repr(self) -> str:
         conv = self.conv

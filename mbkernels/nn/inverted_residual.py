@@ -24,7 +24,7 @@ from .._contract import (BlockArgs, check_inverted_residual, device_layout, inpu
                          tap_major)
 from ..match import probe_copy, probe_input, prove
 from ..match.structural import BlockParts, find_block_parts, static_padding
-from ._cache import FusedModule, use_stock_state_dict_keys
+from ._cache import STOCK, FusedModule, use_stock_state_dict_keys
 from .dwconv import FusedInto
 from .squeeze_excite import se_expand_weights, se_reduce_weights
 
@@ -161,8 +161,14 @@ class InvertedResidual(FusedModule):
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
             return self.stock_forward(x)
+        if self.tuned_choice(x) == STOCK:
+            return self.run_stock(x)
+        return self.run_op(*self.op_call(x), self.backend_for(x))
+
+    def op_call(self, x: torch.Tensor) -> tuple:
+        """(op name, its arguments for x, the backend aside)."""
         self.refresh_if_stale()
-        return self.run_op("inverted_residual", *self.op_args(x), self.backend or "")
+        return ("inverted_residual", *self.op_args(x))
 
     def op_args(self, x: torch.Tensor) -> BlockArgs:
         """The op's arguments for input x: this module's folded weights and settings."""

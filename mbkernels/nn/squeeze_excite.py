@@ -16,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..match import probe_copy, probe_input, prove
 from ..match.structural import SEParts, find_se_parts
-from ._cache import FusedModule, use_stock_state_dict_keys
+from ._cache import STOCK, FusedModule, use_stock_state_dict_keys
 
 
 def se_expand_weights(expand: Optional[nn.Module], channels: int, dtype: torch.dtype, device):
@@ -119,9 +119,13 @@ class SqueezeExcite(FusedModule):
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_kernel(x):
             return self.stock_forward(x)
-        w_reduce, b_reduce, w_expand, b_expand = self.fused_weights()
-        return self.run_op("squeeze_excite", x, w_reduce, b_reduce, w_expand, b_expand, self.activation, self.gate,
-                           self.backend or "")
+        if self.tuned_choice(x) == STOCK:
+            return self.run_stock(x)
+        return self.run_op(*self.op_call(x), self.backend_for(x))
+
+    def op_call(self, x: torch.Tensor) -> tuple:
+        """(op name, its arguments for x, the backend aside)."""
+        return ("squeeze_excite", x, *self.fused_weights(), self.activation, self.gate)
 
     def extra_repr(self) -> str:
         reduced_channels, channels = self.reduce_layer.weight.shape[:2]

@@ -34,32 +34,50 @@ from typing import Optional
 
 from torch import nn
 
+from . import tuning
+from .cache import tuning_enabled
 from .cost import BlockDecision
 from .kinds import FLAGS, KIND_LABELS, REGISTRY, FusionKind
 from .planner import apply, plan, unpatch
 from .report import PatchEntry, PatchReport
 
 
-def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False, **flags) -> nn.Module:
+def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False, example_inputs=None,
+          **flags) -> nn.Module:
     """Swap, in place, every depthwise conv -> BatchNorm -> activation run for mbkernels.nn.DWConvBNAct, every
     squeeze-excite for mbkernels.nn.SqueezeExcite and every other conv -> BatchNorm -> activation run for
-    mbkernels.nn.ConvBNAct; return the model.
+    mbkernels.nn.ConvBNAct; rewrite the forward of modules whose forward code does what their module tree does
+    not show (mbkernels.planner.dataflow); return the model.
 
-    backend: the backend the fused modules ask for (None: the best available at each call). Each swap is proven
-    on a probe first and refused when it does not match; state_dict keys and values stay those of the stock model.
-    Patching a patched model changes nothing. If a swap fails half-way, the model is left as it was.
-    verbose: print patch_report's table.
+    backend: the backend the fused modules ask for (None: the best available at each call, or the measured one).
+    Each swap is proven on a probe first and refused when it does not match; state_dict keys and values stay those
+    of the stock model. Patching a patched model changes nothing. If a swap fails half-way, the model is left as it
+    was. verbose: print patch_report's table.
+    example_inputs: inputs as the model will run them (device, dtype, memory format, batch): a tensor, a tuple of
+    one call's arguments, or a list of either (e.g. one per batch size served). Each candidate is then timed, at
+    the input its module sees in the model's forward, against the stock modules and every backend that can run it,
+    each block against its layers, and the fastest is kept (a fused variant must beat stock by more than the
+    measured noise); choices are cached on disk per device and versions (mbkernels.planner.cache:
+    MBKERNELS_TUNING_CACHE names the file, MBKERNELS_TUNE=0 turns tuning off). Inputs that cannot be the model's
+    raise ValueError before anything is changed or timed.
     Flags (each True by default; False leaves that kind alone):
       dwconv  depthwise conv + BN + activation runs (mbkernels.nn.DWConvBNAct, MixedDWConvBNAct);
       se      squeeze-excite modules (mbkernels.nn.SqueezeExcite);
-      blocks  whole inverted-residual blocks (mbkernels.nn.InvertedResidual) where the planner's cost model prefers
-              them to layer fusion (mbkernels.planner.cost); "all" fuses every block the Triton kernel accepts,
-              whatever the cost model says (to measure the block kernels);
+      blocks  whole inverted-residual blocks (mbkernels.nn.InvertedResidual) where measured (or, without example
+              inputs, the planner's cost model: mbkernels.planner.cost) faster than layer fusion; "all" fuses every
+              block the Triton kernel accepts, whatever the cost model says (to measure the block kernels);
       convs   the BatchNorm (and the activation) after every other conv (dense, pointwise, grouped) folded into it
               (mbkernels.nn.ConvBNAct): PyTorch's own conv on folded weights, one pass over memory less per layer.
     """
-    planner = plan(model, backend, flags)
+    calls = tuning.example_calls(model, example_inputs) if example_inputs is not None else None
+    measured = calls is not None and tuning_enabled()
+    planner = plan(model, backend, flags, measured)
     apply(model, planner)
+    if measured:
+        tuning.tune(model, planner, calls)
+        blocks = planner.report.blocks
+        planner.report = patch_report(model, backend, **flags)  # the fused modules hold what was measured
+        planner.report.blocks = blocks
     if verbose:
         print(planner.report)
     return model

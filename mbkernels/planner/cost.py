@@ -42,9 +42,9 @@ def on_gpu(fused: InvertedResidual) -> bool:
 
 def decide(fused: InvertedResidual, path: str, backend: Optional[str], every_block: bool) -> BlockDecision:
     """Block or layer fusion for `fused` (every_block: block fusion wherever the Triton kernel takes the block)."""
-    parts = fused.parts
-    dw = fused.stock.get_submodule(parts.dw_conv)
-    channels = fused.stock.get_submodule(parts.expand_conv).in_channels if parts.expand_conv else dw.in_channels
+    parts, modules = fused.parts, fused.part_modules
+    dw = modules[parts.dw_conv]
+    channels = modules[parts.expand_conv].in_channels if parts.expand_conv else dw.in_channels
     pixels = PLANE * PLANE
     shape = (1, channels, PLANE, PLANE)
     bytes_moved = fused.traffic(shape, element_size=2)

@@ -23,6 +23,7 @@ from ..nn.inverted_residual import InvertedResidual
 from ..nn.mixed_conv import MixedDWConvBNAct
 from ..nn.squeeze_excite import SqueezeExcite
 from . import cost
+from .tuning import BlockAlternative
 
 
 class Skip(Exception):
@@ -370,13 +371,19 @@ class BlockKind(FusionKind):
             inside = any(f"{path}{name}".startswith(f"{outer}.") for outer in self.layer_planned)
             if (name not in taken and not inside and not isinstance(module, self.planner.fused_types)
                     and holds_one_block(module)):
-                yield Candidate(f"{path}{name}", "", functools.partial(self.build, name, module, f"{path}{name}"))
+                yield Candidate(f"{path}{name}", "", functools.partial(self.build, parent, name, module,
+                                                                       f"{path}{name}"))
 
-    def build(self, name, module, path):
+    def build(self, parent, name, module, path):
         try:
             fused = InvertedResidual.from_module(module, backend=self.planner.backend)
         except ValueError as error:
             raise Skip(str(error)) from None
+        if self.planner.measured and self.planner.blocks is True:
+            # Layer fusion inside it now; tuning times the block kernel against it (planner.tuning).
+            self.planner.block_alternatives.append(BlockAlternative(path, parent, name, module, fused))
+            self.layer_planned.append(path)
+            raise Skip("timed against layer fusion (a tuned patch)")
         decision = cost.decide(fused, path, self.planner.backend, every_block=self.planner.blocks == "all")
         self.planner.report.blocks.append(decision)
         if decision.plan != "block":

@@ -11,7 +11,7 @@ from ..nn._cache import EagerWindow
 from ..nn.dwconv import FusedInto
 from .dataflow import DataflowPass, Rewrite, leftovers
 from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip
-from .report import PatchEntry, PatchReport
+from .report import PatchEntry, PatchReport, measurements
 
 STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
 ABSENT = None  # in STOCK_SLOTS: the slot was empty (a rewrite's forward and fused list): unpatch deletes it
@@ -25,9 +25,11 @@ class Swap:
 
 
 class Planner:
-    def __init__(self, backend: Optional[str], flags: dict):
+    def __init__(self, backend: Optional[str], flags: dict, measured: bool = False):
         self.backend = backend
         self.flags = flags
+        self.measured = measured  # a tuned patch: blocks are timed against their layers, not estimated
+        self.block_alternatives = []  # tuning.BlockAlternative per block fused by layers for now
         self.blocks = flags["blocks"]  # BlockKind's mode: True (measured or cost model) or "all"
         self.kinds = [entry.kind(self) for entry in REGISTRY if flags[entry.flag]]
         self.fused_types = tuple(entry.kind.fused_type for entry in REGISTRY)
@@ -114,14 +116,16 @@ class Planner:
         container = getattr(parent, rewrite.CONTAINER)
         for fused in container:
             kind = next(kind for kind in self.kinds if type(fused) is kind.fused_type)
-            self.report.fused.append(PatchEntry(fused.dataflow_path, kind.kind, *kind.describe(fused),
-                                                via=f"forward of {fused.dataflow_path.rpartition('.')[0] or 'the model'}"))
+            self.report.fused.append(PatchEntry(
+                fused.dataflow_path, kind.kind, *kind.describe(fused), measured=measurements(fused),
+                via=f"forward of {fused.dataflow_path.rpartition('.')[0] or 'the model'}"))
         return set(container.covered) | {rewrite.CONTAINER}
 
     def record_fused(self, module: nn.Module, path: str) -> bool:
         for kind in self.kinds:
             if type(module) is kind.fused_type:  # exactly: MixedDWConvBNAct is a DWConvBNAct of another kind
-                self.report.fused.append(PatchEntry(path, kind.kind, *kind.describe(module), note=kind.note(module)))
+                self.report.fused.append(PatchEntry(path, kind.kind, *kind.describe(module), note=kind.note(module),
+                                                    measured=measurements(module)))
                 return True
         return False
 
@@ -162,10 +166,11 @@ def _refuse_meta_tensors(model: nn.Module) -> None:
         )
 
 
-def plan(model: nn.Module, backend: Optional[str], flags: dict) -> Planner:
-    """Every candidate of the model, matched and proven, as planned swaps and a report (the model unchanged)."""
+def plan(model: nn.Module, backend: Optional[str], flags: dict, measured: bool = False) -> Planner:
+    """Every candidate of the model, matched and proven, as planned swaps and a report (the model unchanged);
+    measured: a tuned patch will time the blocks against their layers (see tuning)."""
     _refuse_meta_tensors(model)
-    planner = Planner(backend, check_flags(flags))
+    planner = Planner(backend, check_flags(flags), measured)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
     try:

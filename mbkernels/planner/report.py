@@ -13,6 +13,21 @@ class PatchEntry:
     reason: str = ""  # why it was left alone (skipped entries)
     note: str = ""  # fused entries: what runs on its own right after (a half fusion), e.g. an activation
     via: str = ""  # fused in a rewritten forward (the dataflow pass): "forward of <module path>"
+    # A tuned patch's measurements: input ("2x16x56x56 float16 channels_last") -> ({variant: median ms}, choice)
+    measured: dict = field(default_factory=dict)
+
+
+def describe_input(key: tuple) -> str:
+    """A tuning key (shape, strides, dtype, device) in words."""
+    shape, strides, dtype, device = key
+    layout = ("channels_last" if len(shape) == 4 and strides[1] == 1 and shape[1] > 1 and strides[3] != 1
+              else "NCHW" if len(shape) == 4 else "")
+    return " ".join(filter(None, ["x".join(map(str, shape)), str(dtype).replace("torch.", ""), layout, str(device)]))
+
+
+def measurements(fused) -> dict:
+    """PatchEntry.measured of a fused module."""
+    return {describe_input(key): (fused.timings.get(key, {}), choice) for key, choice in fused.tuned.items()}
 
 
 @dataclass
@@ -49,8 +64,16 @@ class PatchReport:
                 lines += table([("module", "kind", "shape", "activation")]
                                + [(e.path, KIND_LABELS[e.kind], e.shape,
                                    e.activation + (f"; half-fused: {e.note}" if e.note else "")) for e in entries])
+        measured = [e for e in self.fused if e.measured]
+        if measured:
+            lines.append("measured (median ms per call; * the choice):")
+            lines += table([("module", "input", "variants")]
+                           + [(e.path, shape, "  ".join(
+                               f"{name} {'failed' if ms is None else f'{ms:.4f}'}{'*' if name == choice else ''}"
+                               for name, ms in timings.items()))
+                              for e in measured for shape, (timings, choice) in e.measured.items()])
         if self.blocks:
-            lines.append("block plans (estimated HBM bytes per input pixel, float16):")
+            lines.append("block plans (estimated HBM bytes per input pixel, float16; or measured):")
             lines += table([("module", "shape", "plan", "block B/px", "layers B/px", "expand work", "why")]
                            + [(d.path, d.shape, d.plan, f"{d.block_bytes:.0f}", f"{d.layer_bytes:.0f}",
                                f"x{d.recompute:.2f}", d.reason) for d in self.blocks])

@@ -1,0 +1,322 @@
+"""Measured plans: `patch(model, example_inputs=...)` times, on the model's own device and at the inputs the model's
+forward really gives each fused module, the stock modules against every backend that can run the candidate, and
+for each inverted-residual block, block fusion against layer fusion; it keeps the fastest and caches the choice
+on disk (mbkernels.planner.cache), so that the next process with that model and device times nothing.
+
+The choices are fixed in the fused modules (FusedModule.tuned: per input signature, the stock modules, a backend,
+or for ConvBNAct its folded conv): eager calls, torch.compile, torch.export, AOTInductor and CUDA graphs all run
+what was measured, and nothing is timed after patch returns. A fused variant wins only when it beats the stock
+modules by more than the measured noise (timing.choose); ties keep stock. Without example inputs, or with
+MBKERNELS_TUNE=0, patch plans from its cost model as before.
+"""
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .. import backends, dispatch, ops
+from .._contract import CONTRACTS
+from ..nn import rewrite
+from ..nn._cache import STOCK, FusedModule, tuning_key
+from ..nn.conv_bn_act import ConvBNAct
+from ..nn.inverted_residual import InvertedResidual
+from . import timing
+from .cache import TuningCache
+from . import cost
+from .cost import BlockDecision
+
+FOLDED = "folded"  # ConvBNAct's fused variant: PyTorch's conv on the folded weights
+LAYERS = "layers"  # a block's layer fusion (its layers as tuned), the baseline of block fusion
+# Per-candidate timing budget (seconds, calibration and rounds; the warm-up aside): MobileNetV3-Large has about 55
+# candidates, so a GPU tunes one batch size in a few seconds.
+BUDGET_S = {"cuda": 0.05, "cpu": 0.1}
+
+
+@dataclass
+class BlockAlternative:
+    """A block the planner fused by layers so that tuning can time the whole-block kernel against them."""
+    path: str
+    parent: nn.Module
+    slot: str  # the block's name in parent
+    block: nn.Module  # the stock block (with the layer fusion inside it, once applied)
+    fused: InvertedResidual  # block fusion of it, built and proven when planned
+
+
+@dataclass
+class Calls:
+    """The example calls of patch(model, example_inputs=...): [(args, kwargs)], checked against the model."""
+    calls: list
+    device: torch.device
+
+
+def example_calls(model: nn.Module, example_inputs) -> Calls:
+    """The example inputs as calls of model (a tensor, a tuple of a call's arguments, or a list of either, e.g. one
+    per batch size served), checked before anything is timed: on the model's device, in the dtype of its weights,
+    and accepted by its stock forward; ValueError saying what does not fit."""
+    if isinstance(example_inputs, list):
+        calls = [x if isinstance(x, tuple) else (x,) for x in example_inputs]
+    else:
+        calls = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
+    if not calls:
+        raise ValueError("example_inputs is an empty list")
+    weights = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
+    devices = {t.device for t in weights}
+    dtypes = {t.dtype for t in weights if t.is_floating_point()}
+    for call in calls:
+        tensors = [v for v in call if isinstance(v, torch.Tensor)]
+        if not tensors:
+            raise ValueError(f"example_inputs hold no tensor ({', '.join(type(v).__name__ for v in call)})")
+        for t in tensors:
+            if len(devices) == 1 and t.device not in devices:
+                raise ValueError(f"an example input is on {t.device} but the model's weights are on "
+                                 f"{next(iter(devices))}; give inputs on the device the model runs on")
+            if t.is_floating_point() and len(dtypes) == 1 and t.dtype not in dtypes:
+                raise ValueError(f"an example input is {t.dtype} but the model's weights are {next(iter(dtypes))}; "
+                                 f"give inputs in the dtype the model runs (or convert the model first)")
+    with _eval(model), torch.no_grad():
+        for call in calls:
+            try:
+                model(*call)
+            except Exception as error:  # whatever the forward says: these are not this model's inputs
+                shapes = ", ".join(str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
+                                   for v in call)
+                raise ValueError(f"example_inputs ({shapes}) cannot be the model's input: its stock forward "
+                                 f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                                 ) from error
+    device = next(t.device for t in calls[0] if isinstance(t, torch.Tensor))
+    return Calls(calls, device)
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module):
+    """The model in eval mode for the duration (what inference runs), each module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@dataclass
+class Seen:
+    """An input signature a module was called with in the example forward: one tensor of it to time with."""
+    key: tuple
+    meta: torch.Tensor  # an empty tensor with the input's shape, strides, dtype and device
+
+
+def record_inputs(model: nn.Module, modules: list, calls: Calls) -> tuple[dict, int]:
+    """({module: [Seen]}, the largest activation in bytes) from the example forwards."""
+    seen, largest = {module: {} for module in modules}, [0]
+
+    def hook(module, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor):
+            key = tuning_key(x)
+            seen[module].setdefault(key, Seen(key, torch.empty_strided(x.shape, x.stride(), dtype=x.dtype,
+                                                                       device=x.device)))
+            largest[0] = max(largest[0], x.numel() * x.element_size())
+
+    handles = [module.register_forward_pre_hook(hook) for module in modules]
+    try:
+        with _eval(model), torch.no_grad():
+            for call in calls.calls:
+                model(*call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {module: list(found.values()) for module, found in seen.items()}, largest[0]
+
+
+def feasible_backends(op: str, values: tuple) -> list[str]:
+    """The backends dispatch would run op on these arguments with (the device rule as for an automatic choice)."""
+    contract = CONTRACTS[op]
+    args = contract.bundle(*values)
+    contract.check(args)
+    args = contract.normalise(args)
+    return [backend.name for backend in backends.declared()
+            if dispatch.why_not(backend, op, args, explicit=False) is None]
+
+
+def variants_of(fused: FusedModule, x: torch.Tensor) -> dict:
+    """Name -> callable of x: the stock modules, then each backend that can run the fused op (ConvBNAct: its
+    folded conv)."""
+    variants = {STOCK: fused.stock_forward}
+    if isinstance(fused, ConvBNAct):
+        variants[FOLDED] = _untuned(fused)
+        return variants
+    call = fused.op_call(x)
+    if call is None:  # TF 'SAME' for which the fused module runs stock anyway
+        return variants
+    op, values = call[0], call[1:]
+    for name in feasible_backends(op, values):
+        variants[name] = ops.prepare(op, *values, name)
+    return variants
+
+
+def _untuned(fused: FusedModule) -> Callable:
+    def run(x):
+        saved, fused.tuned = fused.tuned, {}
+        try:
+            return fused.checked_forward(x)
+        finally:
+            fused.tuned = saved
+    return run
+
+
+def describe(module: nn.Module) -> str:
+    """What a candidate's speed depends on besides its input: its settings and the stock modules it stands for."""
+    stock = sorted({type(m).__qualname__ for m in _stock_modules(module)})
+    code = getattr(module.__dict__.get("stock_forward"), "graph", None)  # a rewrite's stock nodes
+    ops_text = [str(node.target) for node in code.nodes] if code is not None else []
+    return json.dumps([type(module).__qualname__, module.extra_repr(), stock, ops_text])
+
+
+def _stock_modules(module: nn.Module) -> list:
+    found = []
+    for name in ("conv", "bn", "act", "stock"):
+        part = module.__dict__.get(name) or module._modules.get(name)
+        if isinstance(part, nn.Module):
+            found += list(part.modules())
+    return found
+
+
+@dataclass
+class Tuner:
+    """One tuning of a patched model."""
+    model: nn.Module
+    calls: Calls
+    cache: TuningCache
+    clock: Optional[object] = None  # a timing clock (tests inject one); None: the device's
+    timed: int = 0  # candidates timed (the rest came from the cache)
+    records: list = field(default_factory=list)  # (path, key, timings, choice) per decision, for the report
+
+    def budget_s(self) -> float:
+        return BUDGET_S.get(self.calls.device.type, BUDGET_S["cpu"])
+
+    def inputs_like(self, seen: Seen, largest: int, out_bytes: int) -> list:
+        x = torch.empty_strided(seen.meta.shape, seen.meta.stride(), dtype=seen.meta.dtype,
+                                device=seen.meta.device)
+        cache_bytes = timing.last_level_cache_bytes(x.device)
+        resident = timing.is_resident(x.numel() * x.element_size(), out_bytes, cache_bytes)
+        return timing.rotation_inputs(x, cache_bytes, 2 * largest, resident)
+
+    def measure(self, signature: dict, variants: dict, seen: Seen, largest: int, baseline: str) -> tuple:
+        """(choice, {variant: median ms}) from the cache, or timed now and cached."""
+        signature = {**signature, "variants": sorted(variants)}
+        record = self.cache.get(signature)
+        if record is not None and record.get("choice") in variants:
+            return record["choice"], record["timings"]
+        probe = self.inputs_like(seen, largest, 0)[:1]
+        with torch.no_grad():
+            out = variants[baseline](probe[0])
+        out_bytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+        inputs = self.inputs_like(seen, largest, out_bytes)
+        with torch.no_grad():
+            timings = timing.time_variants(variants, inputs, seen.meta.device, clock=self.clock,
+                                           budget_s=self.budget_s())
+        choice, reason = timing.choose(timings, baseline=baseline)
+        medians = {name: (None if t.failed else round(t.median_ms, 6)) for name, t in timings.items()}
+        self.cache.put(signature, {"choice": choice, "timings": medians, "reason": reason})
+        self.timed += 1
+        return choice, medians
+
+    def tune_module(self, fused: FusedModule, seen: list, largest: int) -> None:
+        for one in seen:
+            x = one.meta
+            variants = variants_of(fused, x)
+            signature = {"module": describe(fused), "input": [list(x.shape), list(x.stride()), str(x.dtype)]}
+            choice, medians = self.measure(signature, variants, one, largest, STOCK)
+            fused.tuned[one.key] = choice
+            fused.timings[one.key] = medians
+
+    def tune_block(self, alternative: BlockAlternative, seen: list, largest: int) -> Optional[BlockDecision]:
+        """Block fusion against layer fusion, summed over the inputs seen; installs the block where it wins."""
+        fused, block = alternative.fused, alternative.block
+        if not seen:
+            return None
+        results = []
+        with _window_open(block):
+            for one in seen:
+                x = one.meta
+                variants = {LAYERS: block}
+                op, *values = fused.op_call(x)
+                for name in feasible_backends(op, tuple(values)):
+                    variants[name] = ops.prepare(op, *values, name)
+                signature = {"module": describe(fused), "block": True,
+                             "layers": [describe(m) + json.dumps(m.tuned.get(one.key)) for m in block.modules()
+                                        if isinstance(m, FusedModule)],
+                             "input": [list(x.shape), list(x.stride()), str(x.dtype)]}
+                results.append((one, *self.measure(signature, variants, one, largest, LAYERS)))
+        total = {}
+        for _, _, medians in results:
+            for name, ms in medians.items():
+                total[name] = total.get(name, 0.0) + (ms if ms is not None else float("inf"))
+        best = min((name for name in total if name != LAYERS), key=total.get, default=None)
+        wins = best is not None and all(choice != LAYERS for _, choice, _ in results)
+        estimate = cost.decide(fused, alternative.path, None, every_block=False)  # its bytes, for the report
+        if not wins:
+            detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in total.items())
+            return dataclasses.replace(estimate, plan="layers", reason=f"measured: {detail}")
+        for one, choice, medians in results:
+            fused.tuned[one.key] = choice if choice != LAYERS else best
+            fused.timings[one.key] = medians
+        return dataclasses.replace(estimate, plan="block", reason=f"measured: block ({best}) {total[best]:.3f} ms "
+                                                                  f"against layers {total[LAYERS]:.3f} ms")
+
+
+@contextlib.contextmanager
+def _window_open(module: nn.Module):
+    """The eager window of the model around `module` open, as in the model's forward: its fused modules then run
+    their plans without their per-call checks, so layer fusion is timed as the model runs it."""
+    windows = {m._window for m in module.modules() if isinstance(m, FusedModule)}
+    for window in windows:
+        window.backend_variable = None
+        window.open = True
+    try:
+        yield
+    finally:
+        for window in windows:
+            window.open = False
+
+
+def fused_modules(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, FusedModule)]
+
+
+def containing(alternatives: list, module: nn.Module) -> bool:
+    return any(module is not a.block and any(m is module for m in a.block.modules()) for a in alternatives)
+
+
+def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
+    """Measure the applied plan's choices on the example calls (layers first, then each block against its
+    layers), install the blocks that win, and cache what was measured."""
+    from .planner import STOCK_SLOTS, set_slot, unpatch
+    from ..nn._cache import EagerWindow
+
+    tuner = Tuner(model, calls, TuningCache.load(calls.device), clock)
+    alternatives = planner.block_alternatives
+    layers = fused_modules(model)
+    seen, largest = record_inputs(model, layers + [a.block for a in alternatives], calls)
+    with _eval(model):
+        for fused in layers:
+            tuner.tune_module(fused, seen[fused], largest)
+        for alternative in alternatives:
+            decision = tuner.tune_block(alternative, seen[alternative.block], largest)
+            if decision is None:
+                continue
+            planner.report.blocks.append(decision)
+            if decision.plan == "block":
+                block, fused = alternative.block, alternative.fused
+                unpatch(block)  # the layer fusion inside it goes: the block kernel runs it whole
+                fused.training = block.training
+                object.__setattr__(fused, STOCK_SLOTS, ((alternative.slot, block),))
+                set_slot(alternative.parent, alternative.slot, fused)
+    EagerWindow.attach(model)
+    tuner.cache.save()
+    return tuner
