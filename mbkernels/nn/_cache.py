@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from .. import dispatch, ops
-from ..backends import names as backend_names
 
 _MAX_PLANS = 64  # input signatures remembered per module (a server sees a few batch sizes; more is a leak)
 # The staleness check (once per forward of a patched model, for each fused module; see EagerWindow), iterated in C.
@@ -115,8 +114,8 @@ class FusedModule(nn.Module):
         super().__init__()
         self._folded_from = None  # the sources' (storage, version) and the settings when last folded
         self._plans = {}  # input signature -> ops.prepare's callable (see run_op)
-        # A tuned patch's measurements (mbkernels.planner.tuning): tuning_key(x) -> what runs for such an x
-        # (STOCK, a backend name, or a kind's own variant name), and -> {variant: median ms} for the report.
+        # A tuned patch's measurements (mbkernels.planner.tuning): tuning_key(x) -> what runs for such an x (STOCK,
+        # else the backend of the op; ConvBNAct: its folded conv), and -> {variant: median ms} for the report.
         self.tuned, self.timings = {}, {}
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -209,7 +208,7 @@ class FusedModule(nn.Module):
         if self.backend:
             return self.backend
         choice = self.tuned_choice(x)
-        if choice in backend_names() and not os.environ.get(dispatch.ENV_VAR):
+        if choice is not None and choice != STOCK and not os.environ.get(dispatch.ENV_VAR):
             return choice
         return ""
 
