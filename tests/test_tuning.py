@@ -1,0 +1,261 @@
+"""Measured plans: patch(model, example_inputs=...) on the CPU.
+
+The choices are tested on a simulated clock (each variant call advances simulated time by a scripted cost, the
+real computation still runs), so that a variant made faster or slower per candidate is chosen or refused exactly;
+one test tunes for real and checks the outputs against stock; the cache, the checks of the example inputs, the
+report and torch.compile of a tuned model are tested on small models.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mbkernels
+from mbkernels.match import randomize_batchnorm
+from mbkernels.nn import ConvBNAct, DWConvBNAct, InvertedResidual, SqueezeExcite
+from mbkernels.nn._cache import FusedModule
+from mbkernels.planner import timing, tuning
+from conftest import HAS_GPU
+
+timm = pytest.importorskip("timm")
+
+FLOAT32_RTOL = 1e-5
+real_time_variants = timing.time_variants
+
+
+@pytest.fixture(autouse=True)
+def tuning_cache(tmp_path, monkeypatch):
+    """Every test tunes into its own table."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("MBKERNELS_TUNING_CACHE", str(path))
+    monkeypatch.delenv("MBKERNELS_TUNE", raising=False)
+    monkeypatch.delenv("MBKERNELS_BACKEND", raising=False)
+    return path
+
+
+def small_model(name="mobilenetv3_small_050", seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorm(timm.create_model(name), torch.Generator().manual_seed(seed)).eval()
+
+
+def image(batch=1, size=32, seed=1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(got, want) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+class Scripted:
+    """time_variants on a simulated clock: a variant's call costs `cost(variant names, name)` simulated ms (and
+    still computes), so the measured medians are exactly the scripted costs."""
+
+    def __init__(self, cost):
+        self.cost = cost
+        self.seconds = 0.0
+        self.timed = []  # the variant names of every candidate timed
+
+    def __call__(self, variants, inputs, device, **kwargs):
+        names = tuple(variants)
+        self.timed.append(names)
+
+        def costly(name, fn):
+            def call(x):
+                self.seconds += self.cost(names, name) / 1e3
+                return fn(x)
+            return call
+
+        clock = timing.HostClock(now=lambda: self.seconds, round_ms=1.0)
+        scripted = {name: costly(name, fn) for name, fn in variants.items()}
+        return real_time_variants(scripted, inputs, device, **{**kwargs, "clock": clock, "budget_s": 0.01})
+
+
+def scripted(monkeypatch, cost) -> Scripted:
+    clock = Scripted(cost)
+    monkeypatch.setattr(timing, "time_variants", clock)
+    return clock
+
+
+def choices(model: nn.Module, kind) -> list:
+    return [choice for m in model.modules() if type(m) is kind for choice in m.tuned.values()]
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+def test_faster_fused_variants_are_chosen_and_slower_ones_refused(monkeypatch):
+    # Depthwise runs fused at half the stock time, SEs fused at twice it, folded convs at 0.9.
+    def cost(names, name):
+        if "layers" in names:
+            return {"layers": 1.0}.get(name, 5.0)  # every block kernel far slower than its layers
+        if "folded" in names:
+            return {"stock": 1.0, "folded": 0.9}[name]
+        se = cost.se_next
+        cost.se_next = not cost.se_next if name == names[-1] else cost.se_next
+        return {"stock": 1.0}.get(name, 2.0 if se else 0.5)
+
+    model = small_model()
+    # An SE is timed as stock, reference; a dwconv the same: tell them apart by the module being tuned.
+    tuned_kind = {}
+    original = tuning.Tuner.tune_module
+
+    def tune_module(self, fused, seen, largest):
+        cost.se_next = isinstance(fused, SqueezeExcite)
+        tuned_kind[id(fused)] = type(fused)
+        return original(self, fused, seen, largest)
+
+    cost.se_next = False
+    monkeypatch.setattr(tuning.Tuner, "tune_module", tune_module)
+    clock = scripted(monkeypatch, cost)
+    mbkernels.patch(model, example_inputs=image())
+    assert clock.timed
+    assert choices(model, DWConvBNAct) and set(choices(model, DWConvBNAct)) == {"reference"}
+    assert choices(model, SqueezeExcite) and set(choices(model, SqueezeExcite)) == {"stock"}
+    assert choices(model, ConvBNAct) and set(choices(model, ConvBNAct)) == {"folded"}
+    assert not any(isinstance(m, InvertedResidual) for m in model.modules())  # the blocks lost to their layers
+
+
+@pytest.mark.parametrize("fused_ms", [1.0, 0.995, 0.99])
+def test_ties_and_gains_within_the_floor_keep_stock(monkeypatch, fused_ms):
+    scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else fused_ms)
+    model = mbkernels.patch(small_model(), example_inputs=image())
+    fused = [m for m in model.modules() if isinstance(m, FusedModule)]
+    assert fused and all(set(m.tuned.values()) == {"stock"} for m in fused)
+
+
+@pytest.mark.parametrize("block_ms, plan", [(0.5, "block"), (1.5, "layers")])
+def test_a_block_is_fused_whole_only_where_it_beats_its_layers(monkeypatch, block_ms, plan):
+    scripted(monkeypatch, lambda names, name: {"stock": 1.0, "layers": 1.0}.get(name, block_ms if "layers" in names
+                                                                              else 0.5))
+    model = small_model()
+    stock = copy.deepcopy(model)
+    mbkernels.patch(model, example_inputs=image())
+    blocks = [m for m in model.modules() if isinstance(m, InvertedResidual)]
+    if plan == "block":
+        assert blocks and all(set(m.tuned.values()) == {"reference"} for m in blocks)
+        # A block fused whole holds the stock block, with no layer fusion left inside it.
+        assert not any(isinstance(m, FusedModule) for b in blocks for m in b.stock.modules())
+    else:
+        assert blocks == []
+    report = mbkernels.patch_report(model)
+    assert report.count("inverted_residual") == len(blocks)
+    with torch.no_grad():
+        assert relative_error(model(image(seed=5)), stock(image(seed=5))) < FLOAT32_RTOL
+    mbkernels.unpatch(model)
+    assert all(type(m) is type(s) for m, s in zip(model.modules(), stock.modules()))
+
+
+def test_a_stock_choice_runs_the_stock_modules(monkeypatch, op_calls):
+    scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else 2.0)
+    model = mbkernels.patch(small_model(), example_inputs=image())
+    op_calls.clear()
+    with torch.no_grad():
+        model(image(seed=3))
+    assert op_calls == []  # every fused module ran its stock modules
+
+
+# ------------------------------------------------------------------------------------------------ for real
+def test_a_real_cpu_tuning_keeps_the_stock_outputs():
+    model = small_model("mobilenetv3_small_100")
+    stock = copy.deepcopy(model)
+    x = image(batch=2, size=64)
+    mbkernels.patch(model, example_inputs=x)
+    fused = [m for m in model.modules() if isinstance(m, FusedModule)]
+    assert fused and all(m.tuned and m.timings for m in fused)
+    for module in fused:
+        for key, timings in module.timings.items():
+            assert module.tuned[key] in timings and all(ms is None or ms > 0 for ms in timings.values())
+    with torch.no_grad():
+        assert relative_error(model(x), stock(x)) < FLOAT32_RTOL
+
+
+def test_each_example_input_is_measured_at_the_shape_its_module_sees(monkeypatch):
+    clock = scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else 0.5)
+    model = mbkernels.patch(small_model(), example_inputs=[image(batch=1), image(batch=3)])
+    first_dw = next(m for m in model.modules() if isinstance(m, DWConvBNAct))
+    assert sorted(key[0][0] for key in first_dw.tuned) == [1, 3]
+    # The stem halves the plane: its depthwise conv sees 16 x 16 (recorded in the forward, not guessed).
+    assert all(key[0][2:] == (16, 16) for key in first_dw.tuned)
+    assert len(clock.timed) > 0
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_a_second_patch_with_the_same_model_and_device_times_nothing(monkeypatch, tuning_cache):
+    first = scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else 0.5)
+    model = mbkernels.patch(small_model(), example_inputs=image())
+    assert first.timed and tuning_cache.exists()
+    tuning.TuningCache._memo.clear() if hasattr(tuning.TuningCache, "_memo") else None
+    second = scripted(monkeypatch, lambda names, name: 1.0)
+    again = mbkernels.patch(small_model(), example_inputs=image())
+    assert second.timed == []
+    assert [m.tuned for m in again.modules() if isinstance(m, FusedModule)] == \
+        [m.tuned for m in model.modules() if isinstance(m, FusedModule)]
+    other = scripted(monkeypatch, lambda names, name: 1.0)
+    mbkernels.patch(small_model(), example_inputs=image(size=48))  # another input: other signatures
+    assert other.timed
+
+
+def test_tuning_turned_off_plans_from_the_cost_model(monkeypatch):
+    monkeypatch.setenv("MBKERNELS_TUNE", "0")
+    clock = scripted(monkeypatch, lambda names, name: 1.0)
+    model = mbkernels.patch(small_model(), example_inputs=image())
+    assert clock.timed == []
+    assert all(not m.tuned for m in model.modules() if isinstance(m, FusedModule))
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("make, message", [
+    (lambda: image().double(), "float64 but the model's weights are float32"),
+    (lambda: image()[0], "cannot be the model's input: its stock forward raised"),
+    (lambda: torch.randn(1, 5, 32, 32), "cannot be the model's input"),
+    (lambda: image().to("meta"), "is on meta but the model's weights are on cpu"),
+    (lambda: [], "empty list"),
+    (lambda: ("not a tensor",), "hold no tensor"),
+], ids=["dtype", "rank", "channels", "device", "empty", "no-tensor"])
+def test_example_inputs_that_cannot_be_the_models_are_refused_before_anything_changes(monkeypatch, make, message):
+    clock = scripted(monkeypatch, lambda names, name: 1.0)
+    model = small_model()
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=message):
+        mbkernels.patch(model, example_inputs=make())
+    after = dict(model.named_modules())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert clock.timed == [] and not model._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------------------------------ shown, fixed
+def test_the_report_shows_each_variants_time_and_the_choice(monkeypatch):
+    scripted(monkeypatch, lambda names, name: {"stock": 1.0, "layers": 1.0}.get(name, 0.5))
+    model = mbkernels.patch(small_model(), example_inputs=image())
+    report = mbkernels.patch_report(model)
+    measured = [entry for entry in report.fused if entry.measured]
+    assert len(measured) == len(report.fused)
+    text = str(report)
+    assert "measured (median ms per call; * the choice):" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith(measured[0].path + " ")
+               and "stock" in line)
+    assert "1x" in row and "stock 1.0000" in row and "0.5000*" in row
+
+
+def test_nothing_is_timed_under_torch_compile(monkeypatch):
+    scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else 0.5)
+    model = small_model()
+    stock = copy.deepcopy(model)
+    mbkernels.patch(model, example_inputs=image())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("timed after patch returned")
+
+    monkeypatch.setattr(timing, "time_variants", refuse)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(compiled(image(seed=4)), stock(image(seed=4))) < FLOAT32_RTOL
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_a_gpu_tuning_measures_every_backend():
+    model = small_model().cuda().half().to(memory_format=torch.channels_last)
+    x = image(batch=8, size=64).cuda().half().contiguous(memory_format=torch.channels_last)
+    mbkernels.patch(model, example_inputs=x)
+    dw = next(m for m in model.modules() if isinstance(m, DWConvBNAct))
+    timings = next(iter(dw.timings.values()))
+    assert {"stock", "cuda", "triton"} <= set(timings)
