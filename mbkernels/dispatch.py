@@ -63,7 +63,7 @@ def select(op: str, backend: Optional[str], args) -> Callable:
     raise RuntimeError(f"no backend can run {op} on these inputs ({'; '.join(reasons)})")
 
 
-def backends() -> dict[str, BackendStatus]:
+def backend_status() -> dict[str, BackendStatus]:
     """Each backend's availability on this machine and, where it is off, why."""
     status = {}
     for backend in _backends.declared():
