@@ -63,7 +63,8 @@ def load_checkpoint(model: torch.nn.Module, name: str, path: str) -> None:
 
 
 def create_model(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:
-    """The stock timm (or tv:NAME torchvision) model in eval mode: random weights, or checkpoint's state_dict."""
+    """The stock timm (or tv:NAME torchvision) model in eval mode: random weights, or checkpoint's state_dict. A
+    model no library has, or a checkpoint that does not fit, raises ValueError."""
     model = build_stock_model(name)
     if checkpoint is not None:
         load_checkpoint(model, name, checkpoint)
