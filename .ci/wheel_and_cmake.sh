@@ -78,7 +78,7 @@ print("mbkernels._C:", _native.C.__file__, "built for torch", _native.C.TORCH_VE
       "archs", _native.C.CUDA_ARCHS)
 for op in ("dwconv_bn_act_cuda", "squeeze_excite_cuda"):
     print("registered:", getattr(torch.ops.mbkernels, op).default._schema)
-for name, status in mbkernels.backends().items():
+for name, status in mbkernels.backend_status().items():
     print(f"backend {name}: {'available' if status.available else 'off'}: {status.reason}")
 EOF
 }

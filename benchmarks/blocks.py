@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .cases import BATCHES, DTYPE_NAMES, DTYPE_SHORT, FORMATS, MODEL_IMAGE_SIZE, MODELS, layout_name, priority, quick
+from .static import COPY_BANDWIDTH  # the H200's measured copy bandwidth, bytes/s
 
 PLANS = ("compile", "layers", "block")
-H200_COPY_GBPS = 4300  # toolchain.md: measured device-to-device copy, bytes read + written
 QUICK_BLOCK_CONFIGS = ((256, torch.float16, True),)
 
 
@@ -83,10 +83,10 @@ def traffic_table(models=MODELS, batch: int = 256, dtype: torch.dtype = torch.fl
     for model in models:
         t = traffic(model, batch, element_size, image_size)
         rows.append((model, *(f"{t[plan] / 1e9:.2f}" for plan in PLANS), f"{t['compile'] / t['block']:.2f}x",
-                     *(f"{t[plan] / (H200_COPY_GBPS * 1e9) * 1e3:.3f}" for plan in PLANS)))
+                     *(f"{t[plan] / COPY_BANDWIDTH * 1e3:.3f}" for plan in PLANS)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     title = (f"bytes per forward, batch {batch}, {DTYPE_NAMES[dtype]}, {image_size}x{image_size}; floor at "
-             f"{H200_COPY_GBPS} GB/s (H200 copy)")
+             f"{COPY_BANDWIDTH / 1e9:.0f} GB/s (H200 copy)")
     return "\n".join([title] + ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows])
 
 

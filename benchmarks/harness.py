@@ -20,7 +20,7 @@ def _gpu_skip_reason(provider: str) -> Optional[str]:
     if not torch.cuda.is_available():
         return NO_GPU
     if provider.startswith("mbkernels-"):
-        status = mbkernels.backends()[provider.removeprefix("mbkernels-")]
+        status = mbkernels.backend_status()[provider.removeprefix("mbkernels-")]
         if not status.available:
             return f"{provider} unavailable: {status.reason}"
     return None

@@ -28,7 +28,8 @@ from .shapes import load_shapes
 BATCHES = (1, 32, 256)
 # (dtype, channels_last): the configurations the benchmarks run.
 FORMATS = ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False))
-# H200, measured there: device-to-device copy bandwidth (bytes read + written per second); its SM count.
+# H200: copy bandwidth in bytes read + written per second, measured with a device-to-device tensor copy on an H200
+# (`pytest benchmarks/` measures the GPU at hand the same way: timing.copy_bandwidth_gbps), and its SMs.
 COPY_BANDWIDTH = 4.3e12
 MULTIPROCESSORS = 132
 # Per-SM limits of sm_80 / sm_90: registers, shared memory (bytes), threads, blocks.

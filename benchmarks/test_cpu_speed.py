@@ -19,7 +19,7 @@ import time
 import torch
 
 import mbkernels
-from mbkernels.match import randomize_batchnorm
+from mbkernels.models import build_model
 
 MODELS = ("mobilenetv3_large_100", "mobilenetv3_small_100", "mobilenetv2_100", "efficientnet_b0")
 BATCHES = (1, 8)
@@ -30,11 +30,7 @@ SMOKE_CASE = ("mobilenetv3_small_100", 1)  # float32 against float64 stock, rela
 
 def build(model_name: str, variant: str, seed: int = 0):
     """(stock, patched, float64 stock) for the variant ("eager" or "compile"), random BatchNorm statistics."""
-    import timm
-
-    torch.manual_seed(seed)
-    stock = randomize_batchnorm(timm.create_model(model_name, pretrained=False).eval(),
-                                torch.Generator().manual_seed(seed))
+    stock = build_model(model_name, seed)
     reference = copy.deepcopy(stock).double()
     patched = mbkernels.patch(copy.deepcopy(stock))
     if variant == "compile":

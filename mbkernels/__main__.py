@@ -9,6 +9,7 @@ output differs from stock by more than the tolerance, or when compiling the patc
 """
 import argparse
 import copy
+import logging
 import os
 import statistics
 import sys
@@ -17,11 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
-from . import backends, patch, patch_report
-from .match import randomize_batchnorm
-from .planner import KIND_LABELS as KINDS
+from . import backend_status, patch, patch_report
+from .models import DTYPES, build_model
+from .planner import KIND_LABELS
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest max-abs difference to stock, relative to stock's largest logit, that passes the check. Stock and
 # patched round at different points (the fused op keeps float32 between conv, BN and activation).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}
@@ -32,26 +32,11 @@ def progress(message: str) -> None:
     print(f"[mbkernels] {message}", file=sys.stderr, flush=True)
 
 
-def build_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A timm ("timm:NAME") or torchvision ("tv:NAME") model, or NAME looked up in timm then torchvision; random
-    weights, random BatchNorm statistics, eval mode."""
-    source, _, model_name = name.rpartition(":")
-    torch.manual_seed(seed)
-    if source not in ("", "timm", "tv", "torchvision"):
-        raise SystemExit(f"--model {name!r}: prefix must be timm: or tv:")
-    model = None
-    if source in ("", "timm"):
-        import timm
-        if timm.is_model(model_name):
-            model = timm.create_model(model_name, pretrained=False)
-        elif source == "timm":
-            raise SystemExit(f"--model {name!r}: timm has no model {model_name!r}")
-    if model is None:
-        import torchvision
-        if model_name not in torchvision.models.list_models():
-            raise SystemExit(f"--model {name!r}: neither timm nor torchvision has a model {model_name!r}")
-        model = torchvision.models.get_model(model_name, weights=None)
-    return randomize_batchnorm(model, torch.Generator().manual_seed(seed)).eval()
+def not_the_no_gpu_notice(record: logging.LogRecord) -> bool:
+    """False for the one line torch logs when torch.compile imports torch.utils.cpp_extension on a machine with a
+    CUDA toolkit and no GPU ("No CUDA runtime is found, using CUDA_HOME=..."): there it is expected, and the
+    header already says the run is on the CPU. Every other record of that logger passes."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
 
 
 def median_ms(run: Callable, iters: int, warmup: int, device: torch.device) -> float:
@@ -120,11 +105,16 @@ def main(argv: Optional[list] = None) -> int:
     dtype = DTYPES[args.dtype]
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[dtype]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if not has_gpu:
+        logging.getLogger("torch.utils.cpp_extension").addFilter(not_the_no_gpu_notice)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     progress(f"building {args.model}")
-    stock = build_model(args.model, args.seed)
+    try:
+        stock = build_model(args.model, args.seed)
+    except ValueError as error:  # a model neither timm nor torchvision has: one line, exit 1
+        raise SystemExit(f"error: {error}") from None
     patched = copy.deepcopy(stock)
     progress("patching (each swap is checked on a probe first)")
     patch(patched, backend=backend)
@@ -177,9 +167,9 @@ def header(args, device, has_gpu, backend, batch, dtype, report) -> str:
         where += " (no CUDA GPU found: running on the CPU)"
     chosen = backend or "auto"
     if backend is None:
-        available = [name for name, status in backends().items() if status.available]
+        available = [name for name, status in backend_status().items() if status.available]
         chosen += f" (available: {', '.join(available)})"
-    fused = ", ".join(f"{report.count(kind)} {label}" for kind, label in KINDS.items())
+    fused = ", ".join(f"{report.count(kind)} {label}" for kind, label in KIND_LABELS.items())
     layout = "channels_last" if args.channels_last else "NCHW"
     return "\n".join([
         f"model   {args.model}: batch {batch}, 3x{args.size}x{args.size}, {str(dtype).replace('torch.', '')}, {layout}",

@@ -92,5 +92,3 @@ def backend_status() -> dict[str, BackendStatus]:
         status[backend.name] = BackendStatus(reason is None, reason or backend.describe())
     return status
 
-
-backends = backend_status  # removed when callers move to backend_status

@@ -24,10 +24,9 @@ from typing import Optional
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import patch
-from .dispatch import backends  # the function: the name mbkernels.backends is also the backends package
-from .__main__ import DTYPES
-from .__main__ import build_model as build_stock_model
+from . import backend_status, patch
+from .models import DTYPES
+from .models import build_model as build_stock_model
 from .nn import DWConvBNAct, SqueezeExcite
 
 APP_NAME = "mbkernels"
@@ -64,7 +63,8 @@ def load_checkpoint(model: torch.nn.Module, name: str, path: str) -> None:
 
 
 def create_model(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:
-    """The stock timm (or tv:NAME torchvision) model in eval mode: random weights, or checkpoint's state_dict."""
+    """The stock timm (or tv:NAME torchvision) model in eval mode: random weights, or checkpoint's state_dict. A
+    model no library has, or a checkpoint that does not fit, raises ValueError."""
     model = build_stock_model(name)
     if checkpoint is not None:
         load_checkpoint(model, name, checkpoint)
@@ -86,7 +86,7 @@ def eval_transform(model: torch.nn.Module):
 def fused_backend(device: torch.device) -> str:
     """The backend the fused modules ask for: on a GPU the first of cuda and triton that runs here."""
     if device.type == "cuda":
-        status = backends()
+        status = backend_status()
         for name in ("cuda", "triton"):
             if status[name].available:
                 return name

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session in one device call of at most 8 minutes, build included; what decides most runs first:
+# One GPU session on an sm_90 GPU (H100, H200) in at most 8 minutes, build included; what decides most runs first:
 #   1. build the extension for sm_90 only (MAX_JOBS=16)                                              budget 150 s
 #   2. the static sm_90 report of both backends, in the background on the CPU (python -m benchmarks.static
 #      --output $OUT/static.json): the floors the report puts beside the measured times
@@ -13,9 +13,9 @@
 #   bash scripts/gpu_session.sh                 logs, results, static table and report under $OUT
 #   DRY_RUN=1 bash scripts/gpu_session.sh       print the plan (commands and budgets), run nothing
 #
-# Knobs: SESSION_BUDGET_S=480 (the whole script), RUN_BUILD=0 (a follow-up call on a machine still warm),
+# Knobs: SESSION_BUDGET_S=480 (the whole script), RUN_BUILD=0 (a second run where the extension is already built),
 # MBKERNELS_BENCH_QUICK=1 (the reduced matrix, default here), MBKERNELS_BENCH_RESUME=1 (skip what today's
-# results file holds: copy the previous call's results into benchmarks/results/ first).
+# results file holds: copy the previous run's results into benchmarks/results/ first).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ DEADLINE=$((START + BUDGET))
 OUT=${OUT:-build/gpu-session}
 DRY_RUN=${DRY_RUN:-0}
 export MBKERNELS_BENCH_QUICK=${MBKERNELS_BENCH_QUICK:-1}
-# Compiled Triton/inductor kernels kept in the (ignored) build folder: a later call on a warm machine reuses them.
+# Compiled Triton/inductor kernels kept in the (ignored) build folder: a later run in this checkout reuses them.
 export TORCHINDUCTOR_CACHE_DIR="$PWD/build/inductor-cache" TRITON_CACHE_DIR="$PWD/build/triton-cache"
 export MBKERNELS_STATIC_CACHE="$PWD/build/static-cache"
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT" benchmarks/results

@@ -6,13 +6,13 @@
 #   bash scripts/sanitize.sh                      all four tools
 #   bash scripts/sanitize.sh memcheck racecheck   only these
 #
-# Through a GPU session (the run tool; about 5 minutes on an H100 with the default selection, within one 10-minute
-# call): build first, then run it, e.g.
+# On a machine with an NVIDIA GPU and the extension built for it, e.g. on an H100/H200:
 #   MBKERNELS_CUDA_ARCHS=9.0 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e . > /tmp/build.log 2>&1 \
 #     && bash scripts/sanitize.sh
-# The GPU machine's full toolkit has compute-sanitizer at /usr/local/cuda/bin/compute-sanitizer (a link to
-# /usr/local/cuda/compute-sanitizer/compute-sanitizer); this machine's reduced toolkit has none, nor does a pip-only
-# CUDA unless the `nvidia-cuda-sanitizer-api` wheel is installed. COMPUTE_SANITIZER overrides the search.
+# compute-sanitizer comes with the full CUDA toolkit (/usr/local/cuda/bin/compute-sanitizer, a link to
+# /usr/local/cuda/compute-sanitizer/compute-sanitizer); a minimal toolkit (nvcc and the headers only) has none, nor
+# does a pip-only CUDA unless the `nvidia-cuda-sanitizer-api` wheel is installed. COMPUTE_SANITIZER overrides the
+# search.
 #
 # Knobs: SANITIZE_TESTS (test files), SANITIZE_K (pytest -k; the cuda cases, small shapes: the huge-tensor and
 # long-profile cases stay out), SANITIZE_KERNELS (the --kernel-name filter of racecheck and synccheck, which check
@@ -54,7 +54,7 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   echo "sanitize.sh: no CUDA GPU here; compute-sanitizer checks kernels as they run on one" >&2
   exit 2
 fi
-python -c "import mbkernels, sys; s = mbkernels.backends()['cuda']; sys.exit(0 if s.available else s.reason)"
+python -c "import mbkernels, sys; s = mbkernels.backend_status()['cuda']; sys.exit(0 if s.available else s.reason)"
 
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(memcheck racecheck synccheck initcheck)

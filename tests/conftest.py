@@ -29,7 +29,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, t
 
 def backend_unavailable(name: str):
     """Why `name` cannot be tested here (None: it can)."""
-    status = mbkernels.backends()[name]
+    status = mbkernels.backend_status()[name]
     return None if status.available else status.reason
 
 

@@ -160,8 +160,8 @@ def test_kernel_generic_shapes(backend, name, layout, poisoned_outputs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_triton_int64_offsets(layout, monkeypatch, poisoned_outputs):
     """The int64 offset path that tensors of 2**30 elements and more take, forced on a small case."""
-    if not mbkernels.backends()["triton"].available:
-        pytest.skip(f"triton backend unavailable: {mbkernels.backends()['triton'].reason}")
+    if not mbkernels.backend_status()["triton"].available:
+        pytest.skip(f"triton backend unavailable: {mbkernels.backend_status()['triton'].reason}")
     from mbkernels.backends.triton import dwconv
 
     monkeypatch.setattr(dwconv, "INT64_ELEMENTS", 0)
@@ -407,7 +407,7 @@ def test_environment_variable_picks_the_backend(monkeypatch):
     args = tuple(_op_args("nchw"))
     args = normalised_args(args)
     for backend in declared_backends():
-        if not mbkernels.backends()[backend.name].available:
+        if not mbkernels.backend_status()[backend.name].available:
             continue
         monkeypatch.setenv(dispatch.ENV_VAR, backend.name)
         assert dispatch.select("dwconv_bn_act", None, args).backend is backend
@@ -437,16 +437,16 @@ def test_unknown_backend_in_environment_raises(monkeypatch):
 
 
 def test_backends_report_a_reason_for_each(monkeypatch):
-    status = mbkernels.backends()
+    status = mbkernels.backend_status()
     assert list(status) == ["cuda", "triton", "reference"]
     assert status["reference"].available
     for name, (available, reason) in status.items():
         assert isinstance(reason, str) and reason, f"{name} gives no reason"
     monkeypatch.setattr(_native, "unavailable_reason", "mbkernels._C was not built (a test says so)")
-    assert mbkernels.backends()["cuda"] == (False, "mbkernels._C was not built (a test says so)")
+    assert mbkernels.backend_status()["cuda"] == (False, "mbkernels._C was not built (a test says so)")
     if not HAS_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        available, reason = mbkernels.backends()["triton"]
+        available, reason = mbkernels.backend_status()["triton"]
         assert not available and "no CUDA GPU" in reason
 
 

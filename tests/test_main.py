@@ -1,8 +1,10 @@
 """python -m mbkernels: the table, the check and its exit codes."""
+import logging
 import subprocess
 import sys
 
 import pytest
+from conftest import HAS_GPU
 
 import mbkernels
 from mbkernels import __main__ as command
@@ -67,6 +69,18 @@ def test_a_wrong_kernel_fails_the_check(capsys, monkeypatch):
     code, lines = run(capsys, "--no-compile")
     assert code == 1
     assert lines[-1].startswith("check: FAIL -- patched eager")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="torch logs the notice only where there is no GPU")
+def test_on_the_cpu_torchs_no_gpu_notice_is_dropped_and_nothing_else(capsys, caplog):
+    """torch.compile imports torch.utils.cpp_extension, which logs "No CUDA runtime is found" where a CUDA toolkit
+    is installed without a GPU; the command drops that line (its header says it runs on the CPU), not the rest."""
+    assert run(capsys, "--no-compile")[0] == 0
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+        logger.warning("Error checking compiler version for c++")
+    assert [record.getMessage() for record in caplog.records] == ["Error checking compiler version for c++"]
 
 
 def test_the_command_line():

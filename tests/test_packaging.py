@@ -176,7 +176,7 @@ def test_importing_under_another_torch_turns_the_cuda_backend_off_with_one_warni
     assert f"was built for torch {mbkernels._C.TORCH_VERSION}" in _native.unavailable_reason
     assert "torch 2.99.0+cu130 with CUDA 13.0 is running" in _native.unavailable_reason
     assert_one_fallback_warning(caught.list, _native.unavailable_reason)
-    status = mbkernels.backends()
+    status = mbkernels.backend_status()
     assert not status["cuda"].available and status["cuda"].reason == _native.unavailable_reason
     assert status["reference"].available
 
@@ -192,7 +192,7 @@ def test_the_loaded_extension_registers_the_ops_and_fits_the_running_torch():
     assert Path(C.__file__).parent == Path(mbkernels.__file__).parent
     for op in ("dwconv_bn_act_cuda", "squeeze_excite_cuda"):
         assert str(getattr(torch.ops.mbkernels, op).default._schema).startswith(f"mbkernels::{op}(Tensor x")
-    assert mbkernels.backends()["cuda"].available
+    assert mbkernels.backend_status()["cuda"].available
 
 
 def _wheel_installed_distribution():

@@ -9,7 +9,7 @@ from torch import nn
 
 import mbkernels
 from mbkernels import dispatch
-from mbkernels.__main__ import build_model
+from mbkernels.models import build_model
 from mbkernels.nn.dwconv import DWConvBNAct, FusedInto
 from mbkernels.match import randomize_batchnorm
 from conftest import HAS_GPU, backend_unavailable

@@ -119,12 +119,22 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
         mbserve.create_model(MODEL, str(garbage))
 
 
-def test_command_refuses_a_bad_checkpoint_before_serving(tmp_path):
+@pytest.mark.parametrize("name", ["tv:no_such_model", "timm:no_such_model", "hub:no_such_model"])
+def test_a_model_no_library_has_is_refused(name):
+    with pytest.raises(ValueError, match=f"model '{name}': .*(no_such_model|prefix)"):
+        mbserve.create_model(name)
+
+
+@pytest.mark.parametrize("problem", ["checkpoint", "model"])
+def test_command_refuses_a_bad_checkpoint_or_model_before_serving(tmp_path, problem):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    done = run_command(["--model", MODEL, "--checkpoint", str(garbage)], capture_output=True, timeout=120)
+    args, message = {"checkpoint": (["--model", MODEL, "--checkpoint", str(garbage)], "cannot be read"),
+                     "model": (["--model", "tv:no_such_model"], "has a model 'no_such_model'")}[problem]
+    done = run_command(args, capture_output=True, timeout=120)
     assert done.returncode != 0
-    assert "cannot be read" in done.stderr and "Ray" not in done.stderr  # refused before any cluster started
+    assert message in done.stderr and "Ray" not in done.stderr  # refused before any cluster started
+    assert "Traceback" not in done.stderr  # in one line
 
 
 # ----------------------------------------------------------------------------------------- the command

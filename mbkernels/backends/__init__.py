@@ -7,8 +7,6 @@ Dispatch (mbkernels.dispatch) applies the device rule and the priority order; th
 import functools
 import importlib
 import pkgutil
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -67,15 +65,3 @@ def names() -> tuple:
 def get(name: str) -> Backend:
     return next(backend for backend in declared() if backend.name == name)
 
-
-class _CallablePackage(types.ModuleType):
-    """`mbkernels.backends()` reports each backend's status (the public function), while `mbkernels.backends.cuda`
-    stays the package of backend modules: one name for both, as users and the folder both know it."""
-
-    def __call__(self):
-        from ..dispatch import backends
-
-        return backends()
-
-
-sys.modules[__name__].__class__ = _CallablePackage
