@@ -83,30 +83,25 @@ def choices(model: nn.Module, kind) -> list:
 
 # ------------------------------------------------------------------------------------------------ the choice
 def test_faster_fused_variants_are_chosen_and_slower_ones_refused(monkeypatch):
-    # Depthwise runs fused at half the stock time, SEs fused at twice it, folded convs at 0.9.
+    # Depthwise runs fused at half the stock time, SEs fused at twice it, folded convs at 0.9; every block kernel
+    # five times slower than its layers.
+    fused_ms = {DWConvBNAct: 0.5, SqueezeExcite: 2.0, ConvBNAct: 0.9}
+    tuning_now = {}
+    tune_module = tuning.Tuner.tune_module
+
+    def tuning_one(self, fused, seen, largest):
+        tuning_now["kind"] = type(fused)
+        return tune_module(self, fused, seen, largest)
+
+    monkeypatch.setattr(tuning.Tuner, "tune_module", tuning_one)
+
     def cost(names, name):
         if "layers" in names:
-            return {"layers": 1.0}.get(name, 5.0)  # every block kernel far slower than its layers
-        if "folded" in names:
-            return {"stock": 1.0, "folded": 0.9}[name]
-        se = cost.se_next
-        cost.se_next = not cost.se_next if name == names[-1] else cost.se_next
-        return {"stock": 1.0}.get(name, 2.0 if se else 0.5)
+            return 1.0 if name == "layers" else 5.0
+        return 1.0 if name == "stock" else fused_ms[tuning_now["kind"]]
 
-    model = small_model()
-    # An SE is timed as stock, reference; a dwconv the same: tell them apart by the module being tuned.
-    tuned_kind = {}
-    original = tuning.Tuner.tune_module
-
-    def tune_module(self, fused, seen, largest):
-        cost.se_next = isinstance(fused, SqueezeExcite)
-        tuned_kind[id(fused)] = type(fused)
-        return original(self, fused, seen, largest)
-
-    cost.se_next = False
-    monkeypatch.setattr(tuning.Tuner, "tune_module", tune_module)
     clock = scripted(monkeypatch, cost)
-    mbkernels.patch(model, example_inputs=image())
+    model = mbkernels.patch(small_model(), example_inputs=image())
     assert clock.timed
     assert choices(model, DWConvBNAct) and set(choices(model, DWConvBNAct)) == {"reference"}
     assert choices(model, SqueezeExcite) and set(choices(model, SqueezeExcite)) == {"stock"}
@@ -169,7 +164,8 @@ def test_a_real_cpu_tuning_keeps_the_stock_outputs():
 
 
 def test_each_example_input_is_measured_at_the_shape_its_module_sees(monkeypatch):
-    clock = scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else 0.5)
+    clock = scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers")
+                     else 5.0 if "layers" in names else 0.5)
     model = mbkernels.patch(small_model(), example_inputs=[image(batch=1), image(batch=3)])
     first_dw = next(m for m in model.modules() if isinstance(m, DWConvBNAct))
     assert sorted(key[0][0] for key in first_dw.tuned) == [1, 3]
@@ -183,7 +179,6 @@ def test_a_second_patch_with_the_same_model_and_device_times_nothing(monkeypatch
     first = scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else 0.5)
     model = mbkernels.patch(small_model(), example_inputs=image())
     assert first.timed and tuning_cache.exists()
-    tuning.TuningCache._memo.clear() if hasattr(tuning.TuningCache, "_memo") else None
     second = scripted(monkeypatch, lambda names, name: 1.0)
     again = mbkernels.patch(small_model(), example_inputs=image())
     assert second.timed == []

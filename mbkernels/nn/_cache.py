@@ -198,6 +198,12 @@ class FusedModule(nn.Module):
             plan = self._plans[key] = make()
         return plan
 
+    def keep_measured(self, key: tuple, choice: str, timings: dict) -> None:
+        """What a tuned patch measured for inputs of tuning_key `key`: the choice runs from now on (the plans made
+        before it go)."""
+        self.tuned[key], self.timings[key] = choice, timings
+        self._plans = {}
+
     def tuned_choice(self, x: torch.Tensor) -> Optional[str]:
         """What a tuned patch measured fastest for an input like x; None when it measured none such."""
         return self.tuned.get(tuning_key(x)) if self.tuned else None

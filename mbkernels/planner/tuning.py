@@ -75,8 +75,9 @@ def example_calls(model: nn.Module, example_inputs) -> Calls:
                 raise ValueError(f"an example input is on {t.device} but the model's weights are on "
                                  f"{next(iter(devices))}; give inputs on the device the model runs on")
             if t.is_floating_point() and len(dtypes) == 1 and t.dtype not in dtypes:
-                raise ValueError(f"an example input is {t.dtype} but the model's weights are {next(iter(dtypes))}; "
-                                 f"give inputs in the dtype the model runs (or convert the model first)")
+                raise ValueError(f"an example input is {_dtype_name(t.dtype)} but the model's weights are "
+                                 f"{_dtype_name(next(iter(dtypes)))}; give inputs in the dtype the model runs (or "
+                                 f"convert the model first)")
     with _eval(model), torch.no_grad():
         for call in calls:
             try:
@@ -89,6 +90,10 @@ def example_calls(model: nn.Module, example_inputs) -> Calls:
                                  ) from error
     device = next(t.device for t in calls[0] if isinstance(t, torch.Tensor))
     return Calls(calls, device)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @contextlib.contextmanager
@@ -232,8 +237,7 @@ class Tuner:
             variants = variants_of(fused, x)
             signature = {"module": describe(fused), "input": [list(x.shape), list(x.stride()), str(x.dtype)]}
             choice, medians = self.measure(signature, variants, one, largest, STOCK)
-            fused.tuned[one.key] = choice
-            fused.timings[one.key] = medians
+            fused.keep_measured(one.key, choice, medians)
 
     def tune_block(self, alternative: BlockAlternative, seen: list, largest: int) -> Optional[BlockDecision]:
         """Block fusion against layer fusion, summed over the inputs seen; installs the block where it wins."""
@@ -264,8 +268,7 @@ class Tuner:
             detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in total.items())
             return dataclasses.replace(estimate, plan="layers", reason=f"measured: {detail}")
         for one, choice, medians in results:
-            fused.tuned[one.key] = choice if choice != LAYERS else best
-            fused.timings[one.key] = medians
+            fused.keep_measured(one.key, choice if choice != LAYERS else best, medians)
         return dataclasses.replace(estimate, plan="block", reason=f"measured: block ({best}) {total[best]:.3f} ms "
                                                                   f"against layers {total[LAYERS]:.3f} ms")
 
