@@ -225,18 +225,17 @@ def _erase_unused(graph: fx.Graph, candidates: set) -> None:
 
 def install(root: nn.Module, forward: CapturedForward, container: nn.ModuleList) -> None:
     """Make root run the rewrite (the fused list registered last: .to() moves the stock modules before the fused
-    modules refold from them)."""
+    modules refold from them). forward goes in as a bound method, as a module's forward is (torch.export reads
+    its code object)."""
     setattr(root, CONTAINER, container)
-    root.forward = forward
+    root.forward = forward.__call__
 
 
-def uninstall(root: nn.Module) -> None:
-    """root's own forward again, and no fused list."""
-    if isinstance(root.__dict__.get("forward"), CapturedForward):
-        del root.forward
-    if CONTAINER in root._modules:
-        delattr(root, CONTAINER)
+def captured_forward(module: nn.Module) -> Optional[CapturedForward]:
+    """The CapturedForward a rewritten module runs, else None."""
+    forward = getattr(module.__dict__.get("forward"), "__self__", None)
+    return forward if isinstance(forward, CapturedForward) else None
 
 
 def rewritten(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), CapturedForward)
+    return captured_forward(module) is not None

@@ -36,12 +36,14 @@ def _layer_channels(module: nn.Module) -> Optional[tuple]:
 
 def leftovers(parent: nn.Module, children: list, taken: set, entries: list) -> bool:
     """Whether the structural kinds left something a rewrite of parent's forward could take: a conv child left
-    alone or half-fused (`entries`: the report entries of this parent's children), or 1x1 layers no kind took that
-    could be an SE computed in forward (C -> R and R -> C, or one C -> C)."""
+    alone, half-fused or fused without an activation (the forward may apply one as a function; `entries`: the
+    report entries of this parent's children), or 1x1 layers no kind took that could be an SE computed in forward
+    (C -> R and R -> C, or one C -> C)."""
     if is_plain_sequential(parent) or not overrides_forward(parent, nn.Module):
         return False
     convs = {name for name, child in children if isinstance(child, nn.Conv2d)}
-    if any(entry_child in convs and (entry.reason or entry.note) for entry_child, entry in entries):
+    if any(entry_child in convs and (entry.reason or entry.note or entry.activation == "identity")
+           for entry_child, entry in entries):
         return True
     free = [shape for name, child in children if name not in taken for shape in [_layer_channels(child)] if shape]
     return any(c_in == c_out for c_in, c_out in free) or any((r, c) in free for c, r in free if r < c)
@@ -72,13 +74,15 @@ class DataflowPass:
                 self.captures[path] = error
         return self.captures[path]
 
-    def plan(self, parent: nn.Module, path: str, call: Optional[tuple]):
-        """A Rewrite of parent's forward, proven, or the reason there is none (a str)."""
+    def plan(self, parent: nn.Module, path: str, call: Optional[tuple], structural: dict):
+        """A Rewrite of parent's forward, proven, or the reason there is none (a str), or None where it would fuse
+        nothing more than the structural swaps of its children do (structural: conv slot -> (BatchNorm folded,
+        activation fused))."""
         captured = self.capture(path, parent, call)
         if isinstance(captured, CaptureError):
             return str(captured)
         matches = self.select(parent, path, find(captured))
-        if not matches:
+        if not gains_over(matches, structural):
             return None
         called_kwargs = {k: v for k, v in call[1].items() if v is not VALUE} if call else {}
         failure = self.prove(parent, captured, matches, called_kwargs, _bound_constants(parent, call))
@@ -90,7 +94,7 @@ class DataflowPass:
             sorted(matches, key=lambda m: list(captured.graph.nodes).index(m.output)), container)]
         for (fused_path, _kind, _shape, _activation), fused in zip(entries, container):
             fused.dataflow_path = fused_path
-        return Rewrite(forward, container, covered, entries, matches)
+        return Rewrite(forward, container, covered, entries)
 
     def select(self, parent: nn.Module, path: str, found) -> list:
         """The matches to fuse: blocks where block fusion is planned, then SEs, then conv runs, none overlapping,
@@ -157,25 +161,26 @@ class DataflowPass:
             "activations=")[1].split(",")[0]
 
 
+def gains_over(matches: list, structural: dict) -> bool:
+    """Whether matches fuse more than the structural swaps of the same children do (structural: conv slot ->
+    (BatchNorm folded, activation fused)): an SE or a block, a conv they leave, or a BatchNorm or an activation they
+    leave beside a conv."""
+    for match in matches:
+        if not isinstance(match, ConvRun):
+            return True
+        norm, act = structural.get(match.conv, (None, None))
+        if norm is None or (match.norm and not norm) or (match.activation != "identity" and not act):
+            return True
+    return False
+
+
 class Rewrite:
     """A planned rewrite of one module's forward: what to install, the child slots its matches cover, one
     (path, kind, shape, activation) per fused module, and the matches."""
 
-    def __init__(self, forward, container, covered: set, entries: list, matches: list):
+    def __init__(self, forward, container, covered: set, entries: list):
         self.forward, self.container, self.covered, self.entries = forward, container, covered, entries
-        self.matches = matches
 
-    def gains_over(self, structural: dict) -> bool:
-        """Whether it fuses more than the structural swaps of the same children do (structural: conv slot ->
-        (BatchNorm folded, activation fused)): an SE or a block, a conv they leave, or a BatchNorm or an activation
-        they leave beside a conv."""
-        for match in self.matches:
-            if not isinstance(match, ConvRun):
-                return True
-            norm, act = structural.get(match.conv, (None, None))
-            if norm is None or (match.norm and not norm) or (match.activation != "identity" and not act):
-                return True
-        return False
 
 
 def _relocate(captured, module: nn.Module):

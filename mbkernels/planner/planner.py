@@ -79,20 +79,21 @@ class Planner:
         """Plan a rewrite of parent's forward (the dataflow pass); the child slots it takes. Its matches replace
         the structural swaps and refusals of the children they cover; where there is no rewrite, the entries of
         the children left behind say why."""
-        planned = self.dataflow.plan(parent, path, self.dataflow.call_of(path, outer))
+        structural = {swap.assignments[0][0]: (not isinstance(swap.assignments[0][1].bn, nn.Identity),
+                                                swap.assignments[0][1].activation != "identity")
+                      for swap in self.swaps[swaps_before:] if hasattr(swap.assignments[0][1], "bn")}
+        planned = self.dataflow.plan(parent, path, self.dataflow.call_of(path, outer), structural)
         if not isinstance(planned, Rewrite):
-            if planned:
+            if planned:  # a forward that cannot be rewritten: what its convs became says why
                 where = f"the forward of {path[:-1] or 'the model'} was not rewritten: {planned}"
                 for _, entry in here:
                     if entry.reason:
                         entry.reason += f" ({where})"
-                    elif entry.note:
-                        entry.note += f" ({where})"
-            return set()
-        structural = {swap.assignments[0][0]: (not isinstance(swap.assignments[0][1].bn, nn.Identity),
-                                                swap.assignments[0][1].activation != "identity")
-                      for swap in self.swaps[swaps_before:] if hasattr(swap.assignments[0][1], "bn")}
-        if not planned.gains_over(structural):
+                for swap in self.swaps[swaps_before:]:
+                    fused = swap.assignments[0][1]
+                    if hasattr(fused, "half_fused"):  # kept by the module: patch_report says it again
+                        fused.half_fused += f" ({where})" if fused.half_fused else where
+                        swap.entries[0].note = fused.half_fused
             return set()
         covered = {target.partition(".")[0] for target in planned.covered}
         self.swaps[swaps_before:] = [swap for swap in self.swaps[swaps_before:]
@@ -106,7 +107,9 @@ class Planner:
         for fused in container:
             fused.training = parent.training
         entries = [PatchEntry(*entry, via=f"forward of {path[:-1] or 'the model'}") for entry in planned.entries]
-        self.swaps.append(Swap(parent, [(rewrite.CONTAINER, container), ("forward", planned.forward)], entries))
+        # The forward goes in as a bound method, as rewrite.install puts it.
+        self.swaps.append(Swap(parent, [(rewrite.CONTAINER, container), ("forward", planned.forward.__call__)],
+                               entries))
         return covered | {rewrite.CONTAINER}
 
     def record_rewrite(self, parent: nn.Module) -> set:

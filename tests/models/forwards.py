@@ -1,0 +1,212 @@
+"""Hand-written modules whose forward code, not their module tree, does the work: one per pattern the dataflow pass
+must take over (and one it must leave alone), with the number of depthwise convs and SEs each holds."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def dw(channels, kernel=3, stride=1, padding=None, bias=False):
+    return nn.Conv2d(channels, channels, kernel, stride, kernel // 2 if padding is None else padding,
+                     groups=channels, bias=bias)
+
+
+class FunctionalActivations(nn.Module):
+    """BNs and activations applied in forward as functions and expressions."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.conv1, self.bn1 = dw(c), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = dw(c, 5, 2), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = dw(c), nn.BatchNorm2d(c)
+        self.conv4 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = F.hardswish(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(x))
+        x = y * torch.sigmoid(y)  # silu written out
+        z = self.bn3(self.conv3(x))
+        x = F.relu6(z + 3) / 6 * z  # hardswish written out
+        return self.bn4(self.conv4(x)).relu()
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class SharedActivation(nn.Module):
+    """One activation module serves every call (efficientnet_pytorch's pattern)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.expand, self.bn0 = nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c)
+        self.depthwise, self.bn1 = dw(2 * c), nn.BatchNorm2d(2 * c)
+        self.project, self.bn2 = nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.act = Swish()
+
+    def forward(self, x):
+        x = self.act(self.bn0(self.expand(x)))
+        x = self.act(self.bn1(self.depthwise(x)))
+        return self.bn2(self.project(x))
+
+
+class InlineSE(nn.Module):
+    """A depthwise run and a squeeze-excite computed inline: pool, two 1x1 convs, a gate, the product."""
+
+    def __init__(self, c=24, reduced=6, gate=torch.sigmoid):
+        super().__init__()
+        self.conv, self.bn = dw(c), nn.BatchNorm2d(c)
+        self.se_reduce = nn.Conv2d(c, reduced, 1)
+        self.se_expand = nn.Conv2d(reduced, c, 1)
+        self.gate = gate
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = self.se_expand(F.silu(self.se_reduce(s)))
+        return self.gate(s) * x
+
+
+class LinearSE(nn.Module):
+    """An SE with Linear layers and views (x.mean, .view(b, c), [:, :, None, None]), hardsigmoid as an expression."""
+
+    def __init__(self, c=20, reduced=8):
+        super().__init__()
+        self.conv, self.bn = dw(c, 3, 2), nn.BatchNorm2d(c)
+        self.fc1, self.fc2 = nn.Linear(c, reduced), nn.Linear(reduced, c)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).relu()
+        b, c = x.shape[0], x.shape[1]
+        s = x.mean((2, 3)).view(b, c)
+        s = F.relu6(self.fc2(torch.relu(self.fc1(s))) + 3) / 6
+        return x * s[:, :, None, None]
+
+
+class StaticSameConv(nn.Conv2d):
+    """A Conv2d whose forward pads (TensorFlow 'SAME' for a fixed image size) and convolves."""
+
+    def __init__(self, *args, image_size=32, **kwargs):
+        super().__init__(*args, **kwargs)
+        pads = []
+        for k, s in zip(self.kernel_size, self.stride):
+            total = max((-(-image_size // s) - 1) * s + k - image_size, 0)
+            pads = [total // 2, total - total // 2] + pads
+        self.pad = nn.ZeroPad2d(pads)
+
+    def forward(self, x):
+        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class PadThenConv(nn.Module):
+    """Padding applied before the conv three ways: F.pad, a ZeroPad2d module, a Conv2d subclass that pads."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv1, self.bn1 = dw(c, 3, 2, padding=0), nn.BatchNorm2d(c)
+        self.pad2 = nn.ZeroPad2d((1, 2, 2, 1))
+        self.conv2, self.bn2 = dw(c, 4, 1, padding=0), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = StaticSameConv(c, c, 5, 2, groups=c, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(F.pad(x, (0, 1, 0, 1)))))
+        x = F.silu(self.bn2(self.conv2(self.pad2(x))))
+        return F.hardswish(self.bn3(self.conv3(x)))
+
+
+class FoldedByTheModel(nn.Module):
+    """BatchNorms already folded into the convs (biases, no BN): conv then activation."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv1 = dw(c, bias=True)
+        self.conv2 = dw(c, 5, 2, bias=True)
+
+    def forward(self, x):
+        return F.gelu(self.conv2(F.relu6(self.conv1(x))))
+
+
+class PythonFlag(nn.Module):
+    """A branch on a Python attribute: the graph holds the branch taken."""
+
+    def __init__(self, c=16, use_se=True):
+        super().__init__()
+        self.use_se = use_se
+        self.conv, self.bn = dw(c), nn.BatchNorm2d(c)
+        self.reduce, self.expand = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        if self.use_se:
+            x = x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return x
+
+
+class Block(nn.Module):
+    """A whole inverted-residual block in forward code (expand, depthwise, inline SE, project, residual)."""
+
+    def __init__(self, c=16, expansion=4, stride=1):
+        super().__init__()
+        e = c * expansion
+        self.stride = stride
+        self.expand, self.bn0 = nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e)
+        self.depthwise, self.bn1 = dw(e, 3, stride), nn.BatchNorm2d(e)
+        self.se_reduce, self.se_expand = nn.Conv2d(e, c // 2, 1), nn.Conv2d(c // 2, e, 1)
+        self.project, self.bn2 = nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, inputs, drop_rate=None):
+        x = F.relu6(self.bn0(self.expand(inputs)))
+        x = F.relu6(self.bn1(self.depthwise(x)))
+        x = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(F.adaptive_avg_pool2d(x, 1))))) * x
+        x = self.bn2(self.project(x))
+        if self.stride == 1:
+            if drop_rate and self.training:
+                x = F.dropout(x, drop_rate)
+            x = x + inputs
+        return x
+
+
+class Net(nn.Module):
+    """Blocks called with a rate computed in forward (efficientnet_pytorch's drop connect)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c)
+        self.blocks = nn.ModuleList([Block(c), Block(c, 2), Block(c, 4)])
+
+    def forward(self, x):
+        x = F.silu(self.bn(self.stem(x)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, drop_rate=0.2 * i / len(self.blocks))
+        return x
+
+
+class TensorBranch(nn.Module):
+    """A branch on tensor values: its forward cannot be captured, and must be left alone with that reason."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv, self.bn = dw(c), nn.BatchNorm2d(c)
+        self.reduce, self.expand = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        if x.mean() > 0:
+            x = x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return x
+
+
+# name -> (module maker, input channels, depthwise convs, SEs)
+FORWARDS = {
+    "functional-activations": (FunctionalActivations, 12, 3, 0),
+    "shared-activation": (SharedActivation, 16, 1, 0),
+    "inline-se": (InlineSE, 24, 1, 1),
+    "inline-se-hardsigmoid": (lambda: InlineSE(gate=F.hardsigmoid), 24, 1, 1),
+    "linear-se": (LinearSE, 20, 1, 1),
+    "pad-then-conv": (PadThenConv, 16, 3, 0),
+    "folded-by-the-model": (FoldedByTheModel, 16, 2, 0),
+    "python-flag": (PythonFlag, 16, 1, 1),
+    "python-flag-off": (lambda: PythonFlag(use_se=False), 16, 1, 0),
+    "net-of-blocks": (Net, 3, 3, 3),
+}
