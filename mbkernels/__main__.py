@@ -1,4 +1,5 @@
-"""python -m mbkernels: build a model, patch it, check the patched outputs against stock, time both.
+"""python -m mbkernels: build a model, patch it (and patch it tuned: each choice timed at the run's input), check the
+patched outputs against stock, time them all.
 
     python -m mbkernels                                  # timm mobilenetv3_large_100 on the GPU (or the CPU)
     python -m mbkernels --model tv:mobilenet_v3_small --dtype float16 --channels-last --batch 128
@@ -21,6 +22,7 @@ import torch
 from . import backend_status, patch, patch_report
 from .models import DTYPES, build_model
 from .planner import KIND_LABELS
+from .planner.cache import cache_path
 
 # Largest max-abs difference to stock, relative to stock's largest logit, that passes the check. Stock and
 # patched round at different points (the fused op keeps float32 between conv, BN and activation).
@@ -81,6 +83,8 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
     parser.add_argument("--iters", type=int, help="timed runs, median reported (default: 50 on a GPU, 5 on the CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="skip the tuned rows (patch(model, example_inputs=x): each choice timed at this input)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (default: %(default)s; aot_eager checks tracing only)")
     parser.add_argument("--tolerance", type=float,
@@ -123,11 +127,19 @@ def main(argv: Optional[list] = None) -> int:
     patched = patched.to(device, dtype, memory_format=memory_format)
     x = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
     x = x.to(device, dtype).contiguous(memory_format=memory_format)
+    models = [("stock", stock), ("patched", patched)]
+    if not args.no_tune:
+        progress(f"patching tuned: each choice timed on {device} at this input (cached: {cache_path()})")
+        tuned = copy.deepcopy(stock)
+        started = time.perf_counter()
+        patch(tuned, backend=backend, example_inputs=x)
+        progress(f"tuned in {time.perf_counter() - started:.1f} s")
+        models.append(("tuned", tuned))
 
-    variants = [("stock eager", stock), ("patched eager", patched)]
+    variants = [(f"{name} eager", model) for name, model in models]
     if not args.no_compile:
         variants += [(f"{name} compiled", torch.compile(model, backend=args.compile_backend))
-                     for name, model in (("stock", stock), ("patched", patched))]
+                     for name, model in models]
     rows, failures, reference = [], [], None
     with torch.inference_mode():
         for label, model in variants:
@@ -148,8 +160,9 @@ def main(argv: Optional[list] = None) -> int:
             rows.append((label, ms, error, agree))
 
     failed = {row[0] for row in rows if row[1] == "failed"}
-    if "patched compiled" in failed and "stock compiled" not in failed:
-        failures.append("torch.compile of the patched model failed where the stock model's worked")
+    for name in ("patched", "tuned"):
+        if f"{name} compiled" in failed and "stock compiled" not in failed:
+            failures.append(f"torch.compile of the {name} model failed where the stock model's worked")
     print(header(args, device, has_gpu, backend, batch, dtype, report))
     print(table(rows, batch, tolerance))
     if failures:

@@ -6,15 +6,25 @@ from .match import randomize_batchnorm
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+PREFIXES = ("timm", "tv", "torchvision", "efficientnet_pytorch")
+
+
 def build_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A timm ("timm:NAME") or torchvision ("tv:NAME") model, or NAME looked up in timm then torchvision; random
-    weights, random BatchNorm statistics, eval mode. A name neither library knows raises ValueError."""
+    """A timm ("timm:NAME"), torchvision ("tv:NAME") or efficientnet_pytorch ("efficientnet_pytorch:efficientnet-b0")
+    model, or NAME looked up in timm then torchvision; random weights, random BatchNorm statistics, eval mode. A name
+    no library knows raises ValueError."""
     source, _, model_name = name.rpartition(":")
     torch.manual_seed(seed)
-    if source not in ("", "timm", "tv", "torchvision"):
-        raise ValueError(f"model {name!r}: prefix must be timm: or tv:")
+    if source not in ("",) + PREFIXES:
+        raise ValueError(f"model {name!r}: prefix must be one of {', '.join(p + ':' for p in PREFIXES)}")
     model = None
-    if source in ("", "timm"):
+    if source == "efficientnet_pytorch":
+        from efficientnet_pytorch import EfficientNet
+        try:
+            model = EfficientNet.from_name(model_name)
+        except ValueError as error:
+            raise ValueError(f"model {name!r}: {error}") from None
+    if model is None and source in ("", "timm"):
         import timm
         if timm.is_model(model_name):
             model = timm.create_model(model_name, pretrained=False)

@@ -41,14 +41,22 @@ class ConvBNAct(FoldedConvBNAct):
             return self.stock_forward(x)
         if self.tuned_choice(x) == STOCK:
             return self.run_stock(x)
+        folded = self.folded_conv_for(x)
+        if folded is None:
+            return self.stock_forward(x)
+        if ops.plain_eager_call(x):  # the plan is made once per signature, not per call
+            return self.plan_for(x, lambda: folded)(x)
+        return folded(x)
+
+    def folded_conv_for(self, x: torch.Tensor):
+        """The folded conv (with its activation in place) as a function of inputs like x, or None where the stock
+        modules must run."""
         weight, bias = self.folded_weights()  # first: a refold reads the conv's settings again
         padding = self.padding_for(x)
         if padding is None or x.dtype != weight.dtype:  # a dtype the stock conv refuses (or autocasts) too
-            return self.stock_forward(x)
-        settings = (weight, bias, self.stride, padding, self.dilation, self.conv.groups, self.activation)
-        if ops.plain_eager_call(x):  # the plan is made once per signature, not per call
-            return self.plan_for(x, lambda: prepare_conv2d_act(*settings))(x)
-        return prepare_conv2d_act(*settings)(x)
+            return None
+        return prepare_conv2d_act(weight, bias, self.stride, padding, self.dilation, self.conv.groups,
+                                  self.activation)
 
     def extra_repr(self) -> str:
         conv = self.conv

@@ -209,10 +209,17 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
     return timings
 
 
+def paired_ratios(variant: Timing, baseline: Timing) -> list:
+    """variant / baseline per round: the rounds interleave the variants, so a drift of the machine (clocks, load)
+    hits both sides of each ratio alike and the ratios keep only what differs between them."""
+    return [v / b for v, b in zip(variant.rounds_ms, baseline.rounds_ms) if b > 0]
+
+
 def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: float = 0.02) -> tuple[str, str]:
-    """(name of the variant to use, why, in one line). A variant replaces the baseline only if it is faster by more
-    than both their noises together and by more than min_gain (a fraction of the baseline's time); among those that
-    are, the fastest wins. Ties, gains within the noise and failed variants keep the baseline."""
+    """(name of the variant to use, why, in one line). A variant replaces the baseline only if, round by round, it
+    is faster by more than the spread of that comparison (the interquartile range of its per-round time ratios to
+    the baseline: the measured noise) and by more than min_gain (a fraction of the baseline's time); among those
+    that are, the fastest wins. Ties, gains within the noise and failed variants keep the baseline."""
     if baseline not in timings:
         raise ValueError(f"no baseline {baseline!r} among the timings ({', '.join(timings)})")
     base = timings[baseline]
@@ -228,23 +235,26 @@ def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: flo
     if not others:
         return baseline, f"{baseline} kept: no other variant ran{failed_note}"
 
-    def gain(name: str) -> float:
-        return 1 - others[name].median_ms / base.median_ms
-
-    def needed(name: str) -> float:
-        return max(min_gain, base.noise + others[name].noise)
+    def comparison(name: str) -> tuple[float, float]:
+        """(gain: 1 - the median per-round ratio, noise: the ratios' interquartile range)."""
+        ratios = paired_ratios(others[name], base)
+        if len(ratios) < MIN_ROUNDS:
+            return 1 - others[name].median_ms / base.median_ms, base.noise + others[name].noise
+        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return 1 - median, q3 - q1
 
     def versus(name: str, word: str) -> str:
-        return (f"{name} {others[name].median_ms:.3f} ms vs {baseline} {base.median_ms:.3f} ms: {gain(name):.1%} "
-                f"faster, {word} the {needed(name):.1%} needed (noise {base.noise + others[name].noise:.1%}, floor "
+        gain, noise = comparison(name)
+        return (f"{name} {others[name].median_ms:.3f} ms vs {baseline} {base.median_ms:.3f} ms: {gain:.1%} "
+                f"faster, {word} the {max(min_gain, noise):.1%} needed (noise {noise:.1%}, floor "
                 f"{min_gain:.1%}){failed_note}")
 
-    winners = [name for name in others if gain(name) > needed(name)]
+    winners = [name for name in others if comparison(name)[0] > max(min_gain, comparison(name)[1])]
     if winners:
         best = min(winners, key=lambda name: others[name].median_ms)
         return best, versus(best, "beyond")
     fastest = min(others, key=lambda name: others[name].median_ms)
-    if gain(fastest) <= 0:
+    if comparison(fastest)[0] <= 0:
         return baseline, (f"{baseline} kept: {baseline} {base.median_ms:.3f} ms, the fastest other is {fastest} "
                           f"{others[fastest].median_ms:.3f} ms{failed_note}")
     return baseline, f"{baseline} kept: " + versus(fastest, "within")

@@ -153,7 +153,9 @@ def variants_of(fused: FusedModule, x: torch.Tensor) -> dict:
     folded conv)."""
     variants = {STOCK: fused.stock_forward}
     if isinstance(fused, ConvBNAct):
-        variants[FOLDED] = _untuned(fused)
+        folded = fused.folded_conv_for(x)
+        if folded is not None:
+            variants[FOLDED] = folded
         return variants
     call = fused.op_call(x)
     if call is None:  # TF 'SAME' for which the fused module runs stock anyway
@@ -162,16 +164,6 @@ def variants_of(fused: FusedModule, x: torch.Tensor) -> dict:
     for name in feasible_backends(op, values):
         variants[name] = ops.prepare(op, *values, name)
     return variants
-
-
-def _untuned(fused: FusedModule) -> Callable:
-    def run(x):
-        saved, fused.tuned = fused.tuned, {}
-        try:
-            return fused.checked_forward(x)
-        finally:
-            fused.tuned = saved
-    return run
 
 
 def describe(module: nn.Module) -> str:
