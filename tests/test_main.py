@@ -11,7 +11,8 @@ from mbkernels import __main__ as command
 from mbkernels.backends import OpSupport, reference
 
 pytest.importorskip("torchvision")
-QUICK = ["--model", "tv:mobilenet_v3_small", "--size", "40", "--batch", "2", "--iters", "1", "--backend", "reference"]
+QUICK = ["--model", "tv:mobilenet_v3_small", "--size", "40", "--batch", "2", "--iters", "1", "--backend", "reference",
+         "--no-tune"]
 
 
 def run(capsys, *args) -> tuple[int, list]:
@@ -41,6 +42,17 @@ def test_quick_run_prints_one_table_and_passes(capsys):
     assert 0 < float(error) < 1e-4 and top1 == "2/2"
     assert table["stock eager"][2:] == ["1.00x", "0.0e+00", "2/2"]
     assert lines[-1] == "check: PASS (every output within 1e-04 of stock eager)"
+
+
+def test_tuned_rows(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MBKERNELS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    code = command.main([argument for argument in QUICK if argument != "--no-tune"] + ["--no-compile"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0, "\n".join(lines)
+    table = rows(lines)
+    assert list(table) == ["stock eager", "patched eager", "tuned eager"]
+    assert float(table["tuned eager"][0]) > 0 and float(table["tuned eager"][3]) < 1e-4
+    assert (tmp_path / "tuning.json").exists()
 
 
 def test_compiled_rows(capsys):
