@@ -6,9 +6,12 @@ Environment (and options):
   MBKERNELS_BENCH_RESUME=1       skip (case, provider) pairs today's results file already holds
   MBKERNELS_BENCH_COMPILE_MODE   force the torch.compile mode of the `compile` providers ("default" for none)
   MBKERNELS_BENCH_RESULTS_DIR    write results somewhere other than benchmarks/results/
+  MBKERNELS_TUNING_CACHE         the tuning table of the patched+tuned providers (default: beside the results on
+                                 a GPU, <gpu>-<yyyymmdd>-tuning.json; a temporary file on the CPU)
 """
 import functools
 import os
+import tempfile
 import time
 
 import pytest
@@ -33,6 +36,12 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("quick"):
         os.environ["MBKERNELS_BENCH_QUICK"] = "1"  # read when the test modules build their matrices
+    if "MBKERNELS_TUNING_CACHE" not in os.environ:
+        if HAS_GPU:
+            measured = results.results_path(results.environment(torch.device("cuda")))
+            os.environ["MBKERNELS_TUNING_CACHE"] = str(measured.with_name(measured.stem + "-tuning.json"))
+        else:  # CPU timings say nothing about a GPU: keep them out of the results
+            os.environ["MBKERNELS_TUNING_CACHE"] = os.path.join(tempfile.mkdtemp(), "tuning.json")
     # pytest-benchmark times rounds with this clock: GPU time between CUDA events (see benchmarks/timing.py).
     config.option.benchmark_timer = "benchmarks.timing.device_clock"
 

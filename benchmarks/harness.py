@@ -51,7 +51,7 @@ def case_fields(family: str, case, provider: str) -> dict:
         "dtype": DTYPE_NAMES[case.dtype],
         "layout": layout_name(case.channels_last),
     }
-    if provider in ("compile", "patched+compile"):
+    if provider in ("compile", "patched+compile", "patched+tuned+compile"):
         fields["compile_mode"] = compile_mode(case) or "default"
     elif provider == "compile-reduce-overhead":
         fields["compile_mode"] = "reduce-overhead"

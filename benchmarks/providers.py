@@ -2,8 +2,9 @@
 
 Layer providers: eager (the stock modules), compile (torch.compile of them, inductor freezing on so BN folds
 into the conv), mbkernels-<backend> (the public op with weights folded once, as a patched model runs it).
-Model providers: eager, compile, patched, patched+compile, and at batch 1 compile-reduce-overhead (inductor's
-CUDA graphs) against patched-cudagraph (the patched model captured in one torch.cuda.CUDAGraph).
+Model providers: eager, compile, patched, patched+compile, patched+tuned (patched with the case's input as the
+example: every choice timed on this device) and patched+tuned+compile, and at batch 1 compile-reduce-overhead
+(inductor's CUDA graphs) against patched-cudagraph (the patched model captured in one torch.cuda.CUDAGraph).
 """
 import copy
 from typing import Callable, Optional
@@ -20,10 +21,11 @@ from .cases import LayerCase, ModelCase, compile_mode
 LAYER_PROVIDERS_GPU = ("eager", "compile", "mbkernels-cuda", "mbkernels-triton")
 LAYER_PROVIDERS_CPU = ("eager", "mbkernels-reference")
 # patched: the planner's choice per block; patched-layers: layer fusion only; patched-blocks: every block fused.
-MODEL_PROVIDERS_GPU = ("eager", "compile", "patched", "patched+compile", "patched-layers", "patched-blocks")
+MODEL_PROVIDERS_GPU = ("eager", "compile", "patched", "patched+compile", "patched+tuned", "patched+tuned+compile",
+                       "patched-layers", "patched-blocks")
 MODEL_PROVIDERS_BATCH1 = ("compile-reduce-overhead", "patched-cudagraph")
-MODEL_PROVIDERS_CPU = ("eager", "patched-reference")
-COMPILING_PROVIDERS = ("compile", "patched+compile", "compile-reduce-overhead")
+MODEL_PROVIDERS_CPU = ("eager", "patched-reference", "patched+tuned")
+COMPILING_PROVIDERS = ("compile", "patched+compile", "patched+tuned+compile", "compile-reduce-overhead")
 
 # Largest error allowed, relative to the largest reference value (float64 reference). Loose next to the unit
 # tests' bounds (tests/ check the kernels precisely): here they catch a wrong kernel before it is timed.
@@ -135,8 +137,8 @@ def _reduce_overhead(model: nn.Module, example: torch.Tensor) -> Callable:
     return step
 
 
-def patched(model: nn.Module, backend: Optional[str] = None, blocks=True) -> nn.Module:
-    return mbkernels.patch(copy.deepcopy(model), backend=backend, blocks=blocks)
+def patched(model: nn.Module, backend: Optional[str] = None, blocks=True, example=None) -> nn.Module:
+    return mbkernels.patch(copy.deepcopy(model), backend=backend, blocks=blocks, example_inputs=example)
 
 
 def model_provider(provider: str, case: ModelCase, model: nn.Module, example: torch.Tensor) -> Callable:
@@ -155,6 +157,10 @@ def model_provider(provider: str, case: ModelCase, model: nn.Module, example: to
         return patched(model, backend="reference")
     if provider == "patched+compile":
         return compiled(patched(model), compile_mode(case), example)
+    if provider == "patched+tuned":
+        return patched(model, example=example)
+    if provider == "patched+tuned+compile":
+        return compiled(patched(model, example=example), compile_mode(case), example)
     if provider == "compile-reduce-overhead":
         return _reduce_overhead(model, example)
     if provider == "patched-cudagraph":

@@ -18,8 +18,8 @@ from .results import record_key, results_dir
 
 BASELINES = ("eager", "compile", "compile-reduce-overhead")
 PROVIDER_ORDER = ("eager", "compile", "compile-reduce-overhead", "mbkernels-cuda", "mbkernels-triton",
-                  "mbkernels-reference", "patched", "patched+compile", "patched-cudagraph", "patched-reference",
-                  "patched-layers", "patched-blocks")
+                  "mbkernels-reference", "patched", "patched+compile", "patched+tuned", "patched+tuned+compile",
+                  "patched-cudagraph", "patched-reference", "patched-layers", "patched-blocks")
 RESULTS_NAME = re.compile(r".+-(\d{8})\.json$")
 
 
@@ -59,6 +59,10 @@ TARGETS = (
            "batch 256 float16 channels_last"),
     Target("model: patched+compile over compile", "model", None, ("patched+compile",), "compile", 1.25,
            _headline_model, "batch 256 float16 channels_last"),
+    Target("model: tuned, never slower than stock (patched+tuned over eager)", "model", None, ("patched+tuned",),
+           "eager", 1.0),
+    Target("model: tuned and compiled, patched+tuned+compile over compile", "model", None,
+           ("patched+tuned+compile",), "compile", 1.0),
     Target("model: CUDA-graph latency, patched-cudagraph over compile-reduce-overhead", "model", None,
            ("patched-cudagraph",), "compile-reduce-overhead", 1.0, lambda r: r["batch"] == 1, "batch 1"),
     Target("model: every block fused, patched-blocks over compile (issue 12)", "model", None, ("patched-blocks",),

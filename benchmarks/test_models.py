@@ -1,8 +1,9 @@
 """Whole-model benchmarks: MobileNetV3-Large, MobileNetV3-Small and EfficientNet-B0 (timm, random weights).
 
-GPU providers: eager, compile, patched, patched+compile; at batch 1 also compile-reduce-overhead (inductor's
-CUDA graphs) against patched-cudagraph (the patched model in one torch.cuda.CUDAGraph). Without a GPU: eager and
-the model patched onto the reference backend, MobileNetV3-Small at 64x64 (smoke test).
+GPU providers: eager, compile, patched, patched+compile, patched+tuned, patched+tuned+compile (tuned at the case's
+input); at batch 1 also compile-reduce-overhead (inductor's CUDA graphs) against patched-cudagraph (the patched
+model in one torch.cuda.CUDAGraph). Without a GPU: eager, the model patched onto the reference backend and the
+tuned one, MobileNetV3-Small at 64x64 (smoke test).
 """
 import pytest
 import torch
@@ -16,7 +17,7 @@ def _model_providers(case: cases.ModelCase) -> tuple:
     if case.batch != 1:
         return providers.MODEL_PROVIDERS_GPU
     if cases.quick():  # batch 1 carries the CUDA-graph target; the plain compiled pair is a full-matrix extra
-        return ("eager", "patched") + providers.MODEL_PROVIDERS_BATCH1
+        return ("eager", "patched", "patched+tuned") + providers.MODEL_PROVIDERS_BATCH1
     return providers.MODEL_PROVIDERS_GPU + providers.MODEL_PROVIDERS_BATCH1
 
 

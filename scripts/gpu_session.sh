@@ -3,10 +3,13 @@
 #   1. build the extension for sm_90 only (MAX_JOBS=16)                                              budget 150 s
 #   2. the static sm_90 report of both backends, in the background on the CPU (python -m benchmarks.static
 #      --output $OUT/static.json): the floors the report puts beside the measured times
-#   3. the cuda and triton tests of both ops (on the GPU: the first run of the Triton kernels compiled for real) 90 s
-#   4. the layer benchmarks at batch 256 fp16 channels_last: eager, compile, mbkernels-cuda, mbkernels-triton 100 s
-#   5. the model benchmarks (quick matrix)                                                     what is left - 40 s
-#   6. the report, each layer's measured time beside its static floor                                     20 s
+#   3. the cuda and triton tests of both ops (on the GPU: the first run of the Triton kernels compiled for real) 70 s
+#   4. the layer benchmarks at batch 256 fp16 channels_last: eager, compile, mbkernels-cuda, mbkernels-triton  80 s
+#   5. tuning: MobileNetV3-Large/-Small and EfficientNet-B0 at batch 1, 32 and 256, fp16 channels_last, each
+#      choice timed on this GPU; the table beside the results (<gpu>-<date>-tuning.json), its cost per model and
+#      batch in $OUT/tuning-cost.json (python -m benchmarks.tune_models)                                   80 s
+#   6. the model benchmarks (quick matrix; patched+tuned reads the table step 5 wrote)         what is left - 20 s
+#   7. the report, each layer's measured time beside its static floor                                     20 s
 # Each step gets min(its budget, what is left); the benchmarks start no case that could end past their deadline
 # (benchmarks/conftest.py) and rewrite the results file after every case, so a stopped step keeps what it measured.
 #
@@ -67,13 +70,21 @@ else
   STATIC_PID=$!
 fi
 
-step tests 90 "$OUT/tests.log" python -m pytest -q -x -k "cuda or triton" \
+step tests 70 "$OUT/tests.log" python -m pytest -q -x -k "cuda or triton" \
   tests/test_cuda_kernels.py tests/test_dwconv_bn_act.py tests/test_squeeze_excite.py
 
 REPORT_RESERVE=20
 export MBKERNELS_BENCH_DEADLINE=$(( START + 330 < DEADLINE - REPORT_RESERVE ? START + 330 : DEADLINE - REPORT_RESERVE ))
-step layers 100 "$OUT/layers.log" python -m pytest benchmarks/test_layers.py -q -rfE \
+step layers 80 "$OUT/layers.log" python -m pytest benchmarks/test_layers.py -q -rfE \
   -k "test_layer and b256-fp16-cl"
+if [ "$DRY_RUN" = 1 ]; then
+  export MBKERNELS_TUNING_CACHE=benchmarks/results/GPU-DATE-tuning.json
+else  # beside today's results file, as the benchmarks' own default (benchmarks/conftest.py)
+  export MBKERNELS_TUNING_CACHE=$(python -c 'import torch; from benchmarks import results
+p = results.results_path(results.environment(torch.device("cuda"))); print(p.with_name(p.stem + "-tuning.json"))')
+fi
+step tune 80 "$OUT/tune.log" python -m benchmarks.tune_models --batches 1 32 256 --dtype float16 --channels-last \
+  --output "$OUT/tuning-cost.json"
 export MBKERNELS_BENCH_DEADLINE=$((DEADLINE - REPORT_RESERVE))
 step models $(( $(left) - REPORT_RESERVE )) "$OUT/models.log" python -m pytest benchmarks/test_models.py -q -rfE \
   -k "test_model and not smoke"
@@ -81,8 +92,8 @@ step models $(( $(left) - REPORT_RESERVE )) "$OUT/models.log" python -m pytest b
 if [ "$DRY_RUN" != 1 ]; then
   wait "$STATIC_PID"; say "static report exit $? ($(tail -n 1 "$OUT/static.log"))"
 fi
-RESULTS=$(ls -t benchmarks/results/*.json 2>/dev/null | head -n 1)
+RESULTS=$(ls -t benchmarks/results/*.json 2>/dev/null | grep -v -- '-tuning.json$' | head -n 1)
 step report 20 "$OUT/report.log" python -m benchmarks.report ${RESULTS:+"$RESULTS"} --out "$OUT" --static "$OUT/static.json"
-[ "$DRY_RUN" = 1 ] || cp ${RESULTS:+"$RESULTS"} "$OUT/" 2>/dev/null
+[ "$DRY_RUN" = 1 ] || cp ${RESULTS:+"$RESULTS"} "$MBKERNELS_TUNING_CACHE" "$OUT/" 2>/dev/null
 say "done: exit $STATUS; files: $( [ "$DRY_RUN" = 1 ] || ls "$OUT" | tr '\n' ' ')"
 exit "$STATUS"

@@ -120,7 +120,8 @@ def test_gpu_session_dry_run_prints_the_plan_in_order_within_8_minutes(tmp_path)
                           text=True, timeout=60, env=dict(os.environ, DRY_RUN="1", OUT=str(out)))
     assert done.returncode == 0, done.stderr
     steps = [line.split(":")[0].split()[-1] for line in done.stdout.splitlines() if line.startswith("step ")]
-    assert steps == ["build", "tests", "layers", "models", "report"]
+    assert steps == ["build", "tests", "layers", "tune", "models", "report"]
+    assert "benchmarks.tune_models --batches 1 32 256 --dtype float16 --channels-last" in done.stdout
     assert "benchmarks.static --backend all --arch 9.0 --output" in done.stdout
     assert "MAX_JOBS=16" in done.stdout and "--no-build-isolation --no-deps -e ." in done.stdout
     assert "b256-fp16-cl" in done.stdout and f"--static {out}/static.json" in done.stdout

@@ -191,6 +191,7 @@ class Tuner:
     cache: TuningCache
     clock: Optional[object] = None  # a timing clock (tests inject one); None: the device's
     timed: int = 0  # candidates timed (the rest came from the cache)
+    largest: int = 0  # bytes of the largest activation of the example forwards: the timing inputs' budget is twice
     records: list = field(default_factory=list)  # (path, key, timings, choice) per decision, for the report
 
     def budget_s(self) -> float:
@@ -298,6 +299,7 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     alternatives = planner.block_alternatives
     layers = fused_modules(model)
     seen, largest = record_inputs(model, layers + [a.block for a in alternatives], calls)
+    tuner.largest = largest
     with _eval(model):
         for fused in layers:
             tuner.tune_module(fused, seen[fused], largest)
