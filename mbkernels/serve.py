@@ -8,7 +8,9 @@ Endpoints: POST /classify (one PNG or JPEG image as the body) -> {"top5": [...],
 GET /healthz (200 once every replica is ready, 503 before); GET /stats (this replica's batch sizes and latency).
 Each replica holds the model in eval mode, patched with mbkernels, channels_last, and runs the requests that arrive
 together as one batch; on a GPU there is one replica per GPU, in float16 by default, and every batch bucket (the
-powers of two up to --max-batch-size) is replayed as a CUDA graph captured when the replica starts.
+powers of two up to --max-batch-size) is replayed as a CUDA graph captured when the replica starts, after the patch's
+choices were timed on that GPU at each bucket (or read from the tuning table: --tuning-table, tune once and ship
+the file to every node).
 """
 import argparse
 import asyncio
@@ -16,6 +18,7 @@ import bisect
 import collections
 import dataclasses
 import io
+import os
 import signal
 import sys
 import time
@@ -27,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from . import backend_status, patch
 from .models import DTYPES
 from .models import build_model as build_stock_model
-from .nn import DWConvBNAct, SqueezeExcite
+from .nn import DWConvBNAct, FusedModule, SqueezeExcite
 
 APP_NAME = "mbkernels"
 DEPLOYMENT_NAME = "Classifier"
@@ -84,7 +87,8 @@ def eval_transform(model: torch.nn.Module):
 
 
 def fused_backend(device: torch.device) -> str:
-    """The backend the fused modules ask for: on a GPU the first of cuda and triton that runs here."""
+    """The backend the fused modules ask for where nothing was measured: on a GPU the first of cuda and triton that
+    runs here."""
     if device.type == "cuda":
         status = backend_status()
         for name in ("cuda", "triton"):
@@ -93,17 +97,30 @@ def fused_backend(device: torch.device) -> str:
     return "reference"
 
 
-def build_model(name: str, checkpoint: Optional[str] = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def build_model(name: str, checkpoint: Optional[str] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                tune_batches: Optional[list] = None):
     """(model, transform, backend): the model patched with mbkernels, on device in dtype and channels_last; its
-    eval transform (PIL RGB image -> float32 [3, H, W]); the backend its fused modules run ("stock": none fused)."""
+    eval transform (PIL RGB image -> float32 [3, H, W]); the backends its fused modules run ("stock": none fused;
+    "tuned: ..." the choices measured). tune_batches: the batch sizes the model will run (a GPU replica's buckets):
+    each choice is timed on this device at each of them (or read from the tuning table,
+    MBKERNELS_TUNING_CACHE) before the replica reports ready."""
     device = torch.device(device)
     model = create_model(name, checkpoint)
     transform = eval_transform(model)
-    backend = fused_backend(device)
-    patch(model, backend=backend)
+    model = model.to(device, dtype, memory_format=torch.channels_last)
+    if tune_batches:
+        size = data_config(model)["input_size"]
+        examples = [torch.randn(batch, *size, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+                    for batch in tune_batches]
+        patch(model, example_inputs=examples)
+        choices = {choice for m in model.modules() if isinstance(m, FusedModule) for choice in m.tuned.values()}
+        backend = f"tuned: {', '.join(sorted(choices))}" if choices else "stock"
+    else:
+        backend = fused_backend(device)
+        patch(model, backend=backend)
     if not any(isinstance(module, (DWConvBNAct, SqueezeExcite)) for module in model.modules()):
         backend = "stock"
-    return model.to(device, dtype, memory_format=torch.channels_last), transform, backend
+    return model, transform, backend
 
 
 def bucket_sizes(max_batch_size: int) -> list:
@@ -215,6 +232,8 @@ class ServeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     host: str = "127.0.0.1"
     port: int = 8000
+    tune: bool = True  # GPU replicas time their choices at their batch buckets before they report ready
+    tuning_table: Optional[str] = None  # the table replicas read and write (MBKERNELS_TUNING_CACHE)
 
     @property
     def url(self) -> str:
@@ -268,8 +287,10 @@ def classifier_deployment():
         def __init__(self, options: ServeOptions):
             self.options = options
             Image.MAX_IMAGE_PIXELS = options.max_pixels  # PIL's own decompression-bomb guard, at the same limit
+            # A GPU replica times its choices at its batch buckets (or reads them from the tuning table).
+            buckets = bucket_sizes(options.max_batch_size) if options.device == "cuda" and options.tune else None
             model, self.transform, self.backend = build_model(
-                options.model, options.checkpoint, options.device, DTYPES[options.dtype])
+                options.model, options.checkpoint, options.device, DTYPES[options.dtype], buckets)
             self.run_batch = BatchClassifier(model, data_config(model)["input_size"], options.max_batch_size)
             self.classify_batch.set_max_batch_size(options.max_batch_size)
             self.classify_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1e3)
@@ -346,11 +367,19 @@ def classifier_deployment():
     return Classifier
 
 
+def replica_actor_options(options: ServeOptions) -> dict:
+    """What each replica's Ray actor gets: a GPU or a CPU, and the tuning table to read (on whichever node)."""
+    resources = {"num_cpus": 1, "num_gpus": 1} if options.device == "cuda" else {"num_cpus": 1}
+    if options.tuning_table:
+        resources["runtime_env"] = {"env_vars": {"MBKERNELS_TUNING_CACHE": options.tuning_table}}
+    return resources
+
+
 def classifier_app(options: ServeOptions):
     from ray import serve
-    resources = {"num_cpus": 1, "num_gpus": 1} if options.device == "cuda" else {"num_cpus": 1}
     deployment = serve.deployment(
-        classifier_deployment(), name=DEPLOYMENT_NAME, num_replicas=options.replicas, ray_actor_options=resources,
+        classifier_deployment(), name=DEPLOYMENT_NAME, num_replicas=options.replicas,
+        ray_actor_options=replica_actor_options(options),
         # One batch forms while the one before runs.
         max_ongoing_requests=2 * options.max_batch_size,
         health_check_period_s=5, health_check_timeout_s=30)
@@ -421,6 +450,12 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
                         help="how long a replica waits for a batch to fill (default: %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="largest image accepted, width x height (default: %(default)s)")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="GPU replicas do not time their choices at their batch buckets (default: they do, "
+                             "before they report ready)")
+    parser.add_argument("--tuning-table", help="the tuning table every replica reads and adds to: tune once on one "
+                                               "GPU, ship the file to each node (default: MBKERNELS_TUNING_CACHE, "
+                                               "else each node's own)")
     parser.add_argument("--address", help="Ray cluster to join, e.g. HEAD_IP:6379 (default: start a local one)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all; not with --address)")
     args = parser.parse_args(argv)
@@ -442,8 +477,10 @@ def resolve_options(args: argparse.Namespace, cluster_gpus: float) -> ServeOptio
     if device == "cuda" and replicas > cluster_gpus:
         raise SystemExit(f"--replicas {replicas}: the Ray cluster has {int(cluster_gpus)} GPU(s), one per replica")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    table = args.tuning_table or os.environ.get("MBKERNELS_TUNING_CACHE")
     return ServeOptions(args.model, args.checkpoint, replicas, device, dtype, args.max_batch_size,
-                        args.batch_wait_ms, args.max_pixels, args.host, args.port)
+                        args.batch_wait_ms, args.max_pixels, args.host, args.port, not args.no_tune,
+                        os.path.abspath(table) if table else None)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -102,6 +102,33 @@ def test_build_model_matches_stock(checkpoint, expected):
         assert_matches({"top5": mbserve.top_classes(probabilities)}, expected[name])
 
 
+def test_build_model_tuned_at_the_buckets_matches_stock(checkpoint, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("MBKERNELS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    model, transform, backend = mbserve.build_model(MODEL, checkpoint, tune_batches=[1, 2])
+    assert backend.startswith("tuned: ")
+    fused = [m for m in model.modules() if isinstance(m, mbserve.FusedModule)]
+    assert fused and all(sorted(key[0][0] for key in m.tuned) == [1, 2] for m in fused)
+    assert (tmp_path / "tuning.json").exists()
+    run_batch = mbserve.BatchClassifier(model, mbserve.data_config(model)["input_size"], max_batch_size=4)
+    images = torch.stack([transform(mbserve.decode_image(body, MAX_PIXELS)) for body, _ in IMAGES.values()])
+    for name, probabilities in zip(IMAGES, run_batch(images)):
+        assert_matches({"top5": mbserve.top_classes(probabilities)}, expected[name])
+
+
+def test_the_tuning_table_is_the_one_named_for_every_replica(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBKERNELS_TUNING_CACHE", str(tmp_path / "shipped.json"))
+    options = mbserve.resolve_options(mbserve.parse_args(["--model", MODEL]), cluster_gpus=0)
+    assert options.tuning_table == str(tmp_path / "shipped.json") and options.tune
+    named = mbserve.resolve_options(mbserve.parse_args(["--model", MODEL, "--tuning-table", "t.json", "--no-tune"]),
+                                    cluster_gpus=0)
+    assert named.tuning_table == os.path.abspath("t.json") and not named.tune
+    actor = mbserve.replica_actor_options(named)
+    assert actor["runtime_env"] == {"env_vars": {"MBKERNELS_TUNING_CACHE": os.path.abspath("t.json")}}
+    monkeypatch.delenv("MBKERNELS_TUNING_CACHE")
+    unnamed = mbserve.resolve_options(mbserve.parse_args(["--model", MODEL]), cluster_gpus=0)
+    assert unnamed.tuning_table is None and "runtime_env" not in mbserve.replica_actor_options(unnamed)
+
+
 def test_bucket_sizes():
     assert mbserve.bucket_sizes(1) == [1]
     assert mbserve.bucket_sizes(8) == [1, 2, 4, 8]
