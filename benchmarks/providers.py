@@ -14,7 +14,7 @@ from torch import nn
 
 import mbkernels
 from mbkernels.match import randomize_batchnorm
-from mbkernels import _contract, activations, ops
+from mbkernels import _contract, activations
 
 from .cases import LayerCase, ModelCase, compile_mode
 

@@ -9,14 +9,11 @@ the Triton ones. Load and store counts are instructions in the machine code, not
 """
 import functools
 import math
-import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .cases import BANDWIDTH_TARGET_MIN_BYTES, DTYPE_NAMES, LayerCase, layout_name
 

@@ -5,15 +5,12 @@
     mbkernels.backend_status()  # which backends run here, and why the others don't
     mbkernels.patch(model)      # swap a model's depthwise conv + BN + act and squeeze-excite for fused modules
 """
-from importlib import metadata as _metadata
-
 from . import _native  # noqa: F401  (loads mbkernels._C, or warns once and leaves it off)
 from . import backends, nn, ops
 from .dispatch import backend_status
 from .planner import patch, patch_report, unpatch
 
-try:
-    __version__ = _metadata.version("mbkernels")  # e.g. 0.1.0+cu130.torch2.14: names what _C was built for
-except _metadata.PackageNotFoundError:
-    from ._version import __version__
+from ._version import installed_version
+
+__version__ = installed_version()  # e.g. 0.1.0+cu130.torch2.14: names what _C was built for
 __all__ = ["backend_status", "backends", "nn", "ops", "patch", "patch_report", "unpatch"]

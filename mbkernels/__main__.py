@@ -189,7 +189,7 @@ def header(args, device, has_gpu, backend, batch, dtype, report) -> str:
         f"device  {where}; backend {chosen}",
         f"fused   {fused}; left alone: {len(report.skipped)}"
         + "".join(f"\n          {e.path}: {e.reason}" for e in report.skipped[:MAX_LISTED])
-        + (f"\n          ... (mbkernels.patch_report(model) lists all)" if len(report.skipped) > MAX_LISTED else ""),
+        + ("\n          ... (mbkernels.patch_report(model) lists all)" if len(report.skipped) > MAX_LISTED else ""),
     ])
 
 

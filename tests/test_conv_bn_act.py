@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import mbkernels
-from mbkernels.nn import ConvBNAct, DWConvBNAct
+from mbkernels.nn import ConvBNAct
 from mbkernels.match import randomize_batchnorm
 from conftest import LAYOUTS, assert_close_to_reference, random_x
 from oracle import stock_activation

@@ -11,7 +11,7 @@ from torch import nn
 import mbkernels
 from mbkernels.match import randomize_batchnorm
 from mbkernels.nn import DWConvBNAct, InvertedResidual, SqueezeExcite
-from mbkernels.nn._cache import FusedModule
+from mbkernels.nn.fused import FusedModule
 from mbkernels.nn.rewrite import CONTAINER, captured_forward, rewritten
 from models.forwards import FORWARDS, Net, TensorBranch
 

@@ -1,4 +1,4 @@
-"""The eager window (mbkernels.nn._cache.EagerWindow): a patched model's forward makes its checks once and its fused
+"""The eager window (mbkernels.nn.fused.EagerWindow): a patched model's forward makes its checks once and its fused
 modules run their plans with nothing else per call; what a fused module's own checks would see (in-place edits,
 replaced tensors, training submodules, grad mode, a forward that raised, copies, compiled parts) it still sees.
 Every output is compared with the stock model in float64, on random BatchNorm statistics."""
@@ -11,7 +11,7 @@ from torch import nn
 
 import mbkernels
 from mbkernels.nn import ConvBNAct, DWConvBNAct, FusedModule, InvertedResidual, SqueezeExcite
-from mbkernels.nn._cache import EagerWindow
+from mbkernels.nn.fused import EagerWindow
 from mbkernels.match import randomize_batchnorm
 from tests.conftest import DEVICE, assert_close_to_reference
 from tests.models.mobilenetv3 import mobilenetv3_small

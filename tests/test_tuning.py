@@ -14,7 +14,7 @@ from torch import nn
 import mbkernels
 from mbkernels.match import randomize_batchnorm
 from mbkernels.nn import ConvBNAct, DWConvBNAct, InvertedResidual, SqueezeExcite
-from mbkernels.nn._cache import FusedModule
+from mbkernels.nn.fused import FusedModule
 from mbkernels.planner import timing, tuning
 from conftest import HAS_GPU
 

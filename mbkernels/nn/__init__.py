@@ -1,7 +1,7 @@
 """Fused drop-in modules. Each keeps the stock modules it replaces (same parameters, same state_dict entries)
 and runs them as they are when training or when gradients are needed; in inference it calls one fused op
 (ConvBNAct: one conv on folded weights)."""
-from ._cache import FusedModule
+from .fused import FusedModule
 from .conv_bn_act import ConvBNAct
 from .dwconv import DWConvBNAct
 from .inverted_residual import InvertedResidual

@@ -12,7 +12,6 @@ from torch import nn
 from .. import ops
 from ..conv_act import prepare_conv2d_act
 from ..match.structural import check_conv_forward
-from ._cache import STOCK
 from .dwconv import FoldedConvBNAct
 
 
@@ -36,11 +35,7 @@ class ConvBNAct(FoldedConvBNAct):
         dtype = self.conv.weight.dtype
         return {"folded_weight": weight.to(dtype), "folded_bias": bias.to(dtype)}
 
-    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_fused_kernel(x):
-            return self.stock_forward(x)
-        if self.tuned_choice(x) == STOCK:
-            return self.run_stock(x)
+    def run_fused(self, x: torch.Tensor) -> torch.Tensor:
         folded = self.folded_conv_for(x)
         if folded is None:
             return self.stock_forward(x)

@@ -12,7 +12,7 @@ from torch import nn
 from .. import ops
 from .._contract import device_layout, tap_major
 from ..match.structural import check_depthwise, check_norm, fused_activation, static_padding, tf_same_padding
-from ._cache import STOCK, FusedModule
+from .fused import FusedModule
 
 
 def _load_module_tree(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -169,16 +169,6 @@ class DWConvBNAct(FoldedConvBNAct):
         weight, bias = self.folded_conv()
         # The layout the backends of its device read, made once here rather than per call.
         return {"folded_weight": device_layout(weight, tap_major), "folded_bias": bias}
-
-    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_fused_kernel(x):
-            return self.stock_forward(x)
-        if self.tuned_choice(x) == STOCK:
-            return self.run_stock(x)
-        call = self.op_call(x)
-        if call is None:
-            return self.stock_forward(x)
-        return self.run_op(*call, self.backend_for(x))
 
     def op_call(self, x: torch.Tensor) -> Optional[tuple]:
         """(op name, its arguments for x, the backend aside), or None where the stock modules must run."""

@@ -24,7 +24,7 @@ from .._contract import (BlockArgs, check_inverted_residual, device_layout, inpu
                          tap_major)
 from ..match import probe_copy, probe_input, prove
 from ..match.structural import BlockParts, find_block_parts, static_padding
-from ._cache import STOCK, FusedModule, use_stock_state_dict_keys
+from .fused import FusedModule, use_stock_state_dict_keys
 from .dwconv import FusedInto
 from .squeeze_excite import se_expand_weights, se_reduce_weights
 
@@ -157,13 +157,6 @@ class InvertedResidual(FusedModule):
 
     def stock_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stock(x)
-
-    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_fused_kernel(x):
-            return self.stock_forward(x)
-        if self.tuned_choice(x) == STOCK:
-            return self.run_stock(x)
-        return self.run_op(*self.op_call(x), self.backend_for(x))
 
     def op_call(self, x: torch.Tensor) -> tuple:
         """(op name, its arguments for x, the backend aside)."""

@@ -16,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..match import probe_copy, probe_input, prove
 from ..match.structural import SEParts, find_se_parts
-from ._cache import STOCK, FusedModule, use_stock_state_dict_keys
+from .fused import FusedModule, use_stock_state_dict_keys
 
 
 def se_expand_weights(expand: Optional[nn.Module], channels: int, dtype: torch.dtype, device):
@@ -115,13 +115,6 @@ class SqueezeExcite(FusedModule):
     def stock_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stock module as it is, except that it may not scale the caller's x in place."""
         return self.stock(x.clone() if self.stock_writes_input else x)
-
-    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_fused_kernel(x):
-            return self.stock_forward(x)
-        if self.tuned_choice(x) == STOCK:
-            return self.run_stock(x)
-        return self.run_op(*self.op_call(x), self.backend_for(x))
 
     def op_call(self, x: torch.Tensor) -> tuple:
         """(op name, its arguments for x, the backend aside)."""

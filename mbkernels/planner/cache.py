@@ -30,6 +30,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .._version import installed_version
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory lock; the atomic replace still keeps the file whole
@@ -75,7 +77,6 @@ def _cpu_name() -> str:
 def environment(device: Union[str, torch.device]) -> dict:
     """What a measurement on `device` depends on: the table key. Read at tuning time: on the CPU the thread count
     is torch's current one."""
-    from .. import __version__  # at call time: this module is imported while the package initialises
     try:
         import triton
         triton_version = triton.__version__
@@ -89,7 +90,7 @@ def environment(device: Union[str, torch.device]) -> dict:
                       cuda=torch.version.cuda)
     else:
         fields.update(device=_cpu_name(), threads=torch.get_num_threads())
-    fields.update(torch=torch.__version__, triton=triton_version, mbkernels=__version__,
+    fields.update(torch=torch.__version__, triton=triton_version, mbkernels=installed_version(),
                   # Triton kernels under the interpreter run on the host: their times say nothing of the GPU's.
                   triton_interpret=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
     return fields

@@ -13,11 +13,10 @@ import functools
 import inspect
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..match import probe_copy, probe_input, prove
-from ..match.dataflow import VALUE, BlockMatch, CaptureError, ConvRun, SEMatch, capture, find
+from ..match.dataflow import VALUE, CaptureError, ConvRun, SEMatch, capture, find
 from ..match.probe import describe_failure
 from ..match.structural import is_plain_sequential, overrides_forward
 from ..nn import rewrite

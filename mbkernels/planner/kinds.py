@@ -9,7 +9,6 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from .. import activations
@@ -23,7 +22,6 @@ from ..nn.inverted_residual import InvertedResidual
 from ..nn.mixed_conv import MixedDWConvBNAct
 from ..nn.squeeze_excite import SqueezeExcite
 from . import cost
-from .tuning import BlockAlternative
 
 
 class Skip(Exception):
@@ -355,6 +353,16 @@ class SqueezeExciteKind(FusionKind):
 
 
 # ------------------------------------------------------------------------------------------ blocks
+@dataclass
+class BlockAlternative:
+    """A block the planner fused by layers so that tuning can time the whole-block kernel against them."""
+    path: str
+    parent: nn.Module
+    slot: str  # the block's name in parent
+    block: nn.Module  # the stock block (with the layer fusion inside it, once applied)
+    fused: InvertedResidual  # block fusion of it, built and proven when planned
+
+
 class BlockKind(FusionKind):
     """A whole inverted-residual block (mbkernels.nn.InvertedResidual.from_module: timm's InvertedResidual and
     DepthwiseSeparableConv, torchvision's InvertedResidual and MBConv, hand-written blocks), fused when block fusion

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..nn import rewrite
-from ..nn._cache import EagerWindow
+from ..nn.fused import EagerWindow
 from ..nn.dwconv import FusedInto
 from .dataflow import DataflowPass, Rewrite, leftovers
 from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip
@@ -29,7 +29,7 @@ class Planner:
         self.backend = backend
         self.flags = flags
         self.measured = measured  # a tuned patch: blocks are timed against their layers, not estimated
-        self.block_alternatives = []  # tuning.BlockAlternative per block fused by layers for now
+        self.block_alternatives = []  # kinds.BlockAlternative per block fused by layers for now (timed after)
         self.blocks = flags["blocks"]  # BlockKind's mode: True (measured or cost model) or "all"
         self.kinds = [entry.kind(self) for entry in REGISTRY if flags[entry.flag]]
         self.fused_types = tuple(entry.kind.fused_type for entry in REGISTRY)

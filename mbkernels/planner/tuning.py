@@ -13,37 +13,28 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import backends, dispatch, ops
 from .._contract import CONTRACTS
-from ..nn import rewrite
-from ..nn._cache import STOCK, FusedModule, tuning_key
+from ..nn.fused import STOCK, EagerWindow, FusedModule, tuning_key
 from ..nn.conv_bn_act import ConvBNAct
 from ..nn.inverted_residual import InvertedResidual
 from . import timing
 from .cache import TuningCache
 from . import cost
 from .cost import BlockDecision
+from .kinds import BlockAlternative
+from .planner import STOCK_SLOTS, set_slot, unpatch
 
 FOLDED = "folded"  # ConvBNAct's fused variant: PyTorch's conv on the folded weights
 LAYERS = "layers"  # a block's layer fusion (its layers as tuned), the baseline of block fusion
 # Per-candidate timing budget (seconds, calibration and rounds; the warm-up aside): MobileNetV3-Large has about 55
 # candidates, so a GPU tunes one batch size in a few seconds.
 BUDGET_S = {"cuda": 0.05, "cpu": 0.1}
-
-
-@dataclass
-class BlockAlternative:
-    """A block the planner fused by layers so that tuning can time the whole-block kernel against them."""
-    path: str
-    parent: nn.Module
-    slot: str  # the block's name in parent
-    block: nn.Module  # the stock block (with the layer fusion inside it, once applied)
-    fused: InvertedResidual  # block fusion of it, built and proven when planned
 
 
 @dataclass
@@ -292,9 +283,6 @@ def containing(alternatives: list, module: nn.Module) -> bool:
 def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     """Measure the applied plan's choices on the example calls (layers first, then each block against its
     layers), install the blocks that win, and cache what was measured."""
-    from .planner import STOCK_SLOTS, set_slot, unpatch
-    from ..nn._cache import EagerWindow
-
     tuner = Tuner(model, calls, TuningCache.load(calls.device), clock)
     alternatives = planner.block_alternatives
     layers = fused_modules(model)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ... import activations
-from ..._contract import BlockArgs, inverted_residual_output, kernel_layouts, memory_format_of
+from ..._contract import BlockArgs, inverted_residual_output, kernel_layouts
 from .activation_math import apply_activation
 from .launch import Launch, interpreting, run_launches
 from .squeeze_excite import MAX_REDUCED_CHANNELS, mlp_launch

@@ -185,7 +185,23 @@ class FusedModule(nn.Module):
         return self.checked_forward(x)
 
     def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward with every check made: the stock modules or the fused computation (which makes the plans)."""
+        """The forward with every check made: the stock modules (training, autograd, what the op does not take, or
+        measured faster) or the fused computation (which makes the plans)."""
+        if not self.uses_fused_kernel(x):
+            return self.stock_forward(x)
+        if self.tuned_choice(x) == STOCK:
+            return self.run_stock(x)
+        return self.run_fused(x)
+
+    def run_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused op on x (the stock modules where it cannot take x: TensorFlow 'SAME' with no plan for it)."""
+        call = self.op_call(x)
+        if call is None:
+            return self.stock_forward(x)
+        return self.run_op(*call, self.backend_for(x))
+
+    def op_call(self, x: torch.Tensor) -> Optional[tuple]:
+        """(op name, its arguments for x, the backend aside), or None where the stock modules must run."""
         raise NotImplementedError
 
     def plan_for(self, x: torch.Tensor, make: Callable[[], Callable]) -> Callable[[torch.Tensor], torch.Tensor]:
