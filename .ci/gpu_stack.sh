@@ -26,7 +26,7 @@ WHEELS=${GPU_STACK_WHEELS:-$HOME/.cache/mbkernels-gpu-stack/wheels}
 # numpy < 2.4: Triton 3.6's interpreter converts runtime loop bounds with int() on 1-element arrays, which numpy
 # 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.8 does not. The GPU
 # itself never interprets: this pin is for the interpreter tests only.
-PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm pytest hypothesis "numpy<2.4" setuptools wheel)
+PACKAGES=(torch==2.11.0 torchvision==0.26.0 timm efficientnet_pytorch pytest hypothesis "numpy<2.4" setuptools wheel)
 
 step "venv $VENV with $PYTHON312, torch 2.11.0 from PyPI (wheels cached in $WHEELS)"
 [ -x "$VENV/bin/python" ] || "$PYTHON312" -m venv "$VENV"

@@ -47,12 +47,17 @@ def relative_error(got, want) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
+WHOLE_MODEL = ("tuned", "fused", "stock")
+
+
 class Scripted:
     """time_variants on a simulated clock: a variant's call costs `cost(variant names, name)` simulated ms (and
-    still computes), so the measured medians are exactly the scripted costs."""
+    still computes), so the measured medians are exactly the scripted costs. The whole-model check's variants
+    cost `whole[name]` (a tie by default: the tuned choices stand)."""
 
-    def __init__(self, cost):
-        self.cost = cost
+    def __init__(self, cost, whole=None):
+        whole = whole or dict.fromkeys(WHOLE_MODEL, 1.0)
+        self.cost = lambda names, name: whole[name] if names == WHOLE_MODEL else cost(names, name)
         self.seconds = 0.0
         self.timed = []  # the variant names of every candidate timed
 
@@ -71,8 +76,8 @@ class Scripted:
         return real_time_variants(scripted, inputs, device, **{**kwargs, "clock": clock, "budget_s": 0.01})
 
 
-def scripted(monkeypatch, cost) -> Scripted:
-    clock = Scripted(cost)
+def scripted(monkeypatch, cost, whole=None) -> Scripted:
+    clock = Scripted(cost, whole)
     monkeypatch.setattr(timing, "time_variants", clock)
     return clock
 
@@ -146,6 +151,28 @@ def test_a_stock_choice_runs_the_stock_modules(monkeypatch, op_calls):
     with torch.no_grad():
         model(image(seed=3))
     assert op_calls == []  # every fused module ran its stock modules
+
+
+@pytest.mark.parametrize("whole, kept", [({"tuned": 1.0, "fused": 0.5, "stock": 2.0}, "reference"),
+                                         ({"tuned": 1.0, "fused": 2.0, "stock": 0.5}, "stock"),
+                                         ({"tuned": 1.0, "fused": 0.99, "stock": 1.01}, "stock")],
+                         ids=["fused-faster", "stock-faster", "within-noise"])
+def test_the_whole_model_check_keeps_the_fastest_forward(monkeypatch, whole, kept):
+    """Per layer the depthwise runs keep stock (fused 1.5x slower alone); the whole forward then decides."""
+    scripted(monkeypatch, lambda names, name: 1.5 if name == "reference" else 1.0, whole)
+    model = small_model()
+    mbkernels.patch(model, example_inputs=image())
+    assert set(choices(model, DWConvBNAct)) == {kept}
+    again = mbkernels.patch(small_model(), example_inputs=image())
+    assert set(choices(again, DWConvBNAct)) == {kept}  # from the table: the same choice
+
+
+def test_the_whole_model_line_in_the_report(monkeypatch, capsys):
+    scripted(monkeypatch, lambda names, name: 1.0, {"tuned": 1.0, "fused": 0.5, "stock": 2.0})
+    mbkernels.patch(small_model(), example_inputs=image(), verbose=True)
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("whole model"))
+    assert "tuned 1.000  fused 0.500*  stock 2.000" in line
 
 
 # ------------------------------------------------------------------------------------------------ for real

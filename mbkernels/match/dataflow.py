@@ -55,10 +55,19 @@ class Capture:
 
 
 class _LeafTracer(fx.Tracer):
-    """Every submodule is a leaf: the graph is the module's own forward code."""
+    """Every submodule is a leaf: the graph is the module's own forward code. A module the forward builds as it
+    runs (segmentation_models_pytorch's encoders put their registered stem modules in a new nn.Sequential) is no
+    submodule: it is traced through, down to the registered modules it calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _is_constant(value) -> bool:

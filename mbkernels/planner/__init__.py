@@ -74,10 +74,10 @@ def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False
     planner = plan(model, backend, flags, measured)
     apply(model, planner)
     if measured:
-        tuning.tune(model, planner, calls)
+        tuner = tuning.tune(model, planner, calls)
         blocks = planner.report.blocks
         planner.report = patch_report(model, backend, **flags)  # the fused modules hold what was measured
-        planner.report.blocks = blocks
+        planner.report.blocks, planner.report.whole_model = blocks, tuner.whole_model
     if verbose:
         print(planner.report)
     return model

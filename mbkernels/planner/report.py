@@ -39,6 +39,7 @@ class PatchReport:
     fusable: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
+    whole_model: tuple = ()  # a tuned patch's check of the whole forward: (choice, {variant: median ms}, why)
 
     def count(self, kind: str, status: str = "fused") -> int:
         return sum(entry.kind == kind for entry in getattr(self, status))
@@ -72,6 +73,11 @@ class PatchReport:
                                f"{name} {'failed' if ms is None else f'{ms:.4f}'}{'*' if name == choice else ''}"
                                for name, ms in timings.items()))
                               for e in measured for shape, (timings, choice) in e.measured.items()])
+        if self.whole_model:
+            choice, timings, why = self.whole_model
+            lines.append("whole model, on the example inputs (median ms per call; * the choice): " + "  ".join(
+                f"{name} {'failed' if ms is None else f'{ms:.3f}'}{'*' if name == choice else ''}"
+                for name, ms in timings.items()) + f" ({why})")
         if self.blocks:
             lines.append("block plans (estimated HBM bytes per input pixel, float16; or measured):")
             lines += table([("module", "shape", "plan", "block B/px", "layers B/px", "expand work", "why")]

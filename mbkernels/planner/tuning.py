@@ -12,7 +12,7 @@ MBKERNELS_TUNE=0, patch plans from its cost model as before.
 import contextlib
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,7 +22,6 @@ from .. import backends, dispatch, ops
 from .._contract import CONTRACTS
 from ..nn.fused import STOCK, EagerWindow, FusedModule, tuning_key
 from ..nn.conv_bn_act import ConvBNAct
-from ..nn.inverted_residual import InvertedResidual
 from . import timing
 from .cache import TuningCache
 from . import cost
@@ -35,6 +34,10 @@ LAYERS = "layers"  # a block's layer fusion (its layers as tuned), the baseline 
 # Per-candidate timing budget (seconds, calibration and rounds; the warm-up aside): MobileNetV3-Large has about 55
 # candidates, so a GPU tunes one batch size in a few seconds.
 BUDGET_S = {"cuda": 0.05, "cpu": 0.1}
+# The whole model's check: its forward as tuned, with every candidate fused (the fastest fused variant where stock
+# was kept), and all stock; the budget of that check.
+WHOLE_MODEL = ("tuned", "fused", STOCK)
+WHOLE_MODEL_BUDGET_S = {"cuda": 0.5, "cpu": 1.5}
 
 
 @dataclass
@@ -183,7 +186,7 @@ class Tuner:
     clock: Optional[object] = None  # a timing clock (tests inject one); None: the device's
     timed: int = 0  # candidates timed (the rest came from the cache)
     largest: int = 0  # bytes of the largest activation of the example forwards: the timing inputs' budget is twice
-    records: list = field(default_factory=list)  # (path, key, timings, choice) per decision, for the report
+    whole_model: tuple = ()  # (choice, {variant: median ms}, why) of the whole-model check
 
     def budget_s(self) -> float:
         return BUDGET_S.get(self.calls.device.type, BUDGET_S["cpu"])
@@ -222,6 +225,48 @@ class Tuner:
             signature = {"module": describe(fused), "input": [list(x.shape), list(x.stride()), str(x.dtype)]}
             choice, medians = self.measure(signature, variants, one, largest, STOCK)
             fused.keep_measured(one.key, choice, medians)
+
+    def check_whole_model(self, modules: list) -> None:
+        """The per-candidate choices hold up in the model's own forward: time it as tuned, with every candidate
+        fused and all stock, on the example calls, and keep the choices of the fastest (as tuned unless another is
+        faster by more than the noise). Layers timed alone miss what they do to each other (caches, launches)."""
+        choices = {"tuned": {m: dict(m.tuned) for m in modules},
+                   "fused": {m: {key: choice if choice != STOCK else fastest_fused(m.timings.get(key, {}))
+                                 for key, choice in m.tuned.items()} for m in modules},
+                   STOCK: {m: dict.fromkeys(m.tuned, STOCK) for m in modules}}
+        if not modules or choices["tuned"] == choices["fused"] == choices[STOCK]:
+            return
+        current = [None]
+
+        def use(mode: str) -> None:
+            if current[0] != mode:
+                for module in modules:
+                    module.tuned, module._plans = dict(choices[mode][module]), {}
+                current[0] = mode
+
+        def forward(mode: str):
+            def call(arguments):
+                use(mode)
+                return self.model(*arguments)
+            return call
+
+        signature = {"whole model": [describe(m) + json.dumps(sorted(map(str, c.items())))
+                                     for m, c in choices["tuned"].items()],
+                     "calls": [[list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in call]
+                               for call in self.calls.calls]}
+        record = self.cache.get(signature)
+        if record is None or record.get("choice") not in choices:
+            with torch.no_grad():
+                timings = timing.time_variants({mode: forward(mode) for mode in choices}, self.calls.calls,
+                                               self.calls.device, clock=self.clock,
+                                               budget_s=WHOLE_MODEL_BUDGET_S.get(self.calls.device.type, 1.5))
+            choice, reason = timing.choose(timings, baseline="tuned")
+            medians = {name: (None if t.failed else round(t.median_ms, 6)) for name, t in timings.items()}
+            record = {"choice": choice, "timings": medians, "reason": reason}
+            self.cache.put(signature, record)
+            self.timed += 1
+        use(record["choice"])
+        self.whole_model = (record["choice"], record["timings"], record["reason"])
 
     def tune_block(self, alternative: BlockAlternative, seen: list, largest: int) -> Optional[BlockDecision]:
         """Block fusion against layer fusion, summed over the inputs seen; installs the block where it wins."""
@@ -303,5 +348,13 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
                 object.__setattr__(fused, STOCK_SLOTS, ((alternative.slot, block),))
                 set_slot(alternative.parent, alternative.slot, fused)
     EagerWindow.attach(model)
+    with _eval(model):
+        tuner.check_whole_model(fused_modules(model))
     tuner.cache.save()
     return tuner
+
+
+def fastest_fused(timings: dict) -> str:
+    """The fastest variant other than stock among a candidate's measured ones (stock where none ran)."""
+    fused = {name: ms for name, ms in timings.items() if name != STOCK and ms is not None}
+    return min(fused, key=fused.get) if fused else STOCK

@@ -182,6 +182,27 @@ class Net(nn.Module):
         return x
 
 
+class StagesBuiltInForward(nn.Module):
+    """segmentation_models_pytorch's encoder pattern: the stem's registered modules put in a new nn.Sequential in
+    forward, the blocks called with a rate computed there, the features of each stage returned."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem, self.bn, self.act = nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.SiLU()
+        self.blocks = nn.ModuleList([Block(c), Block(c, 2, stride=2)])
+
+    def forward(self, x):
+        stages = [nn.Identity(), nn.Sequential(self.stem, self.bn, self.act)]
+        features = []
+        for stage in stages:
+            x = stage(x)
+            features.append(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, 0.1 * i)
+            features.append(x)
+        return features[-1] + features[-2].mean() if len(features) > 2 else x
+
+
 class TensorBranch(nn.Module):
     """A branch on tensor values: its forward cannot be captured, and must be left alone with that reason."""
 
@@ -209,4 +230,5 @@ FORWARDS = {
     "python-flag": (PythonFlag, 16, 1, 1),
     "python-flag-off": (lambda: PythonFlag(use_se=False), 16, 1, 0),
     "net-of-blocks": (Net, 3, 3, 3),
+    "stages-built-in-forward": (StagesBuiltInForward, 3, 2, 2),
 }
