@@ -273,6 +273,31 @@ def test_nothing_is_timed_under_torch_compile(monkeypatch):
         assert relative_error(compiled(image(seed=4)), stock(image(seed=4))) < FLOAT32_RTOL
 
 
+def test_export_keeps_the_choices_the_stock_modules_where_stock_won(monkeypatch):
+    """Depthwise runs measured faster stock, SEs faster fused: the exported graph holds the SE op and no depthwise
+    op (the stock convs in its place)."""
+    tuning_now = {}
+    tune_module = tuning.Tuner.tune_module
+
+    def tuning_one(self, fused, seen, largest):
+        tuning_now["kind"] = type(fused)
+        return tune_module(self, fused, seen, largest)
+
+    monkeypatch.setattr(tuning.Tuner, "tune_module", tuning_one)
+    fused_ms = {DWConvBNAct: 2.0, SqueezeExcite: 0.5, ConvBNAct: 0.5}
+    scripted(monkeypatch, lambda names, name: (5.0 if name != "layers" else 1.0) if "layers" in names
+             else 1.0 if name == "stock" else fused_ms[tuning_now["kind"]])
+    model = small_model()
+    stock = copy.deepcopy(model)
+    mbkernels.patch(model, example_inputs=image())
+    x = image(seed=6)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+        targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+        assert "mbkernels.squeeze_excite.default" in targets and "mbkernels.dwconv_bn_act.default" not in targets
+        assert relative_error(exported.module()(x), stock(x)) < FLOAT32_RTOL
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_a_gpu_tuning_measures_every_backend():
     model = small_model().cuda().half().to(memory_format=torch.channels_last)

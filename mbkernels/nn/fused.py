@@ -1,6 +1,7 @@
 """What the fused modules share: weights folded once into buffers, kept current, when to use the fused kernel, the
 op call itself, planned once per input signature, and the eager window in which a patched model's forward runs
 those plans with nothing else per call."""
+import contextlib
 import os
 from functools import partial
 from itertools import chain
@@ -86,6 +87,21 @@ class EagerWindow:
 
     def leave(self, model: nn.Module, args, output) -> None:
         self.open = False
+
+    @staticmethod
+    @contextlib.contextmanager
+    def opened_around(module: nn.Module):
+        """The windows of the fused modules inside `module` open for the duration, as in the model's forward (the
+        caller made the window's checks: eval mode, no autograd): their plans run without per-call checks."""
+        windows = {m._window for m in module.modules() if isinstance(m, FusedModule)} - {_CLOSED}
+        for window in windows:
+            window.backend_variable = os.environ.get(dispatch.ENV_VAR)
+            window.open = True
+        try:
+            yield
+        finally:
+            for window in windows:
+                window.open = False
 
 
 _CLOSED = EagerWindow()  # the window of a fused module no patched model's forward checks: never open
@@ -213,6 +229,10 @@ class FusedModule(nn.Module):
                 self._plans.clear()
             plan = self._plans[key] = make()
         return plan
+
+    def use_choices(self, tuned: dict) -> None:
+        """Run these measured choices (tuning_key -> choice) from now on (the plans made before them go)."""
+        self.tuned, self._plans = dict(tuned), {}
 
     def keep_measured(self, key: tuple, choice: str, timings: dict) -> None:
         """What a tuned patch measured for inputs of tuning_key `key`: the choice runs from now on (the plans made

@@ -241,7 +241,7 @@ class Tuner:
         def use(mode: str) -> None:
             if current[0] != mode:
                 for module in modules:
-                    module.tuned, module._plans = dict(choices[mode][module]), {}
+                    module.use_choices(choices[mode][module])
                 current[0] = mode
 
         def forward(mode: str):
@@ -274,7 +274,7 @@ class Tuner:
         if not seen:
             return None
         results = []
-        with _window_open(block):
+        with EagerWindow.opened_around(block):
             for one in seen:
                 x = one.meta
                 variants = {LAYERS: block}
@@ -300,21 +300,6 @@ class Tuner:
             fused.keep_measured(one.key, choice if choice != LAYERS else best, medians)
         return dataclasses.replace(estimate, plan="block", reason=f"measured: block ({best}) {total[best]:.3f} ms "
                                                                   f"against layers {total[LAYERS]:.3f} ms")
-
-
-@contextlib.contextmanager
-def _window_open(module: nn.Module):
-    """The eager window of the model around `module` open, as in the model's forward: its fused modules then run
-    their plans without their per-call checks, so layer fusion is timed as the model runs it."""
-    windows = {m._window for m in module.modules() if isinstance(m, FusedModule)}
-    for window in windows:
-        window.backend_variable = None
-        window.open = True
-    try:
-        yield
-    finally:
-        for window in windows:
-            window.open = False
 
 
 def fused_modules(model: nn.Module) -> list:
