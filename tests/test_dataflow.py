@@ -13,7 +13,7 @@ from mbkernels.match import randomize_batchnorm
 from mbkernels.nn import DWConvBNAct, InvertedResidual, SqueezeExcite
 from mbkernels.nn.fused import FusedModule
 from mbkernels.nn.rewrite import CONTAINER, captured_forward, rewritten
-from models.forwards import FORWARDS, Net, TensorBranch
+from models.forwards import FORWARDS, FeaturesAndAnUnusedHead, Net, TensorBranch
 
 FLOAT32_RTOL = 1e-5
 
@@ -88,6 +88,21 @@ def test_a_forward_branching_on_tensor_values_is_left_alone_with_the_reason():
     x = probe(16)
     with torch.no_grad():
         assert relative_error(model(x), stock(x)) < FLOAT32_RTOL
+
+
+def test_a_backbone_returning_features_and_holding_an_unused_head():
+    torch.manual_seed(0)
+    stock = randomize_batchnorm(FeaturesAndAnUnusedHead()).eval()
+    model = mbkernels.patch(copy.deepcopy(stock), backend="reference", blocks=False)
+    report = mbkernels.patch_report(model, blocks=False)
+    assert report.count("dwconv_bn_act") == 2 and all(entry.activation == "hardswish" for entry in report.fused
+                                                      if entry.kind == "dwconv_bn_act")
+    assert [(entry.path, entry.reason) for entry in report.skipped] == [
+        ("head", "never called by the forward of its parent, FeaturesAndAnUnusedHead: nothing to fuse")]
+    x = probe(3, (32, 30))
+    with torch.no_grad():
+        for got, want in zip(model(x), stock(x)):
+            assert relative_error(got, want) < FLOAT32_RTOL
 
 
 def test_blocks_in_forward_code_are_fused_whole_with_the_rate_their_parent_calls_them_with(op_calls):

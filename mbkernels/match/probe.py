@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 # Largest relative error (to the probe output's largest value) of float32 fused vs float64 stock: float32
@@ -94,14 +95,35 @@ def prove(stock: nn.Module, variants: Iterable[tuple[Hashable, Callable[[], nn.M
         except Exception as error:  # whatever stops the variant: it is not proven
             proof.failures[key] = describe_failure(error)
             continue
-        if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (got, want)]
-            proof.failures[key] = f"fused output shape {shapes[0]} differs from stock {shapes[1]} on a probe"
-            continue
-        error = relative_error(got, want)
-        if not error <= tolerance:  # also catches NaN
-            proof.failures[key] = f"fused output differs from stock on a probe (max relative error {error:.2e})"
+        failure = _difference(got, want, tolerance)
+        if failure is not None:
+            proof.failures[key] = failure
             continue
         proof.proven = key
         return proof
     return proof
+
+
+def _difference(got, want, tolerance: float) -> Optional[str]:
+    """None when got matches want (a tensor, or a list / tuple / dict of them: a backbone's features, a
+    detector's outputs) within tolerance, tensor by tensor; else what differs."""
+    got_leaves, got_structure = pytree.tree_flatten(got)
+    want_leaves, want_structure = pytree.tree_flatten(want)
+    if got_structure != want_structure:
+        return f"fused output {_shapes(got)} differs from stock {_shapes(want)} on a probe"
+    for got_leaf, want_leaf in zip(got_leaves, want_leaves):
+        if not isinstance(want_leaf, torch.Tensor):
+            if got_leaf != want_leaf:
+                return f"fused output {got_leaf!r} differs from stock {want_leaf!r} on a probe"
+            continue
+        if not isinstance(got_leaf, torch.Tensor) or got_leaf.shape != want_leaf.shape:
+            return f"fused output {_shapes(got)} differs from stock {_shapes(want)} on a probe"
+        error = relative_error(got_leaf, want_leaf)
+        if not error <= tolerance:  # also catches NaN
+            return f"fused output differs from stock on a probe (max relative error {error:.2e})"
+    return None
+
+
+def _shapes(output) -> str:
+    """An output's structure with its tensors' shapes, for a message: [(2, 8, 5, 5), (2, 16, 3, 3)]."""
+    return str(pytree.tree_map(lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__, output))

@@ -65,6 +65,13 @@ class DataflowPass:
                 return calls[0] if None not in calls and all(call == calls[0] for call in calls) else None
         return None
 
+    def called_children(self, path: str) -> Optional[set]:
+        """The children the captured forward of the module at path calls (None: not captured)."""
+        captured = self.captures.get(path)
+        if captured is None or isinstance(captured, CaptureError):
+            return None
+        return {target.partition(".")[0] for target in captured.calls}
+
     def capture(self, path: str, module: nn.Module, call: Optional[tuple]):
         if path not in self.captures:
             try:

@@ -62,6 +62,11 @@ class FusionKind:
         return ""
 
 
+def never_called(parent: nn.Module) -> str:
+    """Why a module its parent's forward never calls is left alone."""
+    return f"never called by the forward of its parent, {type(parent).__name__}: nothing to fuse"
+
+
 def conv_shape(conv: nn.Conv2d) -> str:
     text = f"C={conv.in_channels} k={conv.kernel_size[0]}x{conv.kernel_size[1]} s={conv.stride[0]}"
     if tuple(conv.dilation) != (1, 1):
@@ -175,6 +180,8 @@ class DWConvKind(FusionKind):
         runs = self.runs(parent, children, i, taken)
         try:
             proven, failures = self.prove(parent, runs)
+        except Skip:
+            raise
         except Exception as error:  # anything that stops the proof means "not proven equal": refuse the swap
             raise Skip(describe_failure(error)) from None
         if proven is None:
@@ -209,10 +216,15 @@ class DWConvKind(FusionKind):
             try:
                 stock = probe_copy(parent, generator, self.planner.restore)
                 variants = [(index, functools.partial(self.swapped_parent, stock, runs[index])) for index in in_parent]
+                calls = []
+                hook = stock.get_submodule(runs[0].conv[0]).register_forward_pre_hook(lambda *_: calls.append(1))
                 proof = self.prove_parent(stock, variants, self.in_channels(conv), 4 + max(reach), generator)
+                hook.remove()
             except Exception as error:  # the parent cannot run on a probe: these runs are not proven
                 failures += [describe_failure(error)] * len(in_parent)
             else:
+                if not calls:  # nothing to prove a swap on: the stock conv never runs
+                    raise Skip(never_called(parent))
                 failures += [proof.failures[index] for index in in_parent if index in proof.failures]
                 if proof.proven is not None:
                     return proof.proven, failures

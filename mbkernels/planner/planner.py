@@ -10,7 +10,7 @@ from ..nn import rewrite
 from ..nn.fused import EagerWindow
 from ..nn.dwconv import FusedInto
 from .dataflow import DataflowPass, Rewrite, leftovers
-from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip
+from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip, never_called
 from .report import PatchEntry, PatchReport, measurements
 
 STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
@@ -83,6 +83,11 @@ class Planner:
                                                 swap.assignments[0][1].activation != "identity")
                       for swap in self.swaps[swaps_before:] if hasattr(swap.assignments[0][1], "bn")}
         planned = self.dataflow.plan(parent, path, self.dataflow.call_of(path, outer), structural)
+        called = self.dataflow.called_children(path)
+        for child, entries in skipped.items():
+            if called is not None and child not in called:  # a module the forward never calls: nothing runs
+                for entry in entries:
+                    entry.reason = never_called(parent)
         if not isinstance(planned, Rewrite):
             if planned:  # a forward that cannot be rewritten: what its convs became says why
                 where = f"the forward of {path[:-1] or 'the model'} was not rewritten: {planned}"

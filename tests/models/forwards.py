@@ -203,6 +203,23 @@ class StagesBuiltInForward(nn.Module):
         return features[-1] + features[-2].mean() if len(features) > 2 else x
 
 
+class FeaturesAndAnUnusedHead(nn.Module):
+    """A backbone returning its stages' features as a list, with a head conv + BN its forward never calls (as
+    segmentation_models_pytorch's encoders keep the classifier's)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = dw(c), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = dw(c, 5, 2), nn.BatchNorm2d(c)
+        self.head, self.bn_head = nn.Conv2d(c, 4 * c, 1, bias=False), nn.BatchNorm2d(4 * c)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        first = F.hardswish(self.bn1(self.conv1(x)))
+        return [first, F.hardswish(self.bn2(self.conv2(first)))]
+
+
 class TensorBranch(nn.Module):
     """A branch on tensor values: its forward cannot be captured, and must be left alone with that reason."""
 
