@@ -116,7 +116,7 @@ SOURCES = {
     "cuda": lambda mp: mp.setattr(torch.version, "cuda", "12.4"),
     "torch": lambda mp: mp.setattr(torch, "__version__", "2.11.0"),
     "triton": lambda mp: mp.setattr(__import__("triton"), "__version__", "3.6.0"),
-    "mbkernels": lambda mp: mp.setattr(mbkernels, "__version__", "0.2.0"),
+    "mbkernels": lambda mp: mp.setattr(cache, "installed_version", lambda: "0.2.0"),
     "triton interpreter": lambda mp: mp.setenv("TRITON_INTERPRET", "1"),
 }
 
