@@ -496,8 +496,10 @@ def main(argv: Optional[list] = None) -> int:
         ray.init(address=args.address)
     else:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    # Both end the wait below the same way, so both shut down the same way (ray.init set SIGTERM to exit at once).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Both end the wait below the same way, so both shut down the same way (ray.init set SIGTERM to exit at once; a
+    # process started in the background by a shell without job control inherits SIGINT ignored).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     try:
         options = resolve_options(args, ray.cluster_resources().get("GPU", 0))
         run_application(options)
