@@ -2,7 +2,8 @@
 # CI on the GPU machine's stack, without its GPU: Python 3.12, torch 2.11.0, torchvision 0.26.0 (triton 3.6 comes
 # with it), the CI machine otherwise running 3.11 / torch 2.14.1 / triton 3.8. Catches what differs between the
 # two stacks before a GPU session is spent on it:
-#  1. the Triton and reference tests of both ops under the interpreter (TRITON_INTERPRET=1, set by conftest.py);
+#  1. the Triton and reference tests of both ops under the interpreter (TRITON_INTERPRET=1, set by conftest.py), and
+#     the planner's dataflow pass and measured plans (fx capture and rewrite, timing, cache) on torch 2.11;
 #  2. the static sm_90 report compiled by triton 3.6, with the gates CI applies to triton 3.8's (--check).
 # The CUDA extension is not built here (MBKERNELS_SKIP_CUDA_BUILD=1): .ci/run builds it against CI's torch, and
 # the GPU session builds it against the GPU machine's; this script tests what Triton 3.6 does with our kernels.
@@ -39,6 +40,10 @@ MBKERNELS_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-build-isol
 step "Triton and reference tests under the interpreter"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -k "triton or reference" \
   tests/test_dwconv_bn_act.py tests/test_squeeze_excite.py tests/test_bad_inputs.py
+
+step "dataflow pass and measured plans"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_dataflow.py tests/test_efficientnet_pytorch.py \
+  tests/test_tuning.py tests/test_tuning_timing.py tests/test_tuning_cache.py
 
 step "static sm_90 report with triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)')"
 mkdir -p build
