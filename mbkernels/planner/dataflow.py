@@ -118,7 +118,6 @@ class DataflowPass:
                 fused = rewrite.fused_block(parent, block, "reference", block.residual)
                 decision = cost.decide(fused, f"{path}{block.dw.conv}", self.planner.backend,
                                        every_block=flags["blocks"] == "all")
-                decision.shape = fused.shape
                 self.planner.report.blocks.append(decision)
                 if decision.plan == "block":
                     take(block)
