@@ -86,6 +86,12 @@ def choices(model: nn.Module, kind) -> list:
     return [choice for m in model.modules() if type(m) is kind for choice in m.tuned.values()]
 
 
+def kept_stock(model: nn.Module, kind: str) -> list:
+    """The report's entries of `kind` a tuned patch kept stock (their stock modules stand, as in the stock model)."""
+    return [entry for entry in mbkernels.patch_report(model).skipped
+            if entry.kind == kind and entry.reason.startswith("kept stock: ")]
+
+
 # ------------------------------------------------------------------------------------------------ the choice
 def test_faster_fused_variants_are_chosen_and_slower_ones_refused(monkeypatch):
     # Depthwise runs fused at half the stock time, SEs fused at twice it, folded convs at 0.9; every block kernel
@@ -109,17 +115,21 @@ def test_faster_fused_variants_are_chosen_and_slower_ones_refused(monkeypatch):
     model = mbkernels.patch(small_model(), example_inputs=image())
     assert clock.timed
     assert choices(model, DWConvBNAct) and set(choices(model, DWConvBNAct)) == {"reference"}
-    assert choices(model, SqueezeExcite) and set(choices(model, SqueezeExcite)) == {"stock"}
     assert choices(model, ConvBNAct) and set(choices(model, ConvBNAct)) == {"folded"}
+    # The SEs measured faster stock: their stock modules stand, and the report says why.
+    assert choices(model, SqueezeExcite) == [] and len(kept_stock(model, "squeeze_excite")) == 9
+    assert "stock 1.0000 ms, reference 2.0000 ms" in kept_stock(model, "squeeze_excite")[0].reason
     assert not any(isinstance(m, InvertedResidual) for m in model.modules())  # the blocks lost to their layers
 
 
 @pytest.mark.parametrize("fused_ms", [1.0, 0.995, 0.99])
 def test_ties_and_gains_within_the_floor_keep_stock(monkeypatch, fused_ms):
     scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers") else fused_ms)
-    model = mbkernels.patch(small_model(), example_inputs=image())
-    fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    assert fused and all(set(m.tuned.values()) == {"stock"} for m in fused)
+    stock = small_model()
+    model = mbkernels.patch(copy.deepcopy(stock), example_inputs=image())
+    assert not any(isinstance(m, FusedModule) for m in model.modules())  # every stock module back in its slot
+    assert [type(m) for m in model.modules()] == [type(m) for m in stock.modules()]
+    assert len(kept_stock(model, "dwconv_bn_act")) == 11 and len(kept_stock(model, "conv_bn_act")) > 0
 
 
 @pytest.mark.parametrize("block_ms, plan", [(0.5, "block"), (1.5, "layers")])
@@ -153,18 +163,23 @@ def test_a_stock_choice_runs_the_stock_modules(monkeypatch, op_calls):
     assert op_calls == []  # every fused module ran its stock modules
 
 
-@pytest.mark.parametrize("whole, kept", [({"tuned": 1.0, "fused": 0.5, "stock": 2.0}, "reference"),
-                                         ({"tuned": 1.0, "fused": 2.0, "stock": 0.5}, "stock"),
-                                         ({"tuned": 1.0, "fused": 0.99, "stock": 1.01}, "stock")],
+@pytest.mark.parametrize("whole, fused_modules", [({"tuned": 1.0, "fused": 0.5, "stock": 2.0}, True),
+                                                  ({"tuned": 1.0, "fused": 2.0, "stock": 0.5}, False),
+                                                  ({"tuned": 1.0, "fused": 0.99, "stock": 1.01}, False)],
                          ids=["fused-faster", "stock-faster", "within-noise"])
-def test_the_whole_model_check_keeps_the_fastest_forward(monkeypatch, whole, kept):
-    """Per layer the depthwise runs keep stock (fused 1.5x slower alone); the whole forward then decides."""
+def test_the_whole_model_check_keeps_the_fastest_forward(monkeypatch, whole, fused_modules):
+    """Per layer the depthwise runs keep stock (fused 1.5x slower alone; the folded convs tie); the whole forward
+    then decides: every candidate fused, or the stock model."""
     scripted(monkeypatch, lambda names, name: 1.5 if name == "reference" else 1.0, whole)
-    model = small_model()
-    mbkernels.patch(model, example_inputs=image())
-    assert set(choices(model, DWConvBNAct)) == {kept}
-    again = mbkernels.patch(small_model(), example_inputs=image())
-    assert set(choices(again, DWConvBNAct)) == {kept}  # from the table: the same choice
+    for model in (small_model(), small_model()):  # the second from the table: the same choice, nothing timed
+        mbkernels.patch(model, example_inputs=image())
+        if fused_modules:
+            assert set(choices(model, DWConvBNAct)) == {"reference"}
+        else:
+            assert not any(isinstance(m, FusedModule) for m in model.modules())
+            kept = kept_stock(model, "dwconv_bn_act")
+            assert len(kept) == 11
+            assert ("the whole model measured fastest stock" in kept[0].reason) == (whole["stock"] < 1.0)
 
 
 def test_the_whole_model_line_in_the_report(monkeypatch, capsys):
@@ -182,7 +197,12 @@ def test_a_real_cpu_tuning_keeps_the_stock_outputs():
     x = image(batch=2, size=64)
     mbkernels.patch(model, example_inputs=x)
     fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    assert fused and all(m.tuned and m.timings for m in fused)
+    assert all(m.tuned and m.timings for m in fused)
+    # Every candidate measured: fused with its choice, or its stock modules kept (the report says so).
+    report = mbkernels.patch_report(model)
+    layers = [entry for entry in report.skipped if entry.kind != "inverted_residual"]  # blocks: layers planned
+    assert all(entry.reason.startswith("kept stock: ") for entry in layers)
+    assert len(report.fused) + len(layers) >= 11 + 9
     for module in fused:
         for key, timings in module.timings.items():
             assert module.tuned[key] in timings and all(ms is None or ms > 0 for ms in timings.values())

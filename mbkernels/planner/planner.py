@@ -14,6 +14,9 @@ from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip, never_called
 from .report import PatchEntry, PatchReport, measurements
 
 STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
+# On a stock module a tuned patch kept (stock measured fastest): {"reason", "entries": the report's (path, kind, shape,
+# activation)}, and for a forward left unrewritten "covered": the children its rewrite took. patch leaves it alone.
+KEPT_STOCK = "_mbkernels_kept_stock"
 ABSENT = None  # in STOCK_SLOTS: the slot was empty (a rewrite's forward and fused list): unpatch deletes it
 
 
@@ -47,7 +50,7 @@ class Planner:
         parent is inside, the model first: their forwards say how parent is called)."""
         children = list(parent.named_children())
         taken = {name for name, child in children if isinstance(child, FusedInto) or self.record_fused(child, path + name)}
-        taken |= self.record_rewrite(parent)
+        taken |= self.record_rewrite(parent) | self.record_kept_stock(parent, children)
         skipped = {}  # child name -> the skip entries of candidates that child started
         swaps_before, fused_here = len(self.swaps), []
         for kind in self.kinds:
@@ -61,7 +64,8 @@ class Planner:
                     self.report.skipped.append(entry)
                     skipped.setdefault(child, []).append(entry)
         here = fused_here + [(child, entry) for child, entries in skipped.items() for entry in entries]
-        if not rewrite.rewritten(parent) and leftovers(parent, children, taken, here):
+        if not rewrite.rewritten(parent) and KEPT_STOCK not in parent.__dict__ \
+                and leftovers(parent, children, taken, here):
             taken |= self.plan_rewrite(parent, path, outer, swaps_before, skipped, here)
         for name, child in children:
             if name in taken:
@@ -128,6 +132,18 @@ class Planner:
                 fused.dataflow_path, kind.kind, *kind.describe(fused), measured=measurements(fused),
                 via=f"forward of {fused.dataflow_path.rpartition('.')[0] or 'the model'}"))
         return set(container.covered) | {rewrite.CONTAINER}
+
+    def record_kept_stock(self, parent: nn.Module, children: list) -> set:
+        """What a tuned patch kept stock among parent's children (and in parent's forward), in the report as left
+        alone with the measurement; the child slots it holds."""
+        notes = [(name, child.__dict__[KEPT_STOCK]) for name, child in children if KEPT_STOCK in child.__dict__]
+        if KEPT_STOCK in parent.__dict__:
+            notes.append((None, parent.__dict__[KEPT_STOCK]))
+        taken = set()
+        for name, note in notes:
+            taken |= {name} if name is not None else set(note["covered"])
+            self.report.skipped += [PatchEntry(*entry, reason=note["reason"]) for entry in note["entries"]]
+        return taken
 
     def record_fused(self, module: nn.Module, path: str) -> bool:
         for kind in self.kinds:
@@ -227,8 +243,11 @@ def apply(model: nn.Module, planner: Planner) -> None:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Put back, in place, the stock modules (the very objects) that patch swapped out; return the model."""
+    """Put back, in place, the stock modules (the very objects) that patch swapped out, and forget what a tuned
+    patch kept stock; return the model."""
     EagerWindow.detach(model)
+    for module in model.modules():
+        module.__dict__.pop(KEPT_STOCK, None)
     for parent in list(model.modules()):
         for _, child in list(parent.named_children()):
             for slot, stock in getattr(child, STOCK_SLOTS, ()):

@@ -26,8 +26,9 @@ from . import timing
 from .cache import TuningCache
 from . import cost
 from .cost import BlockDecision
-from .kinds import BlockAlternative
-from .planner import STOCK_SLOTS, set_slot, unpatch
+from .report import PatchEntry
+from .kinds import BlockAlternative, BlockKind
+from .planner import ABSENT, KEPT_STOCK, STOCK_SLOTS, set_slot
 
 FOLDED = "folded"  # ConvBNAct's fused variant: PyTorch's conv on the folded weights
 LAYERS = "layers"  # a block's layer fusion (its layers as tuned), the baseline of block fusion
@@ -226,22 +227,27 @@ class Tuner:
             choice, medians = self.measure(signature, variants, one, largest, STOCK)
             fused.keep_measured(one.key, choice, medians)
 
-    def check_whole_model(self, modules: list) -> None:
-        """The per-candidate choices hold up in the model's own forward: time it as tuned, with every candidate
-        fused and all stock, on the example calls, and keep the choices of the fastest (as tuned unless another is
-        faster by more than the noise). Layers timed alone miss what they do to each other (caches, launches)."""
+    def check_whole_model(self, placed: list) -> None:
+        """The per-candidate choices hold up in the model's own forward: time it as tuned (the candidates measured
+        fastest stock as the stock modules), with every candidate fused, and all stock (the stock model itself), on
+        the example calls, and keep the fastest (as tuned unless another is faster by more than the noise). Layers
+        timed alone miss what they do to each other (caches, launches, Python between them)."""
+        modules = [module for swap in placed for module in swap.fused]
         choices = {"tuned": {m: dict(m.tuned) for m in modules},
                    "fused": {m: {key: choice if choice != STOCK else fastest_fused(m.timings.get(key, {}))
                                  for key, choice in m.tuned.items()} for m in modules},
-                   STOCK: {m: dict.fromkeys(m.tuned, STOCK) for m in modules}}
-        if not modules or choices["tuned"] == choices["fused"] == choices[STOCK]:
-            return
+                   STOCK: {m: dict(m.tuned) for m in modules}}
+        tuned_stock = {id(swap) for swap in placed if swap.stock_wins(choices["tuned"])}
         current = [None]
 
         def use(mode: str) -> None:
             if current[0] != mode:
-                for module in modules:
-                    module.use_choices(choices[mode][module])
+                for swap in placed:
+                    stock = mode == STOCK or (mode == "tuned" and id(swap) in tuned_stock)
+                    swap.remove() if stock else swap.place()
+                    for module in swap.fused:
+                        module.use_choices(choices[mode][module])
+                EagerWindow.attach(self.model)
                 current[0] = mode
 
         def forward(mode: str):
@@ -254,8 +260,8 @@ class Tuner:
                                      for m, c in choices["tuned"].items()],
                      "calls": [[list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in call]
                                for call in self.calls.calls]}
-        record = self.cache.get(signature)
-        if record is None or record.get("choice") not in choices:
+        record = self.cache.get(signature) if modules else None
+        if modules and (record is None or record.get("choice") not in choices):
             with torch.no_grad():
                 timings = timing.time_variants({mode: forward(mode) for mode in choices}, self.calls.calls,
                                                self.calls.device, clock=self.clock,
@@ -265,8 +271,13 @@ class Tuner:
             record = {"choice": choice, "timings": medians, "reason": reason}
             self.cache.put(signature, record)
             self.timed += 1
-        use(record["choice"])
-        self.whole_model = (record["choice"], record["timings"], record["reason"])
+        choice = record["choice"] if record else "tuned"
+        use(choice)
+        for swap in placed:
+            if choice == STOCK or (choice == "tuned" and id(swap) in tuned_stock):
+                swap.keep_stock(self.calls.device, record["timings"] if choice == STOCK else None)
+        if record:
+            self.whole_model = (record["choice"], record["timings"], record["reason"])
 
     def tune_block(self, alternative: BlockAlternative, seen: list, largest: int) -> Optional[BlockDecision]:
         """Block fusion against layer fusion, summed over the inputs seen; installs the block where it wins."""
@@ -312,12 +323,14 @@ def containing(alternatives: list, module: nn.Module) -> bool:
 
 def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     """Measure the applied plan's choices on the example calls (layers first, then each block against its
-    layers), install the blocks that win, and cache what was measured."""
+    layers), install the blocks that win, check the choices in the whole model's forward (putting the stock modules
+    back where stock won), and cache what was measured."""
     tuner = Tuner(model, calls, TuningCache.load(calls.device), clock)
     alternatives = planner.block_alternatives
     layers = fused_modules(model)
     seen, largest = record_inputs(model, layers + [a.block for a in alternatives], calls)
     tuner.largest = largest
+    placed = [Placed.of(swap) for swap in planner.swaps]
     with _eval(model):
         for fused in layers:
             tuner.tune_module(fused, seen[fused], largest)
@@ -328,15 +341,66 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
             planner.report.blocks.append(decision)
             if decision.plan == "block":
                 block, fused = alternative.block, alternative.fused
-                unpatch(block)  # the layer fusion inside it goes: the block kernel runs it whole
+                inside = set(block.modules())
+                for swap in [p for p in placed if p.parent in inside]:  # the layer fusion inside it goes
+                    swap.remove()
+                    placed.remove(swap)
                 fused.training = block.training
                 object.__setattr__(fused, STOCK_SLOTS, ((alternative.slot, block),))
-                set_slot(alternative.parent, alternative.slot, fused)
-    EagerWindow.attach(model)
-    with _eval(model):
-        tuner.check_whole_model(fused_modules(model))
+                block_swap = Placed(alternative.parent, [(alternative.slot, fused)], ((alternative.slot, block),),
+                                    [fused], [PatchEntry(alternative.path, BlockKind.kind, fused.shape, "")])
+                block_swap.place()
+                placed.append(block_swap)
+        tuner.check_whole_model(placed)
     tuner.cache.save()
     return tuner
+
+
+@dataclass
+class Placed:
+    """One swap of the plan as the model holds it, placed (the fused modules in) or removed (the stock modules
+    back): a tuned patch removes the swaps whose candidates were measured fastest stock, so that stock runs as
+    stock does, without a fused module's call around it."""
+    parent: nn.Module
+    assignments: list  # [(slot, new)]
+    restore: tuple  # [(slot, stock module, or ABSENT for what a rewrite adds)]
+    fused: list  # the fused modules it puts in (a rewrite's: its list's)
+    entries: list  # the report's PatchEntry of each
+
+    @classmethod
+    def of(cls, swap) -> "Placed":
+        first = swap.assignments[0][1]
+        fused = list(first) if isinstance(first, nn.ModuleList) else [first]
+        return cls(swap.parent, swap.assignments, getattr(first, STOCK_SLOTS), fused, swap.entries)
+
+    def place(self) -> None:
+        for slot, new in self.assignments:
+            set_slot(self.parent, slot, new)
+
+    def remove(self) -> None:
+        for slot, stock in self.restore:
+            set_slot(self.parent, slot, stock)
+
+    def stock_wins(self, choices: dict) -> bool:
+        """Whether every measured choice of its fused modules is stock (and something was measured)."""
+        chosen = [choice for module in self.fused for choice in choices[module].values()]
+        return bool(chosen) and set(chosen) == {STOCK}
+
+    def keep_stock(self, device: torch.device, whole_model: Optional[dict] = None) -> None:
+        """Leave a note on the stock modules (the rewritten module, for a rewrite) of why they stand, its own
+        measurements or the whole model's (whole_model: {variant: ms}, where the whole stock model was fastest):
+        patch and patch_report read it (planner.KEPT_STOCK), unpatch clears it."""
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+        timings = whole_model or next((t for module in self.fused for t in module.timings.values()), {})
+        measured = ", ".join(f"{name} {'failed' if ms is None else f'{ms:.4f} ms'}" for name, ms in timings.items())
+        what = "the whole model measured fastest stock" if whole_model else "its stock modules measured fastest"
+        note = {"reason": f"kept stock: {what} on {where} ({measured})",
+                "entries": [(e.path, e.kind, e.shape, e.activation) for e in self.entries]}
+        target = next((stock for _, stock in self.restore if stock is not ABSENT), None)
+        if target is None:  # a rewrite: the module whose forward it was
+            target = self.parent
+            note["covered"] = list(self.assignments[0][1].covered)
+        object.__setattr__(target, KEPT_STOCK, note)
 
 
 def fastest_fused(timings: dict) -> str:
