@@ -230,9 +230,12 @@ class FusedModule(nn.Module):
             plan = self._plans[key] = make()
         return plan
 
-    def use_choices(self, tuned: dict) -> None:
-        """Run these measured choices (tuning_key -> choice) from now on (the plans made before them go)."""
-        self.tuned, self._plans = dict(tuned), {}
+    def exchange_choices(self, choices: tuple) -> tuple:
+        """Run other measured choices from now on: choices is (tuned, plans), as this returns what it replaces, so
+        that a caller comparing choice sets keeps each set's plans (made for its choices) across the switches."""
+        previous = self.tuned, self._plans
+        self.tuned, self._plans = choices
+        return previous
 
     def keep_measured(self, key: tuple, choice: str, timings: dict) -> None:
         """What a tuned patch measured for inputs of tuning_key `key`: the choice runs from now on (the plans made

@@ -238,6 +238,9 @@ class Tuner:
                                  for key, choice in m.tuned.items()} for m in modules},
                    STOCK: {m: dict(m.tuned) for m in modules}}
         tuned_stock = {id(swap) for swap in placed if swap.stock_wins(choices["tuned"])}
+        # Each mode's choices with the plans made for them, kept across the switches: a batch of timed calls right
+        # after a switch must not pay for making plans again.
+        states = {mode: {m: (chosen[m], {}) for m in modules} for mode, chosen in choices.items()}
         current = [None]
 
         def use(mode: str) -> None:
@@ -246,7 +249,9 @@ class Tuner:
                     stock = mode == STOCK or (mode == "tuned" and id(swap) in tuned_stock)
                     swap.remove() if stock else swap.place()
                     for module in swap.fused:
-                        module.use_choices(choices[mode][module])
+                        previous = module.exchange_choices(states[mode][module])
+                        if current[0] is not None:
+                            states[current[0]][module] = previous
                 EagerWindow.attach(self.model)
                 current[0] = mode
 
