@@ -109,14 +109,15 @@ def cuda_device(monkeypatch, name="NVIDIA H200", capability=(9, 0)):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
 
 
-# Each source of an environment field, changed: the environment (the table's key) changes with it.
+# Each source of an environment field, changed: the environment (the table's key) changes with it. The versions
+# set are ones no installed stack has (a real one could be the stack this runs on).
 SOURCES = {
     "device name": lambda mp: cuda_device(mp, name="NVIDIA A100-SXM4-80GB"),
     "capability": lambda mp: cuda_device(mp, capability=(8, 0)),
-    "cuda": lambda mp: mp.setattr(torch.version, "cuda", "12.4"),
-    "torch": lambda mp: mp.setattr(torch, "__version__", "2.11.0"),
-    "triton": lambda mp: mp.setattr(__import__("triton"), "__version__", "3.6.0"),
-    "mbkernels": lambda mp: mp.setattr(cache, "installed_version", lambda: "0.2.0"),
+    "cuda": lambda mp: mp.setattr(torch.version, "cuda", "0.1"),
+    "torch": lambda mp: mp.setattr(torch, "__version__", "0.0.1"),
+    "triton": lambda mp: mp.setattr(__import__("triton"), "__version__", "0.0.1"),
+    "mbkernels": lambda mp: mp.setattr(cache, "installed_version", lambda: "0.0.1"),
     "triton interpreter": lambda mp: mp.setenv("TRITON_INTERPRET", "1"),
 }
 
