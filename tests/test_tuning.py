@@ -15,8 +15,10 @@ import mbkernels
 from mbkernels.match import randomize_batchnorm
 from mbkernels.nn import ConvBNAct, DWConvBNAct, InvertedResidual, SqueezeExcite
 from mbkernels.nn.fused import FusedModule
+from mbkernels.nn.rewrite import CONTAINER, captured_forward, rewritten
 from mbkernels.planner import timing, tuning
 from conftest import HAS_GPU
+from models.forwards import Net
 
 timm = pytest.importorskip("timm")
 
@@ -152,6 +154,41 @@ def test_a_block_is_fused_whole_only_where_it_beats_its_layers(monkeypatch, bloc
         assert relative_error(model(image(seed=5)), stock(image(seed=5))) < FLOAT32_RTOL
     mbkernels.unpatch(model)
     assert all(type(m) is type(s) for m, s in zip(model.modules(), stock.modules()))
+
+
+@pytest.mark.parametrize("block_ms, plan", [(0.5, "block"), (1.5, "layers")])
+def test_a_block_in_forward_code_is_fused_whole_only_where_it_beats_its_layers(monkeypatch, capsys, block_ms,
+                                                                               plan):
+    """Blocks that are their module's whole forward (efficientnet_pytorch's), called with a rate computed by their
+    parent: the forward rewritten with the block fused is timed against the one with its layers fused."""
+    clock = scripted(monkeypatch, lambda names, name: {"stock": 1.0, "layers": 1.0}.get(
+        name, block_ms if "layers" in names else 0.5))
+    torch.manual_seed(0)
+    stock = randomize_batchnorm(Net(), torch.Generator().manual_seed(0)).eval()
+    model = mbkernels.patch(copy.deepcopy(stock), example_inputs=image(batch=2), verbose=True)
+    plans = [line for line in capsys.readouterr().out.splitlines() if "measured: " in line]  # the block plans
+    assert [(line.split()[0], f" {plan} " in line) for line in plans] == [(f"blocks.{i}.depthwise", True)
+                                                                          for i in range(3)]
+    assert sum("layers" in names for names in clock.timed) == 2  # blocks 0 and 2 are alike: the second from the table
+    blocks = [m for m in model.modules() if isinstance(m, InvertedResidual)]
+    report = mbkernels.patch_report(model)
+    if plan == "block":
+        assert len(blocks) == 3 and all(set(m.tuned.values()) == {"reference"} for m in blocks)
+        # Each block module's forward calls its block's fused module alone, with the rate its parent gives.
+        assert all([type(m) for m in getattr(b, CONTAINER)] == [InvertedResidual] for b in model.blocks)
+        assert [captured_forward(b).concrete for b in model.blocks] == [{"drop_rate": 0.2 * i / 3} for i in range(3)]
+        assert [(e.path, e.via) for e in report.fused if e.kind == "inverted_residual"] == [
+            (f"blocks.{i}.depthwise", f"forward of blocks.{i}") for i in range(3)]
+    else:
+        assert blocks == [] and all(DWConvBNAct in map(type, getattr(b, CONTAINER)) for b in model.blocks)
+    x = image(batch=3, size=30, seed=5)
+    with torch.no_grad():
+        assert relative_error(model(x), stock(x)) < FLOAT32_RTOL
+    again = mbkernels.patch(copy.deepcopy(model), example_inputs=image(batch=2))  # from the table: the same plan
+    assert [type(m) for m in again.modules()] == [type(m) for m in model.modules()]
+    mbkernels.unpatch(model)
+    assert all(type(m) is type(s) for m, s in zip(model.modules(), stock.modules()))
+    assert not any(rewritten(b) or hasattr(b, CONTAINER) for b in model.blocks)
 
 
 def test_a_stock_choice_runs_the_stock_modules(monkeypatch, op_calls):

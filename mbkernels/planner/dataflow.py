@@ -9,6 +9,7 @@ matches then replace the structural swaps of the children they cover. Modules th
 (timm's and torchvision's) are never captured.
 """
 import copy
+import dataclasses
 import functools
 import inspect
 from typing import Optional
@@ -20,8 +21,9 @@ from ..match.dataflow import VALUE, CaptureError, ConvRun, SEMatch, capture, fin
 from ..match.probe import describe_failure
 from ..match.structural import is_plain_sequential, overrides_forward
 from ..nn import rewrite
+from ..nn.rewrite import CapturedForward
 from . import cost
-from .kinds import conv_shape
+from .kinds import ABSENT, BlockAlternative, conv_shape
 
 
 def _layer_channels(module: nn.Module) -> Optional[tuple]:
@@ -46,6 +48,10 @@ def leftovers(parent: nn.Module, children: list, taken: set, entries: list) -> b
         return True
     free = [shape for name, child in children if name not in taken for shape in [_layer_channels(child)] if shape]
     return any(c_in == c_out for c_in, c_out in free) or any((r, c) in free for c, r in free if r < c)
+
+
+# The STOCK_SLOTS of a rewrite's fused list: both slots it fills were empty (unpatch deletes them).
+REWRITE_SLOTS = ((rewrite.CONTAINER, ABSENT), ("forward", ABSENT))
 
 
 class DataflowPass:
@@ -87,26 +93,49 @@ class DataflowPass:
         captured = self.capture(path, parent, call)
         if isinstance(captured, CaptureError):
             return str(captured)
-        matches = self.select(parent, path, find(captured))
-        if not gains_over(matches, structural):
+        matches, timed_blocks = self.select(parent, path, captured, find(captured))
+        if not timed_blocks and not gains_over(matches, structural):
             return None
         called_kwargs = {k: v for k, v in call[1].items() if v is not VALUE} if call else {}
-        failure = self.prove(parent, captured, matches, called_kwargs, _bound_constants(parent, call))
+        probe_kwargs = _bound_constants(parent, call)
+        failure = self.prove(parent, captured, matches, called_kwargs, probe_kwargs)
         if failure is not None:
             return f"its rewritten forward {failure.removeprefix('fused output ')}"
-        forward, container = rewrite.rewrite(parent, captured, matches, self.planner.backend, called_kwargs)
+        forward, container, entries = self.rewritten(parent, path, captured, matches, called_kwargs)
         covered = {node.target for match in matches for node in match.nodes if node.op == "call_module"}
+        alternatives = []
+        for block in timed_blocks:
+            failure = self.prove(parent, captured, [block], called_kwargs, probe_kwargs)
+            if failure is not None:
+                estimate = cost.decide(rewrite.fused_block(parent, block, "reference", block.residual),
+                                       f"{path}{block.dw.conv}", None, every_block=False)
+                self.planner.report.blocks.append(dataclasses.replace(
+                    estimate, plan="layers", reason=f"the forward rewritten with the block fused "
+                                                    f"{failure.removeprefix('fused output ')}"))
+                continue
+            block_forward, block_container, block_entries = self.rewritten(parent, path, captured, [block],
+                                                                           called_kwargs)
+            block_container.covered = sorted({node.target.partition(".")[0] for node in block.nodes
+                                              if node.op == "call_module"})
+            alternatives.append(BlockRewrite(parent, block_forward, block_container, block_entries,
+                                             via=f"forward of {path[:-1] or 'the model'}"))
+        return Rewrite(forward, container, covered, entries, alternatives)
+
+    def rewritten(self, parent: nn.Module, path: str, captured, matches: list, called_kwargs: dict) -> tuple:
+        """(CapturedForward, fused module list, (path, kind, shape, activation) per fused module) of parent's
+        forward with matches fused."""
+        forward, container = rewrite.rewrite(parent, captured, matches, self.planner.backend, called_kwargs)
         entries = [self.entry(path, parent, match, fused) for match, fused in zip(
             sorted(matches, key=lambda m: list(captured.graph.nodes).index(m.output)), container)]
         for (fused_path, _kind, _shape, _activation), fused in zip(entries, container):
             fused.dataflow_path = fused_path
-        return Rewrite(forward, container, covered, entries)
+        return forward, container, entries
 
-    def select(self, parent: nn.Module, path: str, found) -> list:
-        """The matches to fuse: blocks where block fusion is planned, then SEs, then conv runs, none overlapping,
-        as patch's flags allow."""
+    def select(self, parent: nn.Module, path: str, captured, found) -> tuple:
+        """(the matches to fuse: blocks where block fusion is planned, then SEs, then conv runs, none overlapping,
+        as patch's flags allow; the blocks a tuned patch times against those layers)."""
         flags = self.planner.flags
-        chosen, used = [], set()
+        chosen, used, timed = [], set(), []
 
         def take(match) -> None:
             if not used & set(match.nodes):
@@ -115,6 +144,9 @@ class DataflowPass:
 
         if flags["blocks"]:
             for block in found.blocks:
+                if self.planner.measured and flags["blocks"] is True and _whole_forward(captured, block):
+                    timed.append(block)  # layer fusion now, the block timed against it (planner.tuning)
+                    continue
                 fused = rewrite.fused_block(parent, block, "reference", block.residual)
                 decision = cost.decide(fused, f"{path}{block.dw.conv}", self.planner.backend,
                                        every_block=flags["blocks"] == "all")
@@ -127,7 +159,7 @@ class DataflowPass:
         for run in found.runs:
             if flags["dwconv"] if run.depthwise else flags["convs"]:
                 take(run)
-        return chosen
+        return chosen, timed
 
     def prove(self, parent: nn.Module, captured, matches: list, call_kwargs: dict, probe_kwargs: dict
               ) -> Optional[str]:
@@ -181,10 +213,38 @@ def gains_over(matches: list, structural: dict) -> bool:
 
 class Rewrite:
     """A planned rewrite of one module's forward: what to install, the child slots its matches cover, one
-    (path, kind, shape, activation) per fused module, and the matches."""
+    (path, kind, shape, activation) per fused module, and the BlockRewrites a tuned patch times against it."""
 
-    def __init__(self, forward, container, covered: set, entries: list):
+    def __init__(self, forward, container, covered: set, entries: list, alternatives: list):
         self.forward, self.container, self.covered, self.entries = forward, container, covered, entries
+        self.alternatives = alternatives
+
+
+class BlockRewrite(BlockAlternative):
+    """A block that is a module's whole forward (efficientnet_pytorch's MBConvBlock), for a tuned patch: its layer
+    fusion is the module's rewritten forward (installed), its block fusion another rewrite of that forward (forward,
+    container; entries: (path, kind, shape, activation) of its fused module), which calls the block's fused module
+    (built and proven when planned). parent and block are the module."""
+
+    def __init__(self, module: nn.Module, forward: CapturedForward, container: nn.ModuleList, entries: list,
+                 via: str):
+        super().__init__(entries[0][0], module, rewrite.CONTAINER, module, container[0])
+        self.forward, self.container, self.entries, self.via = forward, container, entries, via
+
+    def layers(self):
+        # Called as the graph is (the specialised arguments are in it): the module's call would bind them again.
+        return rewrite.captured_forward(self.block).code
+
+    def swap(self) -> tuple:
+        entries = [dict(zip(("path", "kind", "shape", "activation"), entry), via=self.via) for entry in self.entries]
+        return (self.block, [(rewrite.CONTAINER, self.container), ("forward", self.forward.__call__)],
+                REWRITE_SLOTS, list(self.container), entries)
+
+
+def _whole_forward(captured, block) -> bool:
+    """Whether block is all its module's forward computes: it reads the one input and its output is returned."""
+    output = next(node for node in captured.graph.nodes if node.op == "output")
+    return block.input.op == "placeholder" and output.args[0] is block.output
 
 
 

@@ -365,6 +365,9 @@ class SqueezeExciteKind(FusionKind):
 
 
 # ------------------------------------------------------------------------------------------ blocks
+ABSENT = None  # in a fused module's STOCK_SLOTS: the slot was empty (a rewrite's forward and fused list)
+
+
 @dataclass
 class BlockAlternative:
     """A block the planner fused by layers so that tuning can time the whole-block kernel against them."""
@@ -373,6 +376,16 @@ class BlockAlternative:
     slot: str  # the block's name in parent
     block: nn.Module  # the stock block (with the layer fusion inside it, once applied)
     fused: InvertedResidual  # block fusion of it, built and proven when planned
+
+    def layers(self):
+        """The block as layer fusion runs it: a callable of its input."""
+        return self.block
+
+    def swap(self) -> tuple:
+        """(parent, [(slot, new)], ((slot, what it held), ...), the fused modules, the report's PatchEntry fields
+        of each) of fusing the block whole."""
+        entry = {"path": self.path, "kind": BlockKind.kind, "shape": self.fused.shape, "activation": ""}
+        return self.parent, [(self.slot, self.fused)], ((self.slot, self.block),), [self.fused], [entry]
 
 
 class BlockKind(FusionKind):

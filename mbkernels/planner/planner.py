@@ -9,15 +9,14 @@ from torch import nn
 from ..nn import rewrite
 from ..nn.fused import EagerWindow
 from ..nn.dwconv import FusedInto
-from .dataflow import DataflowPass, Rewrite, leftovers
-from .kinds import REGISTRY, FLAGS, Candidate, FusionKind, Skip, never_called
+from .dataflow import REWRITE_SLOTS, DataflowPass, Rewrite, leftovers
+from .kinds import ABSENT, REGISTRY, FLAGS, Candidate, FusionKind, Skip, never_called
 from .report import PatchEntry, PatchReport, measurements
 
 STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
 # On a stock module a tuned patch kept (stock measured fastest): {"reason", "entries": the report's (path, kind, shape,
 # activation)}, and for a forward left unrewritten "covered": the children its rewrite took. patch leaves it alone.
 KEPT_STOCK = "_mbkernels_kept_stock"
-ABSENT = None  # in STOCK_SLOTS: the slot was empty (a rewrite's forward and fused list): unpatch deletes it
 
 
 @dataclass
@@ -111,7 +110,7 @@ class Planner:
             for entry in skipped.pop(child, []):
                 self.report.skipped.remove(entry)
         container = planned.container
-        object.__setattr__(container, STOCK_SLOTS, ((rewrite.CONTAINER, ABSENT), ("forward", ABSENT)))
+        object.__setattr__(container, STOCK_SLOTS, REWRITE_SLOTS)
         container.covered = sorted(covered)
         for fused in container:
             fused.training = parent.training
@@ -119,6 +118,7 @@ class Planner:
         # The forward goes in as a bound method, as rewrite.install puts it.
         self.swaps.append(Swap(parent, [(rewrite.CONTAINER, container), ("forward", planned.forward.__call__)],
                                entries))
+        self.block_alternatives += planned.alternatives
         return covered | {rewrite.CONTAINER}
 
     def record_rewrite(self, parent: nn.Module) -> set:

@@ -27,8 +27,8 @@ from .cache import TuningCache
 from . import cost
 from .cost import BlockDecision
 from .report import PatchEntry
-from .kinds import BlockAlternative, BlockKind
-from .planner import ABSENT, KEPT_STOCK, STOCK_SLOTS, set_slot
+from .kinds import ABSENT, BlockAlternative
+from .planner import KEPT_STOCK, STOCK_SLOTS, set_slot
 
 FOLDED = "folded"  # ConvBNAct's fused variant: PyTorch's conv on the folded weights
 LAYERS = "layers"  # a block's layer fusion (its layers as tuned), the baseline of block fusion
@@ -293,7 +293,7 @@ class Tuner:
         with EagerWindow.opened_around(block):
             for one in seen:
                 x = one.meta
-                variants = {LAYERS: block}
+                variants = {LAYERS: alternative.layers()}
                 op, *values = fused.op_call(x)
                 for name in feasible_backends(op, tuple(values)):
                     variants[name] = ops.prepare(op, *values, name)
@@ -345,15 +345,15 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
                 continue
             planner.report.blocks.append(decision)
             if decision.plan == "block":
-                block, fused = alternative.block, alternative.fused
-                inside = set(block.modules())
+                inside = set(alternative.block.modules())
                 for swap in [p for p in placed if p.parent in inside]:  # the layer fusion inside it goes
                     swap.remove()
                     placed.remove(swap)
-                fused.training = block.training
-                object.__setattr__(fused, STOCK_SLOTS, ((alternative.slot, block),))
-                block_swap = Placed(alternative.parent, [(alternative.slot, fused)], ((alternative.slot, block),),
-                                    [fused], [PatchEntry(alternative.path, BlockKind.kind, fused.shape, "")])
+                parent, assignments, restore, fused, entries = alternative.swap()
+                for module in fused:
+                    module.training = alternative.block.training
+                object.__setattr__(assignments[0][1], STOCK_SLOTS, restore)
+                block_swap = Placed(parent, assignments, restore, fused, [PatchEntry(**entry) for entry in entries])
                 block_swap.place()
                 placed.append(block_swap)
         tuner.check_whole_model(placed)
