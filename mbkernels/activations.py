@@ -1,8 +1,10 @@
 """The one table of activation and gate names and their math.
 
 An activation spec is a name, or a name and its parameter: "relu", "leaky_relu:0.2" (the negative slope; 0.01
-when left out). The position of a name in ACTIVATIONS / GATES is the integer code that the Triton kernels take as
-a constexpr; the CUDA kernels parse the same specs (csrc/activations.cuh) and a test checks both tables agree.
+when left out). A gate spec is a name, or a name and an affine map of the gate's input the fused modules fold
+into the layer before it: "hardsigmoid:6,-3" is hardsigmoid(6 x - 3), a clamp to [0, 1] (parse_gate); the ops
+take plain names. The position of a name in ACTIVATIONS / GATES is the integer code that the Triton kernels take
+as a constexpr; the CUDA kernels parse the same specs (csrc/activations.cuh) and a test checks both tables agree.
 """
 import math
 
@@ -188,11 +190,65 @@ def identify_activation(module):
 
 
 def identify_gate(module):
-    """The GATES name of a stock or hand-written gate module (or a function of one tensor), or None."""
+    """The gate spec (see parse_gate) of a stock or hand-written gate module (or a function of one tensor), or None.
+    A gate of an affine map of its input is found too: PaddlePaddle's hard sigmoid relu6(1.2 x + 3) / 6 is
+    "hardsigmoid:1.2,0" and a clamp to [0, 1] "hardsigmoid:6,-3"."""
     name = GATE_MODULES.get(type(module))
     if name is not None:
         return name
     out = _probe_output(module)
     if out is None:
         return None
-    return next((name for name, fn in _GATE_MATH.items() if _matches(out, fn(_PROBE))), None)
+    for name, fn in _GATE_MATH.items():
+        if _matches(out, fn(_PROBE)):
+            return name
+    for name, fn in _GATE_MATH.items():
+        affine = _fit_affine(out, _GATE_INVERSE[name])
+        if affine is not None and _matches(out, fn(affine[0] * _PROBE + affine[1])):
+            return _gate_spec(name, *affine)
+    return None
+
+
+# Each gate's inverse on the open range (0, 1), where it is one-to-one.
+_GATE_INVERSE = {"sigmoid": torch.logit, "hardsigmoid": lambda y: 6.0 * y - 3.0}
+
+
+def _fit_affine(out: torch.Tensor, inverse) -> "tuple[float, float] | None":
+    """(scale, shift) such that inverse(out) = scale * _PROBE + shift where the gate is one-to-one (least squares
+    over the probe points there), or None when fewer than three points are."""
+    inside = (out > 1e-4) & (out < 1 - 1e-4)
+    if int(inside.sum()) < 3:
+        return None
+    x, u = _PROBE[inside], inverse(out[inside])
+    scale = (((x - x.mean()) * (u - u.mean())).sum() / ((x - x.mean()) ** 2).sum()).item()
+    shift = (u.mean() - scale * x.mean()).item()
+    # Rounded to 10 decimals (1.2 stays 1.2 and 1e-17 becomes 0 in the spec), far below float32's resolution.
+    return round(scale, 10) + 0.0, round(shift, 10) + 0.0
+
+
+def _gate_spec(name: str, scale: float, shift: float) -> str:
+    return name if (scale, shift) == (1.0, 0.0) else f"{name}:{scale:.15g},{shift:.15g}"
+
+
+def is_gate(spec: str) -> bool:
+    """Whether a spec (of identify_activation or identify_gate) names a gate."""
+    return spec.partition(":")[0] in GATES
+
+
+def parse_gate(spec: str) -> tuple[str, float, float]:
+    """(name, scale, shift) of a gate spec: a GATES name ("sigmoid"), or a gate of an affine map of its input,
+    "hardsigmoid:6,-3" for hardsigmoid(6 x - 3). The fused modules fold the map into the layer before the gate (the
+    ops take the names alone); ValueError for anything else."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a gate is named by a string, got {type(spec).__name__}")
+    name, _, text = spec.partition(":")
+    gate_code(name)
+    if not text:
+        return name, 1.0, 0.0
+    try:
+        scale, shift = (float(v) for v in text.split(","))
+    except ValueError:
+        scale = shift = math.nan
+    if not (math.isfinite(scale) and math.isfinite(shift)) or scale == 0.0:
+        raise ValueError(f"gate {spec!r}: expected name:scale,shift with finite numbers, scale not 0")
+    return name, scale, shift

@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import mbkernels
 from mbkernels import activations
@@ -290,10 +291,48 @@ def test_se_like_module_the_op_cannot_take_is_reported():
     assert "GatedResidual has the layers of a squeeze-excite module" in entry.reason
 
 
+def test_an_se_refused_for_its_gate_is_reported_though_its_layers_are_folded():
+    """The SE kind refuses the module (a tanh gate); the conv kind then folds its first 1x1 conv and activation.
+    That fold is no SE: the refusal stays in the report."""
+    class TanhSE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool, self.reduce, self.act = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU()
+            self.expand, self.gate = nn.Conv2d(4, 16, 1), nn.Tanh()
+
+        def forward(self, x):
+            return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+    report = mbkernels.patch_report(nn.Sequential(nn.Conv2d(3, 16, 1), TanhSE()), blocks=False)
+    assert [entry.path for entry in report.fusable] == ["1.reduce"]
+    [entry] = report.skipped
+    assert entry.path == "1" and entry.kind == "squeeze_excite" and "computes no known function" in entry.reason
+
+
 def test_activation_table_names_every_module_used():
     for module, spec in [(nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
                          (nn.LeakyReLU(0.2), "leaky_relu:0.2"), (nn.LeakyReLU(), "leaky_relu:0.01")]:
         assert activations.identify_activation(module) == spec
+
+
+@pytest.mark.parametrize("gate, spec", [
+    (nn.Hardsigmoid(), "hardsigmoid"), (lambda v: F.relu6(v + 3) / 6, "hardsigmoid"),
+    (lambda v: v.clamp(0, 1), "hardsigmoid:6,-3"), (lambda v: F.relu6(1.2 * v + 3) / 6, "hardsigmoid:1.2,0"),
+    (lambda v: (0.2 * v + 0.5).clamp(0, 1), "hardsigmoid:1.2,0"), (lambda v: torch.sigmoid(2 * v - 1), "sigmoid:2,-1"),
+    (lambda v: torch.sigmoid(v / 3), "sigmoid:0.3333333333,0"),
+    (torch.tanh, None), (F.relu, None), (F.relu6, None), (lambda v: v.clamp(0, 2), None), (torch.exp, None)])
+def test_gates_of_an_affine_map_are_named_with_it(gate, spec):
+    assert activations.identify_gate(gate) == spec
+    if spec is not None:
+        name, scale, shift = activations.parse_gate(spec)
+        probe = torch.linspace(-9, 9, 301, dtype=torch.float64)
+        assert torch.allclose(activations.apply_gate(name, scale * probe + shift), gate(probe), atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", ["hardsigmoid:1", "hardsigmoid:0,1", "hardsigmoid:nan,0", "tanh", "sigmoid:a,b", 3])
+def test_bad_gate_specs_are_refused(spec):
+    with pytest.raises(ValueError):
+        activations.parse_gate(spec)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

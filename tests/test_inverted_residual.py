@@ -17,6 +17,7 @@ from torch import nn
 
 from conftest import ALL_BACKENDS, DEVICE, HAS_GPU, TOLERANCE, assert_close_to_reference
 from models import mobilenetv3 as handwritten
+from models.forwards import ClampGate
 from oracle import as64, dwconv64, se64, stock_activation
 from mbkernels import dispatch, ops
 from mbkernels._contract import BlockArgs, normalise_inverted_residual
@@ -74,6 +75,8 @@ BLOCKS = {
         se_layer=_timm_se(gate_layer="hard_sigmoid", rd_round_fn=handwritten.make_divisible)), 24, (13, 10)),
     "timm-ir-silu-se-res": (lambda: timm_blocks.InvertedResidual(
         40, 40, 5, 1, exp_ratio=6.0, act_layer=nn.SiLU, se_layer=_timm_se(rd_ratio=0.25 / 6)), 40, (7, 7)),
+    "timm-ir-se-clamp-gate": (lambda: timm_blocks.InvertedResidual(
+        24, 24, 3, 1, exp_ratio=3.0, se_layer=_timm_se(gate_layer=ClampGate)), 24, (9, 7)),
     "timm-ir-dilated": (lambda: timm_blocks.InvertedResidual(16, 16, 3, 1, dilation=2, exp_ratio=2.0), 16, (9, 12)),
     "timm-dsconv-res": (lambda: timm_blocks.DepthwiseSeparableConv(16, 16, 3, 1), 16, (15, 13)),
     "timm-dsconv-se-s2": (lambda: timm_blocks.DepthwiseSeparableConv(

@@ -9,6 +9,7 @@ from mbkernels import dispatch, ops
 from mbkernels._contract import SEArgs
 from mbkernels.backends.triton import squeeze_excite as triton_se
 from mbkernels.nn import SqueezeExcite
+from models.forwards import ClampGate, PaddleHardSigmoid
 from models.mobilenetv3 import h_sigmoid, make_divisible
 from oracle import se64
 from conftest import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference, backend_unavailable
@@ -243,6 +244,20 @@ class FlattenSE(nn.Module):
         return x * y[:, :, None, None]
 
 
+class PaddleSE(nn.Module):
+    """PaddlePaddle's SE as its ports write it: 1x1 convs and a hard sigmoid of slope 0.2."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv1, self.conv2 = nn.Conv2d(channels, channels // 4, 1), nn.Conv2d(channels // 4, channels, 1)
+        self.relu = nn.ReLU()
+        self.hardsigmoid = PaddleHardSigmoid()
+
+    def forward(self, x):
+        return x * self.hardsigmoid(self.conv2(self.relu(self.conv1(self.avg_pool(x)))))
+
+
 class InPlaceSE(SequentialSE):
     """Scales the caller's x in place; the fused module must not."""
 
@@ -274,6 +289,10 @@ SOURCES = {
     "sequential-make-divisible": (lambda: SequentialSE(72), "relu", "hardsigmoid"),
     "in-place": (lambda: InPlaceSE(24), "relu", "hardsigmoid"),
     "flatten-dropout-no-bias": (lambda: FlattenSE(32), "silu", "sigmoid"),
+    # Gates of an affine map of their input, folded into the expand layer.
+    "clamp-gate": (lambda: timm_blocks.SqueezeExcite(40, rd_ratio=0.25, gate_layer=ClampGate), "relu",
+                   "hardsigmoid:6,-3"),
+    "paddle-gate": (lambda: PaddleSE(32), "relu", "hardsigmoid:1.2,0"),
 }
 
 

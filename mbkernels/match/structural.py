@@ -365,10 +365,9 @@ def _se_functions(functions: list):
     names = [(path, function, activations.identify_activation(function) or activations.identify_gate(function))
              for path, function in functions]
     # An identity (a hand-written Dropout in eval) is no activation here: the probe judges it.
-    activation = [name for _, _, name in names if name is not None and name != "identity" and name not in
-                  activations.GATES]
-    gate = [name for _, _, name in names if name in activations.GATES]
-    return names, activation, gate
+    gates = [name for _, _, name in names if name is not None and activations.is_gate(name)]
+    activation = [name for _, _, name in names if name is not None and name != "identity" and name not in gates]
+    return names, activation, gates
 
 
 def _one_layer_parts(module: nn.Module, layer_item: tuple, functions: list) -> SEParts:

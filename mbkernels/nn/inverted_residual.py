@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
+from .. import activations, ops
 from .._contract import (BlockArgs, check_inverted_residual, device_layout, input_major, normalise_inverted_residual,
                          tap_major)
 from ..match import probe_copy, probe_input, prove
@@ -48,7 +48,7 @@ def fold(modules: dict, parts: BlockParts) -> dict:
         reduce = get(parts.se_reduce)
         folded["w_se_reduce"], folded["b_se_reduce"] = se_reduce_weights(reduce, get(parts.se_norm), torch.float32)
         folded["w_se_expand"], folded["b_se_expand"] = se_expand_weights(
-            get(parts.se_expand), reduce.weight.shape[1], torch.float32, reduce.weight.device)
+            get(parts.se_expand), reduce.weight.shape[1], torch.float32, reduce.weight.device, parts.se_gate)
     weight, folded["b_project"] = ops.fold_bn(get(parts.project_conv), get(parts.project_bn))
     folded["w_project"] = device_layout(weight.flatten(1), input_major)
     return folded
@@ -66,6 +66,7 @@ class InvertedResidual(FusedModule):
         super().__init__()
         self.stock = stock
         self.parts = parts
+        self.se_op_gate = activations.parse_gate(parts.se_gate)[0]  # the op's: an affine map before it is folded in
         self.backend = backend
         self.pad_before = pad_before  # [top, bottom, left, right] a forward pads by before the dw conv (nn.rewrite)
         self.part_paths = tuple(path for path in (
@@ -169,7 +170,7 @@ class InvertedResidual(FusedModule):
         return BlockArgs(
             x=x, **{name: getattr(self, name) for name in _FOLDED}, expand_activation=parts.expand_activation,
             stride=self.stride, padding=self.padding, dilation=self.dilation, dw_activation=parts.dw_activation,
-            se_activation=parts.se_activation, se_gate=parts.se_gate, post_se_activation=parts.post_se_activation,
+            se_activation=parts.se_activation, se_gate=self.se_op_gate, post_se_activation=parts.post_se_activation,
             project_activation=parts.project_activation, residual=parts.residual)
 
     @property

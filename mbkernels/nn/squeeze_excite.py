@@ -13,18 +13,26 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
+from .. import activations, ops
 from ..match import probe_copy, probe_input, prove
 from ..match.structural import SEParts, find_se_parts
 from .fused import FusedModule, use_stock_state_dict_keys
 
 
-def se_expand_weights(expand: Optional[nn.Module], channels: int, dtype: torch.dtype, device):
-    """(w_expand [C, R], b_expand) in dtype; the identity for a one-layer SE."""
+def se_expand_weights(expand: Optional[nn.Module], channels: int, dtype: torch.dtype, device, gate: str):
+    """(w_expand [C, R], b_expand) in dtype; the identity for a one-layer SE. A gate of an affine map of its input
+    (activations.parse_gate: "hardsigmoid:6,-3") has the map folded in: the op's gate is then the plain one."""
+    _, scale, shift = activations.parse_gate(gate)
     if expand is None:
-        return torch.eye(channels, dtype=dtype, device=device), None
-    bias = None if expand.bias is None else expand.bias.detach().to(dtype).contiguous()
-    return expand.weight.detach().flatten(1).to(dtype).contiguous(), bias
+        weight, bias = torch.eye(channels, dtype=dtype, device=device), None
+    else:
+        weight = expand.weight.detach().flatten(1).to(dtype)
+        bias = None if expand.bias is None else expand.bias.detach().to(dtype)
+    if (scale, shift) != (1.0, 0.0):
+        weight = weight * scale
+        bias = (shift if bias is None else bias * scale + shift) * torch.ones(
+            weight.shape[0], dtype=dtype, device=weight.device)
+    return weight.contiguous(), None if bias is None else bias.contiguous()
 
 
 def se_reduce_weights(reduce: nn.Module, norm: Optional[nn.Module], dtype: torch.dtype):
@@ -53,6 +61,7 @@ class SqueezeExcite(FusedModule):
         self.stock = stock
         self.reduce_path, self.expand_path, self.norm_path = parts.reduce, parts.expand, parts.norm
         self.activation, self.gate = parts.activation, parts.gate
+        self.op_gate = activations.parse_gate(parts.gate)[0]  # the op's: an affine map before it is folded in
         self.stock_writes_input = stock_writes_input
         self.backend = backend
         self.training = stock.training  # swapped into a model in eval mode, it runs fused at once
@@ -103,7 +112,8 @@ class SqueezeExcite(FusedModule):
     def _fold(self) -> dict:
         reduce, expand = self.reduce_layer, self.expand_layer
         w_reduce, b_reduce = se_reduce_weights(reduce, self._norm(), torch.float32)
-        w_expand, b_expand = se_expand_weights(expand, reduce.weight.shape[1], torch.float32, reduce.weight.device)
+        w_expand, b_expand = se_expand_weights(expand, reduce.weight.shape[1], torch.float32, reduce.weight.device,
+                                               self.gate)
         return {"folded_w_reduce": w_reduce, "folded_b_reduce": b_reduce,
                 "folded_w_expand": w_expand, "folded_b_expand": b_expand}
 
@@ -118,7 +128,7 @@ class SqueezeExcite(FusedModule):
 
     def op_call(self, x: torch.Tensor) -> tuple:
         """(op name, its arguments for x, the backend aside)."""
-        return ("squeeze_excite", x, *self.fused_weights(), self.activation, self.gate)
+        return ("squeeze_excite", x, *self.fused_weights(), self.activation, self.op_gate)
 
     def extra_repr(self) -> str:
         reduced_channels, channels = self.reduce_layer.weight.shape[:2]

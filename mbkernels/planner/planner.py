@@ -10,7 +10,7 @@ from ..nn import rewrite
 from ..nn.fused import EagerWindow
 from ..nn.dwconv import FusedInto
 from .dataflow import REWRITE_SLOTS, DataflowPass, Rewrite, leftovers
-from .kinds import ABSENT, REGISTRY, FLAGS, Candidate, FusionKind, Skip, never_called
+from .kinds import ABSENT, REGISTRY, FLAGS, BlockKind, Candidate, FusionKind, Skip, never_called
 from .report import PatchEntry, PatchReport, measurements
 
 STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
@@ -69,12 +69,15 @@ class Planner:
         for name, child in children:
             if name in taken:
                 continue
-            fused_before = len(self.report.fused) + len(self.swaps)
+            fused_before, swaps_before = len(self.report.fused), len(self.swaps)
             self.visit(child, f"{path}{name}.", outer + ((path, parent),))
-            if len(self.report.fused) + len(self.swaps) > fused_before:
-                # A wrapper around what was fused inside it (an SE inside a module with the SE's layers): the
-                # match is inside, so the wrapper's own refusal is no news.
-                for entry in skipped.get(name, []):
+            inside = {entry.kind for entry in self.report.fused[fused_before:]} | {
+                entry.kind for swap in self.swaps[swaps_before:] for entry in swap.entries}
+            for entry in skipped.get(name, []):
+                # A wrapper around a match of its kind inside it (an SE inside a module with the SE's layers), or a
+                # block whose layers were fused: the match is inside, the wrapper's refusal is no news. An SE
+                # refused (say for its gate) whose 1x1 convs were folded is news.
+                if entry.kind in inside or (entry.kind == BlockKind.kind and inside):
                     self.report.skipped.remove(entry)
 
     def plan_rewrite(self, parent: nn.Module, path: str, outer: tuple, swaps_before: int, skipped: dict,

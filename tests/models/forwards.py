@@ -51,6 +51,26 @@ class SharedActivation(nn.Module):
         return self.bn2(self.project(x))
 
 
+def paddle_hard_sigmoid(v):
+    """PaddlePaddle's hard sigmoid (slope 0.2), as ports of its MobileNetV3 / PP-LCNet write it."""
+    return F.relu6(1.2 * v + 3.0) / 6.0
+
+
+def clamp_gate(v):
+    """A gate that clamps to [0, 1] (pytorchcv's GhostNet)."""
+    return v.clamp(0.0, 1.0)
+
+
+class ClampGate(nn.Module):
+    def forward(self, x):
+        return clamp_gate(x)
+
+
+class PaddleHardSigmoid(nn.Module):
+    def forward(self, x):
+        return paddle_hard_sigmoid(x)
+
+
 class InlineSE(nn.Module):
     """A depthwise run and a squeeze-excite computed inline: pool, two 1x1 convs, a gate, the product."""
 
@@ -241,6 +261,8 @@ FORWARDS = {
     "shared-activation": (SharedActivation, 16, 1, 0),
     "inline-se": (InlineSE, 24, 1, 1),
     "inline-se-hardsigmoid": (lambda: InlineSE(gate=F.hardsigmoid), 24, 1, 1),
+    "inline-se-paddle-gate": (lambda: InlineSE(gate=paddle_hard_sigmoid), 24, 1, 1),
+    "inline-se-clamp-gate": (lambda: InlineSE(gate=clamp_gate), 24, 1, 1),
     "linear-se": (LinearSE, 20, 1, 1),
     "pad-then-conv": (PadThenConv, 16, 3, 0),
     "folded-by-the-model": (FoldedByTheModel, 16, 2, 0),
