@@ -5,6 +5,7 @@ probe with random BatchNorm statistics (fresh statistics make a BatchNorm an ide
 misplaced one). The stock side runs once; the fused variants (a longer or shorter run, a block with or without its
 residual add) are tried in order and the first that matches is the proven one.
 """
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Optional
@@ -37,6 +38,54 @@ def randomize_batchnorm(model: nn.Module, generator: Optional[torch.Generator] =
             if m.bias is not None:
                 fill(m.bias, lambda t: t.normal_(0.0, 0.5, generator=generator))
     return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the duration (what inference runs), each module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+# The image sides observed_input_channels tries: a small one (channels do not depend on the size, and the forward
+# costs a twelfth of 224's), then the size most of these models are built for (a fixed final pool, as pytorchcv's
+# AvgPool2d(7), needs it).
+OBSERVED_SIZES = (64, 224)
+
+
+def observed_input_channels(model: nn.Module) -> dict:
+    """{module: the channels of the image its forward got} in one forward of the model on a random image (of
+    OBSERVED_SIZES, the first it runs on; its first conv's channels, in that conv's dtype and device), for the
+    probes of whole modules: a forward that splits or concatenates channels (ShuffleNet's units) gets other channels
+    than its first conv. {} when the forward runs on no such image."""
+    first = next((m for m in model.modules() if type(m) is nn.Conv2d), None)
+    if first is None or first.weight.device.type == "meta":
+        return {}
+    observed = {}
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            observed.setdefault(module, int(args[0].shape[1]))
+
+    handles = [module.register_forward_pre_hook(record) for module in model.modules()]
+    try:
+        for size in OBSERVED_SIZES:
+            x = torch.randn(1, first.in_channels, size, size, dtype=first.weight.dtype, device=first.weight.device)
+            try:
+                with eval_mode(model), torch.no_grad():
+                    model(x)
+                return observed
+            except Exception:  # not this model's input: the next size, or the probes guess as before
+                observed.clear()
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def probe_copy(module: nn.Module, generator: torch.Generator,

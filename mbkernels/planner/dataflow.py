@@ -176,7 +176,7 @@ class DataflowPass:
                 rewrite.install(copied, *rewrite.rewrite(copied, local, matches, "reference", call_kwargs))
                 return copied
 
-            channels, size = _probe_plane(parent, captured)
+            channels, size = _probe_plane(parent, captured, self.planner.observed.get(parent))
             proof = prove(stock, [(0, variant)], probe_input(channels, size, size + 1, generator),
                           kwargs=probe_kwargs)
         except Exception as error:  # the stock forward cannot run on a probe: not proven
@@ -262,12 +262,13 @@ def _bound_constants(parent: nn.Module, call: Optional[tuple]) -> dict:
     return {name: value for name, value in list(arguments.items())[1:] if value is not VALUE}
 
 
-def _probe_plane(module: nn.Module, captured) -> tuple:
-    """(channels, height) of a probe for module's one tensor input: the channels of the first conv or linear that
-    reads it (else of the first module stating in_channels), a plane large enough for every stride inside."""
+def _probe_plane(module: nn.Module, captured, observed: Optional[int]) -> tuple:
+    """(channels, height) of a probe for module's one tensor input: the channels observed in the model's forward,
+    else those of the first conv or linear that reads it (else of the first module stating in_channels), a plane
+    large enough for every stride inside."""
     placeholder = next(node for node in captured.graph.nodes if node.op == "placeholder")
-    channels = None
-    for user in placeholder.users:
+    channels = observed
+    for user in placeholder.users if channels is None else ():
         if user.op == "call_module":
             layer = module.get_submodule(user.target)
             channels = getattr(layer, "in_channels", getattr(layer, "in_features", None))

@@ -218,7 +218,8 @@ class DWConvKind(FusionKind):
                 variants = [(index, functools.partial(self.swapped_parent, stock, runs[index])) for index in in_parent]
                 calls = []
                 hook = stock.get_submodule(runs[0].conv[0]).register_forward_pre_hook(lambda *_: calls.append(1))
-                proof = self.prove_parent(stock, variants, self.in_channels(conv), 4 + max(reach), generator)
+                proof = self.prove_parent(stock, variants, self.in_channels(conv), 4 + max(reach), generator,
+                                          self.planner.observed.get(parent))
                 hook.remove()
             except Exception as error:  # the parent cannot run on a probe: these runs are not proven
                 failures += [describe_failure(error)] * len(in_parent)
@@ -255,11 +256,13 @@ class DWConvKind(FusionKind):
         return swapped
 
     @staticmethod
-    def prove_parent(stock: nn.Module, variants: list, conv_channels: int, size: int, generator):
-        """prove() for whole parents. Their input channels are those of the first module in them that states them
-        (a MixedConv2d before its splits), or else the checked conv's: the first guess the parent runs on is used."""
+    def prove_parent(stock: nn.Module, variants: list, conv_channels: int, size: int, generator,
+                     observed: Optional[int] = None):
+        """prove() for whole parents. Their input channels are those observed in the model's forward (observed:
+        planner.observed), else those of the first module in them that states them (a MixedConv2d before its
+        splits), or else the checked conv's: the first guess the parent runs on is used."""
         stated = [m.in_channels for m in stock.modules() if isinstance(getattr(m, "in_channels", None), int)]
-        guesses = list(dict.fromkeys(stated[:1] + [conv_channels]))
+        guesses = list(dict.fromkeys(([observed] if observed else []) + stated[:1] + [conv_channels]))
         for channels in guesses:
             try:
                 return prove(stock, variants, probe_input(channels, size, size + 1, generator))

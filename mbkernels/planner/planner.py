@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..match.probe import observed_input_channels
 from ..nn import rewrite
 from ..nn.fused import EagerWindow
 from ..nn.dwconv import FusedInto
@@ -38,6 +39,7 @@ class Planner:
         self.report = PatchReport()
         self.swaps = []
         self.generator = torch.Generator().manual_seed(0)
+        self.observed = {}  # module -> the channels of its input in the model's forward (probe.observed_input_channels)
         self.dataflow = DataflowPass(self)
 
     @staticmethod
@@ -198,6 +200,7 @@ def plan(model: nn.Module, backend: Optional[str], flags: dict, measured: bool =
     measured: a tuned patch will time the blocks against their layers (see tuning)."""
     _refuse_meta_tensors(model)
     planner = Planner(backend, check_flags(flags), measured)
+    planner.observed = observed_input_channels(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
     try:

@@ -9,7 +9,6 @@ what was measured, and nothing is timed after patch returns. A fused variant win
 modules by more than the measured noise (timing.choose); ties keep stock. Without example inputs, or with
 MBKERNELS_TUNE=0, patch plans from its cost model as before.
 """
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import nn
 
 from .. import backends, dispatch, ops
 from .._contract import CONTRACTS
+from ..match.probe import eval_mode
 from ..nn.fused import STOCK, EagerWindow, FusedModule, tuning_key
 from ..nn.conv_bn_act import ConvBNAct
 from . import timing
@@ -73,7 +73,7 @@ def example_calls(model: nn.Module, example_inputs) -> Calls:
                 raise ValueError(f"an example input is {_dtype_name(t.dtype)} but the model's weights are "
                                  f"{_dtype_name(next(iter(dtypes)))}; give inputs in the dtype the model runs (or "
                                  f"convert the model first)")
-    with _eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for call in calls:
             try:
                 model(*call)
@@ -89,18 +89,6 @@ def example_calls(model: nn.Module, example_inputs) -> Calls:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module):
-    """The model in eval mode for the duration (what inference runs), each module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 @dataclass
@@ -124,7 +112,7 @@ def record_inputs(model: nn.Module, modules: list, calls: Calls) -> tuple[dict, 
 
     handles = [module.register_forward_pre_hook(hook) for module in modules]
     try:
-        with _eval(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for call in calls.calls:
                 model(*call)
     finally:
@@ -336,7 +324,7 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     seen, largest = record_inputs(model, layers + [a.block for a in alternatives], calls)
     tuner.largest = largest
     placed = [Placed.of(swap) for swap in planner.swaps]
-    with _eval(model):
+    with eval_mode(model):
         for fused in layers:
             tuner.tune_module(fused, seen[fused], largest)
         for alternative in alternatives:

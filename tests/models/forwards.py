@@ -240,6 +240,37 @@ class FeaturesAndAnUnusedHead(nn.Module):
         return [first, F.hardswish(self.bn2(self.conv2(first)))]
 
 
+class ChannelSplitUnit(nn.Module):
+    """ShuffleNetV2's unit: half the channels pass, the other half go through 1x1, depthwise and 1x1 convs, then
+    the halves are concatenated and shuffled. Its convs see half the channels the unit gets."""
+
+    def __init__(self, c=32, functional=False):
+        super().__init__()
+        half = c // 2
+        self.functional = functional
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU()
+        self.dw, self.bn2 = dw(half), nn.BatchNorm2d(half)
+        self.conv2, self.bn3, self.act2 = nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU()
+
+    def forward(self, x):
+        passed, y = x.chunk(2, dim=1)
+        y = F.relu(self.bn1(self.conv1(y))) if self.functional else self.act1(self.bn1(self.conv1(y)))
+        y = self.bn2(self.dw(y))
+        y = F.relu(self.bn3(self.conv2(y))) if self.functional else self.act2(self.bn3(self.conv2(y)))
+        n, c, h, w = x.shape
+        return torch.cat([passed, y], 1).view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleNetUnits(nn.Module):
+    def __init__(self, c=32, functional=False):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c)
+        self.units = nn.Sequential(ChannelSplitUnit(c, functional), ChannelSplitUnit(c, functional))
+
+    def forward(self, x):
+        return self.units(F.relu(self.bn(self.stem(x))))
+
+
 class TensorBranch(nn.Module):
     """A branch on tensor values: its forward cannot be captured, and must be left alone with that reason."""
 
@@ -270,4 +301,6 @@ FORWARDS = {
     "python-flag-off": (lambda: PythonFlag(use_se=False), 16, 1, 0),
     "net-of-blocks": (Net, 3, 3, 3),
     "stages-built-in-forward": (StagesBuiltInForward, 3, 2, 2),
+    "channel-split-units": (ShuffleNetUnits, 3, 2, 0),
+    "channel-split-units-functional": (lambda: ShuffleNetUnits(functional=True), 3, 2, 0),
 }
