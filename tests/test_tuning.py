@@ -301,6 +301,32 @@ def test_example_inputs_that_cannot_be_the_models_are_refused_before_anything_ch
     assert clock.timed == [] and not model._forward_pre_hooks
 
 
+class ListOfImages(nn.Module):
+    """A detection-style forward: a list of images (torchvision's detection models take one), a dict out."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images):
+        return {"logits": self.net(torch.stack(images))}
+
+
+def test_example_inputs_holding_tensors_in_a_list(monkeypatch):
+    clock = scripted(monkeypatch, lambda names, name: 1.0 if name in ("stock", "layers")
+                     else 5.0 if "layers" in names else 0.5)
+    stock = ListOfImages(small_model())
+    images = [image()[0], image(seed=2)[0]]
+    model = mbkernels.patch(copy.deepcopy(stock), example_inputs=(images,))
+    assert clock.timed and set(choices(model, DWConvBNAct)) == {"reference"}
+    first_dw = next(m for m in model.modules() if isinstance(m, DWConvBNAct))
+    assert [key[0][0] for key in first_dw.tuned] == [2]  # the batch the forward stacked
+    with torch.no_grad():
+        assert relative_error(model(images)["logits"], stock(images)["logits"]) < FLOAT32_RTOL
+    with pytest.raises(ValueError, match=r"example_inputs \(\[1, 3, 32, 32\]\) cannot be the model's input"):
+        mbkernels.patch(copy.deepcopy(stock), example_inputs=image())  # a tensor where the forward wants a list
+
+
 # ------------------------------------------------------------------------------------------------ shown, fixed
 def test_the_report_shows_each_variants_time_and_the_choice(monkeypatch):
     scripted(monkeypatch, lambda names, name: {"stock": 1.0, "layers": 1.0}.get(name, 0.5))

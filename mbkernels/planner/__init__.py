@@ -54,7 +54,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False
     of the stock model. Patching a patched model changes nothing. If a swap fails half-way, the model is left as it
     was. verbose: print patch_report's table.
     example_inputs: inputs as the model will run them (device, dtype, memory format, batch): a tensor, a tuple of
-    one call's arguments, or a list of either (e.g. one per batch size served). Each candidate is then timed, at
+    one call's arguments (which may hold tensors in lists and dicts: a detection model's `([image],)`), or a list of
+    either (e.g. one per batch size served). Each candidate is then timed, at
     the input its module sees in the model's forward, against the stock modules and every backend that can run it,
     each block against its layers, and the fastest is kept (a fused variant must beat stock by more than the
     measured noise); choices are cached on disk per device and versions (mbkernels.planner.cache:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .. import backends, dispatch, ops
@@ -51,7 +52,8 @@ class Calls:
 def example_calls(model: nn.Module, example_inputs) -> Calls:
     """The example inputs as calls of model (a tensor, a tuple of a call's arguments, or a list of either, e.g. one
     per batch size served), checked before anything is timed: on the model's device, in the dtype of its weights,
-    and accepted by its stock forward; ValueError saying what does not fit."""
+    and accepted by its stock forward; ValueError saying what does not fit. A call's arguments may hold tensors in
+    lists, tuples or dicts (torchvision's detection models take a list of images: example_inputs=([image],))."""
     if isinstance(example_inputs, list):
         calls = [x if isinstance(x, tuple) else (x,) for x in example_inputs]
     else:
@@ -62,7 +64,7 @@ def example_calls(model: nn.Module, example_inputs) -> Calls:
     devices = {t.device for t in weights}
     dtypes = {t.dtype for t in weights if t.is_floating_point()}
     for call in calls:
-        tensors = [v for v in call if isinstance(v, torch.Tensor)]
+        tensors = [v for v in pytree.tree_leaves(call) if isinstance(v, torch.Tensor)]
         if not tensors:
             raise ValueError(f"example_inputs hold no tensor ({', '.join(type(v).__name__ for v in call)})")
         for t in tensors:
@@ -78,13 +80,18 @@ def example_calls(model: nn.Module, example_inputs) -> Calls:
             try:
                 model(*call)
             except Exception as error:  # whatever the forward says: these are not this model's inputs
-                shapes = ", ".join(str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
-                                   for v in call)
+                shapes = ", ".join(json.dumps(arguments) for arguments in shapes_of(call))
                 raise ValueError(f"example_inputs ({shapes}) cannot be the model's input: its stock forward "
                                  f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                                  ) from error
-    device = next(t.device for t in calls[0] if isinstance(t, torch.Tensor))
+    device = next(t.device for t in pytree.tree_leaves(calls[0]) if isinstance(t, torch.Tensor))
     return Calls(calls, device)
+
+
+def shapes_of(call: tuple) -> list:
+    """A call's arguments with each tensor as its shape (a list) and anything else as its repr: JSON."""
+    return [pytree.tree_map(lambda v: list(v.shape) if isinstance(v, torch.Tensor) else repr(v), argument)
+            for argument in call]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -251,8 +258,7 @@ class Tuner:
 
         signature = {"whole model": [describe(m) + json.dumps(sorted(map(str, c.items())))
                                      for m, c in choices["tuned"].items()],
-                     "calls": [[list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in call]
-                               for call in self.calls.calls]}
+                     "calls": [shapes_of(call) for call in self.calls.calls]}
         record = self.cache.get(signature) if modules else None
         if modules and (record is None or record.get("choice") not in choices):
             with torch.no_grad():
