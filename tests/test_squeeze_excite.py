@@ -293,6 +293,8 @@ SOURCES = {
     "clamp-gate": (lambda: timm_blocks.SqueezeExcite(40, rd_ratio=0.25, gate_layer=ClampGate), "relu",
                    "hardsigmoid:6,-3"),
     "paddle-gate": (lambda: PaddleSE(32), "relu", "hardsigmoid:1.2,0"),
+    "one-layer-clamp-gate": (lambda: timm_layers.EffectiveSEModule(24, gate_layer=ClampGate), "identity",
+                             "hardsigmoid:6,-3"),
 }
 
 

@@ -30,8 +30,8 @@ def se_expand_weights(expand: Optional[nn.Module], channels: int, dtype: torch.d
         bias = None if expand.bias is None else expand.bias.detach().to(dtype)
     if (scale, shift) != (1.0, 0.0):
         weight = weight * scale
-        bias = (shift if bias is None else bias * scale + shift) * torch.ones(
-            weight.shape[0], dtype=dtype, device=weight.device)
+        bias = torch.full(weight.shape[:1], shift, dtype=dtype, device=weight.device) if bias is None \
+            else bias * scale + shift
     return weight.contiguous(), None if bias is None else bias.contiguous()
 
 

@@ -316,10 +316,6 @@ def fused_modules(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, FusedModule)]
 
 
-def containing(alternatives: list, module: nn.Module) -> bool:
-    return any(module is not a.block and any(m is module for m in a.block.modules()) for a in alternatives)
-
-
 def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     """Measure the applied plan's choices on the example calls (layers first, then each block against its
     layers), install the blocks that win, check the choices in the whole model's forward (putting the stock modules
