@@ -63,7 +63,7 @@ def observed_input_channels(model: nn.Module) -> dict:
     OBSERVED_SIZES, the first it runs on; its first conv's channels, in that conv's dtype and device), for the
     probes of whole modules: a forward that splits or concatenates channels (ShuffleNet's units) gets other channels
     than its first conv. {} when the forward runs on no such image."""
-    first = next((m for m in model.modules() if type(m) is nn.Conv2d), None)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # the stem, a subclass or not
     if first is None or first.weight.device.type == "meta":
         return {}
     observed = {}

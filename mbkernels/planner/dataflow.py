@@ -50,6 +50,11 @@ def leftovers(parent: nn.Module, children: list, taken: set, entries: list) -> b
     return any(c_in == c_out for c_in, c_out in free) or any((r, c) in free for c, r in free if r < c)
 
 
+def forward_of(path: str) -> str:
+    """The report's words for the forward of the module at path (given with its trailing dot)."""
+    return f"forward of {path[:-1] or 'the model'}"
+
+
 # The STOCK_SLOTS of a rewrite's fused list: both slots it fills were empty (unpatch deletes them).
 REWRITE_SLOTS = ((rewrite.CONTAINER, ABSENT), ("forward", ABSENT))
 
@@ -118,7 +123,7 @@ class DataflowPass:
             block_container.covered = sorted({node.target.partition(".")[0] for node in block.nodes
                                               if node.op == "call_module"})
             alternatives.append(BlockRewrite(parent, block_forward, block_container, block_entries,
-                                             via=f"forward of {path[:-1] or 'the model'}"))
+                                             via=forward_of(path)))
         return Rewrite(forward, container, covered, entries, alternatives)
 
     def rewritten(self, parent: nn.Module, path: str, captured, matches: list, called_kwargs: dict) -> tuple:

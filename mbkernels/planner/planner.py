@@ -10,7 +10,7 @@ from ..match.probe import observed_input_channels
 from ..nn import rewrite
 from ..nn.fused import EagerWindow
 from ..nn.dwconv import FusedInto
-from .dataflow import REWRITE_SLOTS, DataflowPass, Rewrite, leftovers
+from .dataflow import REWRITE_SLOTS, DataflowPass, Rewrite, forward_of, leftovers
 from .kinds import ABSENT, REGISTRY, FLAGS, BlockKind, Candidate, FusionKind, Skip, never_called
 from .report import PatchEntry, PatchReport, measurements
 
@@ -51,7 +51,7 @@ class Planner:
         parent is inside, the model first: their forwards say how parent is called)."""
         children = list(parent.named_children())
         taken = {name for name, child in children if isinstance(child, FusedInto) or self.record_fused(child, path + name)}
-        taken |= self.record_rewrite(parent) | self.record_kept_stock(parent, children)
+        taken |= self.record_rewrite(parent, path) | self.record_kept_stock(parent, children)
         skipped = {}  # child name -> the skip entries of candidates that child started
         swaps_before, fused_here = len(self.swaps), []
         for kind in self.kinds:
@@ -98,7 +98,7 @@ class Planner:
                     entry.reason = never_called(parent)
         if not isinstance(planned, Rewrite):
             if planned:  # a forward that cannot be rewritten: what its convs became says why
-                where = f"the forward of {path[:-1] or 'the model'} was not rewritten: {planned}"
+                where = f"the {forward_of(path)} was not rewritten: {planned}"
                 for _, entry in here:
                     if entry.reason:
                         entry.reason += f" ({where})"
@@ -119,15 +119,16 @@ class Planner:
         container.covered = sorted(covered)
         for fused in container:
             fused.training = parent.training
-        entries = [PatchEntry(*entry, via=f"forward of {path[:-1] or 'the model'}") for entry in planned.entries]
+        entries = [PatchEntry(*entry, via=forward_of(path)) for entry in planned.entries]
         # The forward goes in as a bound method, as rewrite.install puts it.
         self.swaps.append(Swap(parent, [(rewrite.CONTAINER, container), ("forward", planned.forward.__call__)],
                                entries))
         self.block_alternatives += planned.alternatives
         return covered | {rewrite.CONTAINER}
 
-    def record_rewrite(self, parent: nn.Module) -> set:
-        """The fused modules of a rewritten forward, in the report; the child slots they cover."""
+    def record_rewrite(self, parent: nn.Module, path: str) -> set:
+        """The fused modules of a rewritten forward (parent's, at path), in the report; the child slots they
+        cover."""
         if not rewrite.rewritten(parent):
             return set()
         container = getattr(parent, rewrite.CONTAINER)
@@ -135,7 +136,7 @@ class Planner:
             kind = next(kind for kind in self.kinds if type(fused) is kind.fused_type)
             self.report.fused.append(PatchEntry(
                 fused.dataflow_path, kind.kind, *kind.describe(fused), measured=measurements(fused),
-                via=f"forward of {fused.dataflow_path.rpartition('.')[0] or 'the model'}"))
+                via=forward_of(path)))
         return set(container.covered) | {rewrite.CONTAINER}
 
     def record_kept_stock(self, parent: nn.Module, children: list) -> set:

@@ -261,10 +261,14 @@ class ChannelSplitUnit(nn.Module):
         return torch.cat([passed, y], 1).view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+class PackageConv2d(nn.Conv2d):
+    """A package's own Conv2d subclass (as pytorchcv's, efficientnet_pytorch's), computing what Conv2d does."""
+
+
 class ShuffleNetUnits(nn.Module):
-    def __init__(self, c=32, functional=False):
+    def __init__(self, c=32, functional=False, stem=nn.Conv2d):
         super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c)
+        self.stem, self.bn = stem(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c)
         self.units = nn.Sequential(ChannelSplitUnit(c, functional), ChannelSplitUnit(c, functional))
 
     def forward(self, x):
@@ -303,4 +307,5 @@ FORWARDS = {
     "stages-built-in-forward": (StagesBuiltInForward, 3, 2, 2),
     "channel-split-units": (ShuffleNetUnits, 3, 2, 0),
     "channel-split-units-functional": (lambda: ShuffleNetUnits(functional=True), 3, 2, 0),
+    "channel-split-units-subclassed-stem": (lambda: ShuffleNetUnits(stem=PackageConv2d), 3, 2, 0),
 }
