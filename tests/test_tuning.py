@@ -157,15 +157,28 @@ def test_a_block_is_fused_whole_only_where_it_beats_its_layers(monkeypatch, bloc
 
 
 @pytest.mark.parametrize("block_ms, plan", [(0.5, "block"), (1.5, "layers")])
-def test_a_block_in_forward_code_is_fused_whole_only_where_it_beats_its_layers(monkeypatch, capsys, block_ms,
-                                                                               plan):
+def test_a_block_in_forward_code_is_fused_whole_only_where_it_beats_its_layers(monkeypatch, capsys, op_calls,
+                                                                               block_ms, plan):
     """Blocks that are their module's whole forward (efficientnet_pytorch's), called with a rate computed by their
     parent: the forward rewritten with the block fused is timed against the one with its layers fused."""
     clock = scripted(monkeypatch, lambda names, name: {"stock": 1.0, "layers": 1.0}.get(
         name, block_ms if "layers" in names else 0.5))
+    ran = {}  # variant -> the ops one call of it ran, for the blocks' timings
+
+    def recording(variants, inputs, device, **kwargs):
+        if "layers" in variants:
+            for name, variant in variants.items():
+                op_calls.clear()
+                variant(inputs[0])
+                ran.setdefault(name, set()).update(op for op, _ in op_calls)
+        return clock(variants, inputs, device, **kwargs)
+
+    monkeypatch.setattr(timing, "time_variants", recording)
     torch.manual_seed(0)
     stock = randomize_batchnorm(Net(), torch.Generator().manual_seed(0)).eval()
     model = mbkernels.patch(copy.deepcopy(stock), example_inputs=image(batch=2), verbose=True)
+    # What was timed: the forward with its layers fused (not the stock forward), against the block kernel.
+    assert ran == {"layers": {"dwconv_bn_act", "squeeze_excite"}, "reference": {"inverted_residual"}}
     plans = [line for line in capsys.readouterr().out.splitlines() if "measured: " in line]  # the block plans
     assert [(line.split()[0], f" {plan} " in line) for line in plans] == [(f"blocks.{i}.depthwise", True)
                                                                           for i in range(3)]
