@@ -52,25 +52,33 @@ def eval_mode(model: nn.Module):
             module.training = mode
 
 
-# The image sides observed_input_channels tries: a small one (channels do not depend on the size, and the forward
-# costs a twelfth of 224's), then the size most of these models are built for (a fixed final pool, as pytorchcv's
-# AvgPool2d(7), needs it).
+# The image sides `observe` tries: a small one (channels do not depend on the size, and the forward costs a twelfth
+# of 224's), then the size most of these models are built for (a fixed final pool, as pytorchcv's AvgPool2d(7),
+# needs it).
 OBSERVED_SIZES = (64, 224)
 
 
-def observed_input_channels(model: nn.Module) -> dict:
-    """{module: the channels of the image its forward got} in one forward of the model on a random image (of
-    OBSERVED_SIZES, the first it runs on; its first conv's channels, in that conv's dtype and device), for the
-    probes of whole modules: a forward that splits or concatenates channels (ShuffleNet's units) gets other channels
-    than its first conv. {} when the forward runs on no such image."""
+@dataclass
+class Observation:
+    """One forward of a model on a random image: the channels of the input each module's forward got (for the
+    probes of whole modules: a forward that splits or concatenates channels, as ShuffleNet's units, gets other
+    channels than its first conv), the model's call and what it returned (the whole-model proof's probe)."""
+    channels: dict = field(default_factory=dict)  # module -> channels of its first 4-D tensor argument
+    call: Optional[tuple] = None  # (args, kwargs) of the model's forward; None when it ran on no such image
+    output: object = None
+
+
+def observe(model: nn.Module) -> Observation:
+    """The model's forward on a random image of OBSERVED_SIZES, the first it runs on (its first conv's channels,
+    in that conv's dtype and device); an empty Observation when it runs on none."""
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # the stem, a subclass or not
     if first is None or first.weight.device.type == "meta":
-        return {}
-    observed = {}
+        return Observation()
+    observation = Observation()
 
     def record(module, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-            observed.setdefault(module, int(args[0].shape[1]))
+            observation.channels.setdefault(module, int(args[0].shape[1]))
 
     handles = [module.register_forward_pre_hook(record) for module in model.modules()]
     try:
@@ -78,11 +86,12 @@ def observed_input_channels(model: nn.Module) -> dict:
             x = torch.randn(1, first.in_channels, size, size, dtype=first.weight.dtype, device=first.weight.device)
             try:
                 with eval_mode(model), torch.no_grad():
-                    model(x)
-                return observed
+                    observation.output = model(x)
+                observation.call = ((x,), {})
+                return observation
             except Exception:  # not this model's input: the next size, or the probes guess as before
-                observed.clear()
-        return {}
+                observation.channels.clear()
+        return Observation()
     finally:
         for handle in handles:
             handle.remove()

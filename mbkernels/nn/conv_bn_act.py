@@ -50,13 +50,13 @@ class ConvBNAct(FoldedConvBNAct):
         padding = self.padding_for(x)
         if padding is None or x.dtype != weight.dtype:  # a dtype the stock conv refuses (or autocasts) too
             return None
-        return prepare_conv2d_act(weight, bias, self.stride, padding, self.dilation, self.conv.groups,
+        return prepare_conv2d_act(weight, bias, self.op_stride, padding, self.op_dilation, self.conv.groups,
                                   self.activation)
 
     def extra_repr(self) -> str:
         conv = self.conv
         text = (f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size}, stride={conv.stride}"
                 + (f", groups={conv.groups}" if conv.groups != 1 else ""))
-        if self.padding is None:
+        if self.op_padding is None:
             text += ", padding='SAME' (TensorFlow)"
         return text + f", activation={self.activation!r}, bn_folded={isinstance(self.bn, nn.BatchNorm2d)}"

@@ -12,7 +12,7 @@ from torch import nn
 from .. import ops
 from .._contract import device_layout, tap_major
 from ..match.structural import check_depthwise, check_norm, fused_activation, static_padding, tf_same_padding
-from .fused import FusedModule
+from .fused import FusedModule, StandIn
 
 
 def _load_module_tree(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -72,6 +72,8 @@ class FoldedConvBNAct(FusedModule):
             self.register_load_state_dict_post_hook(_forget_keys_loaded_elsewhere)
         self.refresh()
 
+    stands_in_for = "conv"  # code that reads its conv's kernel_size, stride, weight... reads the conv's (StandIn)
+
     # ---- what a subclass with another kind of conv changes
     check_conv = staticmethod(check_depthwise)
     static_padding = staticmethod(static_padding)
@@ -81,17 +83,17 @@ class FoldedConvBNAct(FusedModule):
         return tuple(conv.stride), tuple(conv.dilation)
 
     def read_conv_settings(self) -> None:
-        """stride, dilation and padding ([top, bottom, left, right]; None: computed per call from x's size) from
-        the conv as it is now."""
-        self.stride, self.dilation = self.stride_dilation(self.conv)
+        """The op's stride, dilation and padding ([top, bottom, left, right]; None: computed per call from x's
+        size) from the conv as it is now (the conv's own `stride`, `padding`... are answered by the conv: StandIn)."""
+        self.op_stride, self.op_dilation = self.stride_dilation(self.conv)
         padding = self.static_padding(self.conv)
         if padding is not None and self.pad_before is not None:
             padding = [a + b for a, b in zip(padding, self.pad_before)]
-        self.padding = padding
+        self.op_padding = padding
 
     def padding_for(self, x: torch.Tensor) -> Optional[list[int]]:
         """[top, bottom, left, right] for x (None: the stock modules must run)."""
-        return self.padding if self.padding is not None else tf_same_padding(x.shape[2:], self.conv)
+        return self.op_padding if self.op_padding is not None else tf_same_padding(x.shape[2:], self.conv)
 
     def conv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The conv's float32 (weight [C * M, 1, kh, kw], bias), before the BN is folded in."""
@@ -176,14 +178,14 @@ class DWConvBNAct(FoldedConvBNAct):
         padding = self.padding_for(x)
         if padding is None:
             return None
-        return "dwconv_bn_act", x, weight, bias, self.stride, padding, self.dilation, self.activation
+        return "dwconv_bn_act", x, weight, bias, self.op_stride, padding, self.op_dilation, self.activation
 
     def extra_repr(self) -> str:
         conv = self.conv
         text = f"channels={conv.in_channels}, kernel_size={conv.kernel_size}, stride={conv.stride}"
         if conv.out_channels != conv.in_channels:
             text += f", depth_multiplier={conv.out_channels // conv.in_channels}"
-        if self.padding is None:
+        if self.op_padding is None:
             text += ", padding='SAME' (TensorFlow)"
         if tuple(conv.dilation) != (1, 1):
             text += f", dilation={conv.dilation}"
@@ -191,11 +193,14 @@ class DWConvBNAct(FoldedConvBNAct):
 
 
 
-class FusedInto(nn.Identity):
-    """Stands in the parent's slot of a module that now runs inside the DWConvBNAct named `into`.
+class FusedInto(StandIn, nn.Identity):
+    """Stands in the parent's slot of a module that now runs inside the DWConvBNAct named `into`, answering its
+    public attributes (a BatchNorm's num_features, eps, weight...: StandIn).
 
     It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so), and then
     refreshes `owner`'s folded weights (the owner's own load hook runs before this slot, which follows it)."""
+
+    stands_in_for = "stock"
 
     def __init__(self, into: str, stock: nn.Module, owner: Optional[FoldedConvBNAct] = None):
         super().__init__()

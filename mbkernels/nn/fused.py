@@ -107,11 +107,61 @@ class EagerWindow:
 _CLOSED = EagerWindow()  # the window of a fused module no patched model's forward checks: never open
 
 
+class StandIn:
+    """A module in the slot of a stock one answers the stock module's public attributes as that module would.
+
+    Code around a swapped module may read what it replaced (transformers' MobileNets compute TensorFlow padding
+    from `self.convolution.kernel_size` and `.stride`; others read `.out_channels`, `.weight`, a BatchNorm's
+    `.num_features`): a public name this module does not have is read from the module named by `stands_in_for`,
+    and a write of a name that module has (and this one does not) goes to it, where the refold rules see it (a
+    changed tensor or setting is refolded before the next fused call)."""
+    stands_in_for = ""  # the attribute holding the stock module this one stands in for
+
+    def _stock_stood_for(self) -> Optional[nn.Module]:
+        modules = self.__dict__.get("_modules", {})
+        name = type(self).stands_in_for
+        stock = modules.get(name, self.__dict__.get(name))
+        return stock if isinstance(stock, nn.Module) else None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            stock = None if name.startswith("_") else self._stock_stood_for()
+            if stock is None or not hasattr(stock, name):
+                raise
+            return getattr(stock, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        stock = None if name.startswith("_") or name == "training" else self._stock_stood_for()
+        if stock is not None and not self._owns(name) and self._stock_has(stock, name):
+            setattr(stock, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        stock = None if name.startswith("_") else self._stock_stood_for()
+        if stock is not None and not self._owns(name) and self._stock_has(stock, name):
+            delattr(stock, name)
+        else:
+            super().__delattr__(name)
+
+    def _owns(self, name: str) -> bool:
+        tables = (self.__dict__, self.__dict__.get("_parameters", {}), self.__dict__.get("_buffers", {}),
+                  self.__dict__.get("_modules", {}))
+        return any(name in table for table in tables) or hasattr(type(self), name)
+
+    @staticmethod
+    def _stock_has(stock: nn.Module, name: str) -> bool:
+        return any(name in table for table in (stock.__dict__, stock._parameters, stock._buffers, stock._modules))
+
+
+
 def _refresh_after_load(module: "FusedModule", incompatible_keys) -> None:
     module.refresh()
 
 
-class FusedModule(nn.Module):
+class FusedModule(StandIn, nn.Module):
     """Base of the fused modules: the stock layers run when training or when autograd needs a graph, the fused op
     otherwise, on weights folded once from the stock layers.
 

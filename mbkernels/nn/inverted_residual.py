@@ -61,6 +61,8 @@ class InvertedResidual(FusedModule):
     Build it with `InvertedResidual.from_module(block)`. The stock block stays inside as `stock` and runs
     unchanged in training mode or when autograd needs a graph; the state_dict has the block's own keys."""
 
+    stands_in_for = "stock"  # code reading the stock block's attributes reads them (StandIn)
+
     def __init__(self, stock: nn.Module, parts: BlockParts, backend: Optional[str] = None,
                  pad_before: Optional[list] = None):
         super().__init__()
@@ -132,9 +134,9 @@ class InvertedResidual(FusedModule):
     def read_dw_settings(self) -> None:
         """stride, dilation and padding from the depthwise conv as it is now (and what the forward pads before)."""
         dw_conv = self.part_modules[self.parts.dw_conv]
-        self.stride, self.dilation = list(dw_conv.stride), list(dw_conv.dilation)
+        self.op_stride, self.op_dilation = list(dw_conv.stride), list(dw_conv.dilation)
         padding = static_padding(dw_conv)
-        self.padding = padding if self.pad_before is None else [a + b for a, b in zip(padding, self.pad_before)]
+        self.op_padding = padding if self.pad_before is None else [a + b for a, b in zip(padding, self.pad_before)]
 
     def _fold_modules(self):
         return tuple(self.part_modules.values())
@@ -169,7 +171,7 @@ class InvertedResidual(FusedModule):
         parts = self.parts
         return BlockArgs(
             x=x, **{name: getattr(self, name) for name in _FOLDED}, expand_activation=parts.expand_activation,
-            stride=self.stride, padding=self.padding, dilation=self.dilation, dw_activation=parts.dw_activation,
+            stride=self.op_stride, padding=self.op_padding, dilation=self.op_dilation, dw_activation=parts.dw_activation,
             se_activation=parts.se_activation, se_gate=self.se_op_gate, post_se_activation=parts.post_se_activation,
             project_activation=parts.project_activation, residual=parts.residual)
 
@@ -201,7 +203,7 @@ class InvertedResidual(FusedModule):
         batch, channels, height, width = input_shape
         dw = self.part_modules[self.parts.dw_conv]
         (kh, kw), (sh, sw), (dh, dwl) = dw.kernel_size, dw.stride, dw.dilation
-        top, bottom, left, right = self.padding
+        top, bottom, left, right = self.op_padding
         out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
         out_w = (width + left + right - dwl * (kw - 1) - 1) // sw + 1
         hidden, out_channels = dw.in_channels, self.w_project.shape[0]

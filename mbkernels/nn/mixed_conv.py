@@ -89,7 +89,7 @@ class MixedDWConvBNAct(DWConvBNAct):
         return tuple(first.stride), tuple(first.dilation)
 
     def padding_for(self, x: torch.Tensor) -> Optional[list[int]]:
-        return self.padding if self.padding is not None else stacked_padding(list(self.conv.children()), x.shape[2:])
+        return self.op_padding if self.op_padding is not None else stacked_padding(list(self.conv.children()), x.shape[2:])
 
     @torch.no_grad()
     def conv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,4 +115,4 @@ class MixedDWConvBNAct(DWConvBNAct):
     def extra_repr(self) -> str:
         convs = list(self.conv.children())
         kernels = ", ".join(f"{c.in_channels}x{tuple(c.kernel_size)}" for c in convs)
-        return f"groups=[{kernels}], stride={self.stride}, activation={self.activation!r}, fused=True"
+        return f"groups=[{kernels}], stride={self.op_stride}, activation={self.activation!r}, fused=True"

@@ -55,6 +55,8 @@ class SqueezeExcite(FusedModule):
     changes (see FusedModule).
     """
 
+    stands_in_for = "stock"  # code reading the stock SE's attributes reads them (StandIn)
+
     def __init__(self, stock: nn.Module, parts: SEParts, stock_writes_input: bool = False,
                  backend: Optional[str] = None):
         super().__init__()

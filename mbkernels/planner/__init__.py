@@ -28,14 +28,18 @@ Every depthwise conv and SE-like module the planner visits gets an entry: fused,
 Every swap is proven once, on a probe, before it is made (mbkernels.match.probe): the stock modules in float64
 against the fused ones in float32 with the reference backend, with random BatchNorm statistics; a mismatch is
 refused and reported. In a parent other than a plain Sequential the whole parent runs, so a forward that does not
-apply the BN (or the activation) right after the conv is caught. All swaps are made at the end, all or none.
+apply the BN (or the activation) right after the conv is caught. All swaps are made at the end, all or none. Then the whole patched model is proven against what it computed before
+(model_proof.py): a forward that raises or differs has the changes responsible found, rolled back and reported.
 """
+import copy
 from typing import Optional
 
 from torch import nn
 
-from . import tuning
+from ..nn.fused import EagerWindow
+from . import model_proof, tuning
 from .cache import tuning_enabled
+from .changes import placed_in
 from .cost import BlockDecision
 from .kinds import FLAGS, KIND_LABELS, REGISTRY, FusionKind
 from .planner import apply, plan, unpatch
@@ -73,15 +77,83 @@ def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False
     calls = tuning.example_calls(model, example_inputs) if example_inputs is not None else None
     measured = calls is not None and tuning_enabled()
     planner = plan(model, backend, flags, measured)
+    proof = None
+    if calls is not None:
+        proof = model_proof.ModelProof.before_patch(model, [(call, {}) for call in calls.calls],
+                                                    lambda: stock_copy(model))
+    elif planner.observation.call is not None:  # the planner's forward on that image was the model before patch
+        proof = model_proof.ModelProof(model, [planner.observation.call], lambda: stock_copy(model),
+                                       [planner.observation.output])
     apply(model, planner)
-    if measured:
+    prove_whole_model(model, planner, proof)
+    if measured:  # what is timed runs: the proof came first; tuning's blocks and stock choices are proven again
         tuner = tuning.tune(model, planner, calls)
         blocks = planner.report.blocks
         planner.report = patch_report(model, backend, **flags)  # the fused modules hold what was measured
         planner.report.blocks, planner.report.whole_model = blocks, tuner.whole_model
+        prove_whole_model(model, planner, proof)
     if verbose:
         print(planner.report)
     return model
+
+
+def stock_copy(model: nn.Module) -> nn.Module:
+    """A copy of model with every change patch placed removed (the model itself unchanged)."""
+    changes = placed_in(model)
+    EagerWindow.detach(model)
+    for change in changes:
+        change.remove()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for change in changes:
+            change.place()
+        EagerWindow.attach(model)
+
+
+def prove_whole_model(model: nn.Module, planner, proof: Optional["model_proof.ModelProof"]) -> None:
+    """The whole-model proof (model_proof.py) of the patched model; what it rolls back leaves the planner's swaps
+    (tuning does not time it) and moves from the report's fused entries to its left-alone ones with the reason,
+    and a note on the stock modules keeps re-patching from trying it again. Then every BatchNorm, depthwise conv
+    and SE the patched forward still runs stock is in the report."""
+    report = planner.report
+    if proof is None:
+        report.proof = ("not proven whole: the model's forward runs on no random image; give example_inputs to "
+                        "prove it")
+        return
+    changes = placed_in(model, report)
+    with proof.watching(model_proof.stock_kinds(model)):
+        removed = model_proof.prove_and_roll_back(proof, changes, model)
+    gone = {change.holder for change, _ in removed}
+    planner.swaps = [swap for swap in planner.swaps if swap.holder not in gone]
+    for change, reason in removed:
+        change.keep_stock(f"stock kept: {reason} with this swap")
+        for entry in change.entries:
+            report.fused.remove(entry)
+            entry.reason, entry.note, entry.measured = f"stock kept: {reason} with this swap", "", {}
+            report.skipped.append(entry)
+    proof.rolled_back += len(removed)
+    report.proof = (f"proven whole on {len(proof.calls)} probe call(s) against the model before patch"
+                    + (f"; {proof.rolled_back} changes rolled back ({proof.runs} checks)" if proof.rolled_back
+                       else ""))
+    report_stock_runs(model, report, proof.ran.values())
+
+
+def report_stock_runs(model: nn.Module, report: PatchReport, ran) -> None:
+    """Left-alone entries for what the patched forward still runs stock (ran: (path, kind) of each) that the
+    report does not account for."""
+    accounted = [entry.path for entry in report.skipped]
+    fused_paths = [path for path, module in model.named_modules() if isinstance(module, tuple(
+        entry.kind.fused_type for entry in REGISTRY))]
+    for path, kind in ran:
+        parent = path.rpartition(".")[0]
+        if any(path == seen or path.startswith(seen + ".") or seen.rpartition(".")[0] == parent
+               for seen in accounted):
+            continue
+        inside = next((fused for fused in fused_paths if path.startswith(fused + ".")), None)
+        reason = (f"runs stock inside {inside}: its fused op declined the probe input" if inside else
+                  "runs stock in the patched forward: no fusion kind matched it")
+        report.skipped.append(PatchEntry(path, kind, "", "", reason))
 
 
 def patch_report(model: nn.Module, backend: Optional[str] = None, **flags) -> PatchReport:
@@ -89,6 +161,8 @@ def patch_report(model: nn.Module, backend: Optional[str] = None, **flags) -> Pa
     plan (block or layer fusion, estimated bytes). Changes nothing."""
     planner = plan(model, backend, flags)
     planner.report.fusable = [entry for swap in planner.swaps for entry in swap.entries]
+    if planner.observation.call is not None and placed_in(model):
+        report_stock_runs(model, planner.report, model_proof.stock_runs(model, planner.observation.call))
     return planner.report
 
 

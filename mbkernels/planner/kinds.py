@@ -22,6 +22,7 @@ from ..nn.inverted_residual import InvertedResidual
 from ..nn.mixed_conv import MixedDWConvBNAct
 from ..nn.squeeze_excite import SqueezeExcite
 from . import cost
+from .changes import ABSENT, set_slot  # noqa: F401 (ABSENT: the dataflow pass's and tuning's)
 
 
 class Skip(Exception):
@@ -72,11 +73,6 @@ def conv_shape(conv: nn.Conv2d) -> str:
     if tuple(conv.dilation) != (1, 1):
         text += f" d={conv.dilation[0]}"
     return text
-
-
-def _set_slot(parent: nn.Module, slot: str, module: nn.Module) -> None:
-    owner, _, name = slot.rpartition(".")
-    setattr(parent.get_submodule(owner) if owner else parent, name, module)
 
 
 # ------------------------------------------------------------------------------------------ depthwise runs
@@ -249,10 +245,11 @@ class DWConvKind(FusionKind):
         swapped = copy.deepcopy(stock)
         items = (run.conv, run.norm, run.act)
         copies = [item and (item[0], swapped.get_submodule(item[0])) for item in items]
-        _set_slot(swapped, run.conv[0], self.fused(_Run(*copies), "reference", slots=False))
+        fused = self.fused(_Run(*copies), "reference", slots=False)
+        set_slot(swapped, run.conv[0], fused)
         for item in copies[1:]:
-            if item is not None:
-                _set_slot(swapped, item[0], nn.Identity())
+            if item is not None:  # as the swap places it: a stand-in answering the stock module's attributes
+                set_slot(swapped, item[0], FusedInto(run.conv[0], item[1], fused))
         return swapped
 
     @staticmethod
@@ -368,9 +365,6 @@ class SqueezeExciteKind(FusionKind):
 
 
 # ------------------------------------------------------------------------------------------ blocks
-ABSENT = None  # in a fused module's STOCK_SLOTS: the slot was empty (a rewrite's forward and fused list)
-
-
 @dataclass
 class BlockAlternative:
     """A block the planner fused by layers so that tuning can time the whole-block kernel against them."""

@@ -1,30 +1,18 @@
 """The planner: visits a model's module tree, offers each parent's children to the fusion kinds (REGISTRY order),
-and collects the proven swaps; `apply` makes them all or none, `unpatch` undoes them."""
-from dataclasses import dataclass
+and collects the proven swaps (planned Changes); `apply` makes them all or none, `unpatch` undoes them."""
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..match.probe import observed_input_channels
+from ..match.probe import Observation, observe
 from ..nn import rewrite
 from ..nn.fused import EagerWindow
-from ..nn.dwconv import FusedInto
+from ..nn.dwconv import FoldedConvBNAct, FusedInto
+from .changes import KEPT_STOCK, STOCK_SLOTS, Change, get_slot, placed_in, set_slot  # noqa: F401 (tuning's)
 from .dataflow import REWRITE_SLOTS, DataflowPass, Rewrite, forward_of, leftovers
-from .kinds import ABSENT, REGISTRY, FLAGS, BlockKind, Candidate, FusionKind, Skip, never_called
+from .kinds import REGISTRY, FLAGS, BlockKind, Candidate, FusionKind, Skip, never_called
 from .report import PatchEntry, PatchReport, measurements
-
-STOCK_SLOTS = "_mbkernels_stock"  # on each fused module: ((slot name in the parent, stock module), ...)
-# On a stock module a tuned patch kept (stock measured fastest): {"reason", "entries": the report's (path, kind, shape,
-# activation)}, and for a forward left unrewritten "covered": the children its rewrite took. patch leaves it alone.
-KEPT_STOCK = "_mbkernels_kept_stock"
-
-
-@dataclass
-class Swap:
-    parent: nn.Module
-    assignments: list  # [(slot name, new module or attribute value)], applied in order
-    entries: list  # PatchEntry per fused module
 
 
 class Planner:
@@ -39,7 +27,8 @@ class Planner:
         self.report = PatchReport()
         self.swaps = []
         self.generator = torch.Generator().manual_seed(0)
-        self.observed = {}  # module -> the channels of its input in the model's forward (probe.observed_input_channels)
+        self.observation = Observation()  # the model's forward on a random image (probe.observe)
+        self.observed = {}  # module -> the channels of its input in that forward
         self.dataflow = DataflowPass(self)
 
     @staticmethod
@@ -87,9 +76,9 @@ class Planner:
         """Plan a rewrite of parent's forward (the dataflow pass); the child slots it takes. Its matches replace
         the structural swaps and refusals of the children they cover; where there is no rewrite, the entries of
         the children left behind say why."""
-        structural = {swap.assignments[0][0]: (not isinstance(swap.assignments[0][1].bn, nn.Identity),
-                                                swap.assignments[0][1].activation != "identity")
-                      for swap in self.swaps[swaps_before:] if hasattr(swap.assignments[0][1], "bn")}
+        structural = {swap.assignments[0][0]: (not isinstance(swap.holder.bn, nn.Identity),
+                                                swap.holder.activation != "identity")
+                      for swap in self.swaps[swaps_before:] if isinstance(swap.holder, FoldedConvBNAct)}
         planned = self.dataflow.plan(parent, path, self.dataflow.call_of(path, outer), structural)
         called = self.dataflow.called_children(path)
         for child, entries in skipped.items():
@@ -103,9 +92,9 @@ class Planner:
                     if entry.reason:
                         entry.reason += f" ({where})"
                 for swap in self.swaps[swaps_before:]:
-                    fused = swap.assignments[0][1]
-                    if hasattr(fused, "half_fused"):  # kept by the module: patch_report says it again
-                        fused.half_fused += f" ({where})" if fused.half_fused else where
+                    fused = swap.holder
+                    if isinstance(fused, FoldedConvBNAct) and fused.half_fused:  # why a rewrite did not take it
+                        fused.half_fused += f" ({where})"  # kept by the module: patch_report says it again
                         swap.entries[0].note = fused.half_fused
             return set()
         covered = {target.partition(".")[0] for target in planned.covered}
@@ -115,14 +104,13 @@ class Planner:
             for entry in skipped.pop(child, []):
                 self.report.skipped.remove(entry)
         container = planned.container
-        object.__setattr__(container, STOCK_SLOTS, REWRITE_SLOTS)
         container.covered = sorted(covered)
         for fused in container:
             fused.training = parent.training
         entries = [PatchEntry(*entry, via=forward_of(path)) for entry in planned.entries]
         # The forward goes in as a bound method, as rewrite.install puts it.
-        self.swaps.append(Swap(parent, [(rewrite.CONTAINER, container), ("forward", planned.forward.__call__)],
-                               entries))
+        self.swaps.append(Change.planned(
+            parent, [(rewrite.CONTAINER, container), ("forward", planned.forward.__call__)], REWRITE_SLOTS, entries))
         self.block_alternatives += planned.alternatives
         return covered | {rewrite.CONTAINER}
 
@@ -164,12 +152,12 @@ class Planner:
         fused."""
         items = candidate.build()
         fused = items[0][1]
-        object.__setattr__(fused, STOCK_SLOTS, tuple((slot, stock) for slot, _, stock in items))
         for _, new, stock in items:
             new.training = stock.training  # new modules start in training mode; take the stock one's
         shape, activation = kind.describe(fused)
         entry = PatchEntry(candidate.path, kind.kind, shape, activation, note=kind.note(fused))
-        self.swaps.append(Swap(parent, [(slot, new) for slot, new, _ in items], [entry]))
+        self.swaps.append(Change.planned(parent, [(slot, new) for slot, new, _ in items],
+                                         tuple((slot, stock) for slot, _, stock in items), [entry]))
         return [slot for slot, _, _ in items]
 
 
@@ -201,7 +189,8 @@ def plan(model: nn.Module, backend: Optional[str], flags: dict, measured: bool =
     measured: a tuned patch will time the blocks against their layers (see tuning)."""
     _refuse_meta_tensors(model)
     planner = Planner(backend, check_flags(flags), measured)
-    planner.observed = observed_input_channels(model)
+    planner.observation = observe(model)
+    planner.observed = planner.observation.channels
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probes are tiny: thread start-up would cost more than it saves
     try:
@@ -211,36 +200,17 @@ def plan(model: nn.Module, backend: Optional[str], flags: dict, measured: bool =
     return planner
 
 
-def get_slot(parent: nn.Module, slot: str):
-    """What a slot of parent holds: a child's name, or a dotted path into a child ("5.0"), or an instance attribute
-    (a rewrite's "forward"); ABSENT when it holds nothing."""
-    owner, _, name = slot.rpartition(".")
-    owner = parent.get_submodule(owner) if owner else parent
-    return owner._modules[name] if name in owner._modules else owner.__dict__.get(name, ABSENT)
-
-
-def set_slot(parent: nn.Module, slot: str, value) -> None:
-    owner, _, name = slot.rpartition(".")
-    owner = parent.get_submodule(owner) if owner else parent
-    if value is ABSENT:
-        if name in owner._modules or name in owner.__dict__:
-            delattr(owner, name)
-    else:
-        setattr(owner, name, value)
-
-
 def apply(model: nn.Module, planner: Planner) -> None:
     """Make every planned swap, or none (a failure half-way undoes those made), then give the model its eager
     window and the report its fused entries in module order."""
-    done = []  # (parent, slot, previous module), to undo
+    done = []
     try:
         for swap in planner.swaps:
-            for slot, module in swap.assignments:
-                done.append((swap.parent, slot, get_slot(swap.parent, slot)))
-                set_slot(swap.parent, slot, module)
+            done.append(swap)
+            swap.place()
     except BaseException:
-        for parent, slot, previous in reversed(done):
-            set_slot(parent, slot, previous)
+        for swap in reversed(done):
+            swap.remove()
         raise
     EagerWindow.attach(model)
     report = planner.report
@@ -255,10 +225,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     EagerWindow.detach(model)
     for module in model.modules():
         module.__dict__.pop(KEPT_STOCK, None)
-    for parent in list(model.modules()):
-        for _, child in list(parent.named_children()):
-            for slot, stock in getattr(child, STOCK_SLOTS, ()):
-                if stock is not ABSENT:
-                    stock.train(child.training)
-                set_slot(parent, slot, stock)
+    for change in placed_in(model):
+        change.remove()
     return model

@@ -40,6 +40,7 @@ class PatchReport:
     skipped: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     whole_model: tuple = ()  # a tuned patch's check of the whole forward: (choice, {variant: median ms}, why)
+    proof: str = ""  # what the whole-model proof of patch found (planner.model_proof)
 
     def count(self, kind: str, status: str = "fused") -> int:
         return sum(entry.kind == kind for entry in getattr(self, status))
@@ -73,6 +74,8 @@ class PatchReport:
                                f"{name} {'failed' if ms is None else f'{ms:.4f}'}{'*' if name == choice else ''}"
                                for name, ms in timings.items()))
                               for e in measured for shape, (timings, choice) in e.measured.items()])
+        if self.proof:
+            lines.append(f"whole model: {self.proof}")
         if self.whole_model:
             choice, timings, why = self.whole_model
             lines.append("whole model, on the example inputs (median ms per call; * the choice): " + "  ".join(
