@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx import _symbolic_trace
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,13 +46,16 @@ class Capture:
 
     parameters: forward's parameters (self aside) in order; tensors: those that are graph placeholders (values);
     concrete: the others, with the value the graph was specialised to (a call with other values runs the stock
-    forward); calls: how the forward calls each submodule path, [(args, kwargs)] with VALUE for graph values."""
+    forward); calls: how the forward calls each submodule path, [(args, kwargs)] with VALUE for graph values;
+    shapes: for a forward that computes with its input's shape (TensorFlow 'SAME' padding from x.shape), the shape of
+    each tensor the graph was specialised to (None: the graph holds for every shape)."""
     module: nn.Module
     graph: fx.Graph
     parameters: list
     tensors: list
     concrete: dict
     calls: dict = field(default_factory=dict)
+    shapes: Optional[dict] = None
 
 
 class _LeafTracer(fx.Tracer):
@@ -68,6 +72,54 @@ class _LeafTracer(fx.Tracer):
         except NameError:
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
+
+
+def _untraced():
+    """A context in which nn.Module calls and attribute reads are the real ones again during an fx trace (torch.fx
+    patches them while it traces; its own reverting context is private API, kept to this one place)."""
+    return _symbolic_trace._maybe_revert_all_patches()
+
+
+class _ShapeTracer(_LeafTracer):
+    """Traces with real values alongside (the forward runs once on `inputs`): what the forward computes from
+    shapes alone (x.shape, x.size(2), their arithmetic) is a plain Python value, so `int(x.shape[-2])` and
+    `if height % stride` work and the graph holds constants specialised to the inputs' shapes. A branch on a
+    tensor's values still fails, as in symbolic tracing: that would specialise the graph to the data."""
+
+    def __init__(self, inputs: dict):
+        super().__init__()
+        self.inputs = inputs  # parameter name -> value
+        self.values = {}  # node -> its value on the inputs
+
+    def value(self, argument):
+        return fx.node.map_aggregate(argument, lambda v: self.values[v.node] if isinstance(v, fx.Proxy) else v)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "placeholder":
+            value = self.inputs.get(target)
+        elif kind == "get_attr":
+            value = operator.attrgetter(target)(self.root)
+        else:
+            real_args, real_kwargs = self.value(args), self.value(kwargs)
+            with _untraced():  # the real modules and functions, not the tracer's patched ones
+                if kind == "call_function":
+                    value = target(*real_args, **real_kwargs)
+                elif kind == "call_method":
+                    value = getattr(real_args[0], target)(*real_args[1:], **real_kwargs)
+                else:
+                    value = self.root.get_submodule(target)(*real_args, **real_kwargs)
+            if not isinstance(value, torch.Tensor) and target is not getattr:  # from shapes: a constant
+                return value
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self.values[proxy.node] = value
+        return proxy
+
+
+def _erase_dead_shape_reads(graph: fx.Graph) -> None:
+    """The shape reads a _ShapeTracer left behind (their values became constants), unused, erased."""
+    for node in reversed(list(graph.nodes)):
+        if not node.users and node.op in ("call_function", "call_method") and not node.is_impure():
+            graph.erase_node(node)
 
 
 def _is_constant(value) -> bool:
@@ -99,11 +151,13 @@ def forward_parameters(module: nn.Module) -> list:
     return parameters
 
 
-def capture(module: nn.Module, call: Optional[tuple] = None) -> Capture:
+def capture(module: nn.Module, call: Optional[tuple] = None, example: Optional[dict] = None) -> Capture:
     """`module`'s forward as a graph (eval mode: what inference runs). `call` is how its parent calls it (a
     call_spec): constants there become the graph's specialisation; without one, parameters with a default are
-    specialised to it and the others are values. CaptureError says why a forward cannot be captured (control flow
-    on tensor values, *args, a call the tracer cannot follow)."""
+    specialised to it and the others are values. A forward that computes with its input's shape cannot be traced
+    symbolically; given `example` (tensor parameter name -> an input it gets), it is traced on that input, the graph
+    specialised to its shapes (Capture.shapes: the caller guards on them). CaptureError says why a forward cannot be
+    captured (control flow on tensor values, *args, a call the tracer cannot follow)."""
     if is_plain_sequential(module) or not overrides_forward(module, nn.Module):
         raise CaptureError("nothing to capture")
     parameters = forward_parameters(module)
@@ -123,10 +177,19 @@ def capture(module: nn.Module, call: Optional[tuple] = None) -> Capture:
     tensors = [p.name for p in parameters if p.name not in concrete]
     training = module.training
     module.training = False  # the graph is what inference runs; training runs the stock forward
+    shapes = None
     try:
         graph = _LeafTracer().trace(module, concrete_args=dict(concrete))
     except Exception as error:  # whatever stops the tracer: this forward is left to the stock code
-        raise CaptureError(_capture_failure(error)) from None
+        if example is None or set(example) != set(tensors):
+            raise CaptureError(_capture_failure(error)) from None
+        try:
+            with torch.no_grad():
+                graph = _ShapeTracer({**concrete, **example}).trace(module, concrete_args=dict(concrete))
+        except Exception:  # the symbolic trace's reason is the one to report
+            raise CaptureError(_capture_failure(error)) from None
+        _erase_dead_shape_reads(graph)
+        shapes = {name: tuple(example[name].shape) for name in tensors}
     finally:
         module.training = training
     _drop_specialisation_checks(graph, [p.name for p in parameters], concrete)
@@ -134,7 +197,7 @@ def capture(module: nn.Module, call: Optional[tuple] = None) -> Capture:
     for node in graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(call_spec(node.args, node.kwargs))
-    return Capture(module, graph, [p.name for p in parameters], tensors, concrete, calls)
+    return Capture(module, graph, [p.name for p in parameters], tensors, concrete, calls, shapes)
 
 
 def _capture_failure(error: Exception) -> str:

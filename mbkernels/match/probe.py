@@ -58,12 +58,30 @@ def eval_mode(model: nn.Module):
 OBSERVED_SIZES = (64, 224)
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor argument was (its values aside): a probe of it is random data of that shape and kind."""
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(tuple(tensor.shape), tensor.dtype, tensor.device)
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        if not self.dtype.is_floating_point:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return torch.randn(self.shape, dtype=torch.float64, generator=generator).to(self.dtype).to(self.device)
+
+
 @dataclass
 class Observation:
     """One forward of a model on a random image: the channels of the input each module's forward got (for the
     probes of whole modules: a forward that splits or concatenates channels, as ShuffleNet's units, gets other
     channels than its first conv), the model's call and what it returned (the whole-model proof's probe)."""
     channels: dict = field(default_factory=dict)  # module -> channels of its first 4-D tensor argument
+    inputs: dict = field(default_factory=dict)  # module -> (args, kwargs) of its first call, tensors as TensorSpecs
     call: Optional[tuple] = None  # (args, kwargs) of the model's forward; None when it ran on no such image
     output: object = None
 
@@ -76,11 +94,13 @@ def observe(model: nn.Module) -> Observation:
         return Observation()
     observation = Observation()
 
-    def record(module, args):
+    def record(module, args, kwargs) -> None:
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
             observation.channels.setdefault(module, int(args[0].shape[1]))
+        if module not in observation.inputs:
+            observation.inputs[module] = pytree.tree_map_only(torch.Tensor, TensorSpec.of, (args, kwargs))
 
-    handles = [module.register_forward_pre_hook(record) for module in model.modules()]
+    handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in model.modules()]
     try:
         for size in OBSERVED_SIZES:
             x = torch.randn(1, first.in_channels, size, size, dtype=first.weight.dtype, device=first.weight.device)
@@ -91,6 +111,7 @@ def observe(model: nn.Module) -> Observation:
                 return observation
             except Exception:  # not this model's input: the next size, or the probes guess as before
                 observation.channels.clear()
+                observation.inputs.clear()
         return Observation()
     finally:
         for handle in handles:

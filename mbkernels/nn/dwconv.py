@@ -12,7 +12,7 @@ from torch import nn
 from .. import ops
 from .._contract import device_layout, tap_major
 from ..match.structural import check_depthwise, check_norm, fused_activation, static_padding, tf_same_padding
-from .fused import FusedModule, StandIn
+from .fused import CONV_SETTINGS, NORM_SETTINGS, FusedModule, StandIn
 
 
 def _load_module_tree(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -73,6 +73,7 @@ class FoldedConvBNAct(FusedModule):
         self.refresh()
 
     stands_in_for = "conv"  # code that reads its conv's kernel_size, stride, weight... reads the conv's (StandIn)
+    writes_through = CONV_SETTINGS
 
     # ---- what a subclass with another kind of conv changes
     check_conv = staticmethod(check_depthwise)
@@ -200,7 +201,7 @@ class FusedInto(StandIn, nn.Identity):
     It loads that module's state_dict entries, which keep this slot's name (DWConvBNAct writes them so), and then
     refreshes `owner`'s folded weights (the owner's own load hook runs before this slot, which follows it)."""
 
-    stands_in_for = "stock"
+    stands_in_for, writes_through = "stock", NORM_SETTINGS
 
     def __init__(self, into: str, stock: nn.Module, owner: Optional[FoldedConvBNAct] = None):
         super().__init__()

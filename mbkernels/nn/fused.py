@@ -107,15 +107,21 @@ class EagerWindow:
 _CLOSED = EagerWindow()  # the window of a fused module no patched model's forward checks: never open
 
 
+# What a conv's and a BatchNorm's stand-ins write through to them: what is folded (the refold rules see a change).
+CONV_SETTINGS = ("stride", "padding", "dilation", "weight", "bias")
+NORM_SETTINGS = ("eps", "weight", "bias", "running_mean", "running_var")
+
+
 class StandIn:
     """A module in the slot of a stock one answers the stock module's public attributes as that module would.
 
     Code around a swapped module may read what it replaced (transformers' MobileNets compute TensorFlow padding
     from `self.convolution.kernel_size` and `.stride`; others read `.out_channels`, `.weight`, a BatchNorm's
     `.num_features`): a public name this module does not have is read from the module named by `stands_in_for`,
-    and a write of a name that module has (and this one does not) goes to it, where the refold rules see it (a
-    changed tensor or setting is refolded before the next fused call)."""
+    and a write of one of `writes_through` (the settings and tensors that are folded) goes to it, where the refold
+    rules see it (a changed tensor or setting is refolded before the next fused call)."""
     stands_in_for = ""  # the attribute holding the stock module this one stands in for
+    writes_through = ()  # the names whose writes go to that module
 
     def _stock_stood_for(self) -> Optional[nn.Module]:
         modules = self.__dict__.get("_modules", {})
@@ -133,27 +139,11 @@ class StandIn:
             return getattr(stock, name)
 
     def __setattr__(self, name: str, value) -> None:
-        stock = None if name.startswith("_") or name == "training" else self._stock_stood_for()
-        if stock is not None and not self._owns(name) and self._stock_has(stock, name):
+        stock = self._stock_stood_for() if name in type(self).writes_through else None
+        if stock is not None and hasattr(stock, name):
             setattr(stock, name, value)
         else:
             super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        stock = None if name.startswith("_") else self._stock_stood_for()
-        if stock is not None and not self._owns(name) and self._stock_has(stock, name):
-            delattr(stock, name)
-        else:
-            super().__delattr__(name)
-
-    def _owns(self, name: str) -> bool:
-        tables = (self.__dict__, self.__dict__.get("_parameters", {}), self.__dict__.get("_buffers", {}),
-                  self.__dict__.get("_modules", {}))
-        return any(name in table for table in tables) or hasattr(type(self), name)
-
-    @staticmethod
-    def _stock_has(stock: nn.Module, name: str) -> bool:
-        return any(name in table for table in (stock.__dict__, stock._parameters, stock._buffers, stock._modules))
 
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..match.dataflow import BlockMatch, Capture, ConvRun, SEMatch
+from ..match.dataflow import VALUE, BlockMatch, Capture, CaptureError, ConvRun, SEMatch, capture, find
 from ..match.structural import BlockParts, SEParts
 from .conv_bn_act import ConvBNAct
 from .dwconv import DWConvBNAct
@@ -23,6 +23,7 @@ from .inverted_residual import InvertedResidual
 from .squeeze_excite import SqueezeExcite
 
 CONTAINER = "_mbkernels_fused"  # the rewritten module's list of fused modules
+_MAX_SHAPES = 16  # graphs kept per forward that computes with its input's shape; other shapes run the stock forward
 
 
 class GraphCode:
@@ -57,11 +58,20 @@ def _same(a, b) -> bool:
 
 class CapturedForward:
     """The `forward` instance attribute of a rewritten module: its rewritten graph in inference, its stock forward
-    otherwise (training, autograd, or non-tensor arguments other than those the graph was captured with)."""
+    otherwise (training, autograd, or non-tensor arguments other than those the graph was captured with).
 
-    def __init__(self, owner: nn.Module, code: GraphCode, capture: Capture, call_kwargs: dict):
+    A forward that computes with its input's shape (TensorFlow 'SAME' padding from x.shape) was captured at one
+    shape (Capture.shapes): its graph runs for inputs of that shape only, as torch.compile's guards would have it.
+    An input of another shape is captured anew on its first call, the same matches fused (what the proven graph
+    fused, found again at that shape with that shape's padding), and kept for that shape."""
+
+    def __init__(self, owner: nn.Module, code: GraphCode, capture: Capture, call_kwargs: dict,
+                 matched: tuple = ()):
         self.owner = owner
         self.code = code
+        self.shapes = None if capture.shapes is None else tuple(capture.shapes[name] for name in capture.tensors)
+        self.codes = {self.shapes: code}  # input shapes -> the graph for them (a shape-specialised capture)
+        self.matched = matched  # per fused match, the module targets it takes (to match them again at a new shape)
         self.tensors = list(capture.tensors)
         self.concrete = dict(capture.concrete)
         # The call the parent makes (x positionally, the specialised values by keyword) is checked by one dict
@@ -94,7 +104,48 @@ class CapturedForward:
         values = self.values(args, kwargs)
         if values is None:
             return self.stock(*args, **kwargs)
-        return self.code(*values)
+        if self.shapes is None:
+            return self.code(*values)
+        shapes = tuple(tuple(v.shape) for v in values)
+        code = self.codes.get(shapes)
+        if code is None:
+            code = self.specialise(values)
+            if code is None:
+                return self.stock(*args, **kwargs)
+        return code(*values)
+
+    def specialise(self, values: list) -> Optional[GraphCode]:
+        """The graph for inputs of these values' shapes: captured at them, the matches found again fused with fused
+        modules appended to the owner's list (None where that fails: the stock forward runs)."""
+        if len(self.codes) >= _MAX_SHAPES:
+            return None
+        container = getattr(self.owner, CONTAINER)
+        spec = ((), {**{name: VALUE for name in self.tensors}, **self.concrete})
+        try:
+            captured = capture(self.owner, spec, dict(zip(self.tensors, values)))
+        except CaptureError:
+            return None
+        found = find(captured)
+        chosen, used = [], set()
+        for match in found.blocks + found.ses + found.runs:
+            if _targets(match) in self.matched and not used & set(match.nodes):
+                chosen.append(match)
+                used.update(match.nodes)
+        if len(chosen) != len(self.matched):
+            return None
+        planned = list(container)[:len(self.matched)]
+        code, ordered = rewritten_code(self.owner, captured, chosen, planned[0].backend, container)
+        for match, fused in zip(ordered, list(container)[-len(chosen):]):
+            twin = planned[self.matched.index(_targets(match))]
+            fused.training, fused.dataflow_path = twin.training, getattr(twin, "dataflow_path", "")
+            object.__setattr__(fused, "specialises", twin)  # the report lists the planned one only
+        self.codes[tuple(tuple(v.shape) for v in values)] = code
+        return code
+
+
+def _targets(match) -> frozenset:
+    """The module targets a match takes: what identifies it in captures of one forward at other shapes."""
+    return frozenset(node.target for node in match.nodes if node.op == "call_module")
 
 
 def _needs_grad(owner: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -191,9 +242,19 @@ def rewrite(root: nn.Module, capture: Capture, matches: list, backend: Optional[
             call_kwargs: dict) -> tuple:
     """(CapturedForward, fused module list) of root with each match replaced by a call of its fused module; install
     both on root (`install`) to use them. Each fused module's stock_forward is the match's own stock nodes."""
-    graph, nodes = _copy_graph(capture.graph)
     container = nn.ModuleList()
-    for match in sorted(matches, key=lambda m: list(capture.graph.nodes).index(m.output)):
+    code, ordered = rewritten_code(root, capture, matches, backend, container)
+    matched = tuple(_targets(match) for match in ordered)
+    return CapturedForward(root, code, capture, call_kwargs, matched), container
+
+
+def rewritten_code(root: nn.Module, capture: Capture, matches: list, backend: Optional[str],
+                   container: nn.ModuleList) -> tuple:
+    """(GraphCode of capture's graph with each match replaced by a call of its fused module, appended to
+    container; the matches in graph order)."""
+    graph, nodes = _copy_graph(capture.graph)
+    ordered = sorted(matches, key=lambda m: list(capture.graph.nodes).index(m.output))
+    for match in ordered:
         fused = build(root, match, backend)
         fused.stock_forward = GraphCode(root, _stock_subgraph(capture.graph, match))
         container.append(fused)
@@ -208,7 +269,7 @@ def rewrite(root: nn.Module, capture: Capture, matches: list, backend: Optional[
         nodes[match.output] = call  # a later match may start where this one ends
         _erase_unused(graph, inputs - erased)
     graph.lint()
-    return CapturedForward(root, GraphCode(root, graph), capture, call_kwargs), container
+    return GraphCode(root, graph), ordered
 
 
 def _erase_unused(graph: fx.Graph, candidates: set) -> None:

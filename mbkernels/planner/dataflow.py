@@ -18,8 +18,8 @@ from torch import nn
 
 from ..match import probe_copy, probe_input, prove
 from ..match.dataflow import VALUE, CaptureError, ConvRun, SEMatch, capture, find
-from ..match.probe import describe_failure
-from ..match.structural import is_plain_sequential, overrides_forward
+from ..match.probe import TensorSpec, describe_failure
+from ..match.structural import is_plain_sequential, overrides_forward, static_padding
 from ..nn import rewrite
 from ..nn.rewrite import CapturedForward
 from . import cost
@@ -38,14 +38,17 @@ def _layer_channels(module: nn.Module) -> Optional[tuple]:
 def leftovers(parent: nn.Module, children: list, taken: set, entries: list) -> bool:
     """Whether the structural kinds left something a rewrite of parent's forward could take: a conv child left
     alone, half-fused or fused without an activation (the forward may apply one as a function; `entries`: the
-    report entries of this parent's children), or 1x1 layers no kind took that could be an SE computed in forward
-    (C -> R and R -> C, or one C -> C)."""
+    report entries of this parent's children), a conv that pads nothing itself (the forward may pad before it), or
+    1x1 layers no kind took that could be an SE computed in forward (C -> R and R -> C, or one C -> C)."""
     if is_plain_sequential(parent) or not overrides_forward(parent, nn.Module):
         return False
     convs = {name for name, child in children if isinstance(child, nn.Conv2d)}
     if any(entry_child in convs and (entry.reason or entry.note or entry.activation == "identity")
            for entry_child, entry in entries):
         return True
+    if any(isinstance(child, nn.Conv2d) and max(child.kernel_size) > 1 and static_padding(child) == [0, 0, 0, 0]
+           for _, child in children):
+        return True  # a conv that pads nothing itself: the forward may pad before it (TensorFlow 'SAME')
     free = [shape for name, child in children if name not in taken for shape in [_layer_channels(child)] if shape]
     return any(c_in == c_out for c_in, c_out in free) or any((r, c) in free for c, r in free if r < c)
 
@@ -86,10 +89,23 @@ class DataflowPass:
     def capture(self, path: str, module: nn.Module, call: Optional[tuple]):
         if path not in self.captures:
             try:
-                self.captures[path] = capture(module, call)
+                self.captures[path] = capture(module, call, self.example_of(module))
             except CaptureError as error:
                 self.captures[path] = error
         return self.captures[path]
+
+    def example_of(self, module: nn.Module) -> Optional[dict]:
+        """Tensor parameter name -> a random tensor like the one module's forward got in the model's forward (for
+        a forward that computes with its input's shape), or None when it was not seen."""
+        seen = self.planner.observation.inputs.get(module)
+        if seen is None:
+            return None
+        try:
+            arguments = inspect.signature(type(module).forward).bind(None, *seen[0], **seen[1]).arguments
+        except TypeError:
+            return None
+        return {name: value.sample(self.planner.generator) for name, value in arguments.items()
+                if isinstance(value, TensorSpec)}
 
     def plan(self, parent: nn.Module, path: str, call: Optional[tuple], structural: dict):
         """A Rewrite of parent's forward, proven, or the reason there is none (a str), or None where it would fuse
@@ -208,8 +224,8 @@ def gains_over(matches: list, structural: dict) -> bool:
     (BatchNorm folded, activation fused)): an SE or a block, a conv they leave, or a BatchNorm or an activation they
     leave beside a conv."""
     for match in matches:
-        if not isinstance(match, ConvRun):
-            return True
+        if not isinstance(match, ConvRun) or any(match.pad_before or ()):
+            return True  # an SE or a block, or a pad merged into the conv
         norm, act = structural.get(match.conv, (None, None))
         if norm is None or (match.norm and not norm) or (match.activation != "identity" and not act):
             return True
@@ -255,8 +271,7 @@ def _whole_forward(captured, block) -> bool:
 
 def _relocate(captured, module: nn.Module):
     """The capture with its module replaced by a copy (the graph addresses submodules by path)."""
-    return type(captured)(module, captured.graph, captured.parameters, captured.tensors, captured.concrete,
-                          captured.calls)
+    return dataclasses.replace(captured, module=module)
 
 
 def _bound_constants(parent: nn.Module, call: Optional[tuple]) -> dict:

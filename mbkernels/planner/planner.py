@@ -120,7 +120,7 @@ class Planner:
         if not rewrite.rewritten(parent):
             return set()
         container = getattr(parent, rewrite.CONTAINER)
-        for fused in container:
+        for fused in (m for m in container if "specialises" not in m.__dict__):  # one entry per match
             kind = next(kind for kind in self.kinds if type(fused) is kind.fused_type)
             self.report.fused.append(PatchEntry(
                 fused.dataflow_path, kind.kind, *kind.describe(fused), measured=measurements(fused),
