@@ -278,3 +278,46 @@ def unfused_pads(model: nn.Module) -> int:
                  for m in module.children()) and "tf_padding" in type(module).forward.__code__.co_names:
             pads += 1
     return pads
+
+
+# ------------------------------------------------------------------------------------------ probes with real inputs
+class TakesTwoTensors(nn.Module):
+    """A block called with two tensors (a decoder's `forward(x, skip)`); its activation a function or a module."""
+
+    def __init__(self, channels: int, functional: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.functional = functional
+        if not functional:
+            self.act = nn.ReLU6()
+
+    def forward(self, x, skip):
+        y = self.bn(self.conv(x))
+        return (nn.functional.hardswish(y) if self.functional else self.act(y)) + skip
+
+
+class CallsWithTwo(nn.Module):
+    def __init__(self, channels=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 1)
+        self.first = TakesTwoTensors(channels, functional=False)
+        self.second = TakesTwoTensors(channels, functional=True)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = self.first(y, y * 0.5)
+        return self.second(y, -y)
+
+
+def test_forwards_that_take_two_tensors_are_proven_on_what_they_got_and_fused_whole():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(CallsWithTwo()).eval()
+    stock64 = copy.deepcopy(model).double()
+    mbkernels.patch(model, backend="reference")
+    report = mbkernels.patch_report(model)
+    fused = {entry.path: entry for entry in report.fused}
+    assert fused["first.conv"].activation == "relu6" and not fused["first.conv"].note
+    assert fused["second.conv"].activation == "hardswish" and fused["second.conv"].via == "forward of second"
+    assert not report.skipped, report
+    assert float64_error(model, image((2, 3, 9, 11)), stock64) < 1e-5

@@ -74,6 +74,17 @@ class TensorSpec:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return torch.randn(self.shape, dtype=torch.float64, generator=generator).to(self.dtype).to(self.device)
 
+    def probe(self, generator: torch.Generator) -> torch.Tensor:
+        """A float64 CPU probe like the tensor (other kinds as zeros of their dtype)."""
+        if not self.dtype.is_floating_point:
+            return torch.zeros(self.shape, dtype=self.dtype)
+        return torch.randn(self.shape, dtype=torch.float64, generator=generator)
+
+
+def probe_call(seen: tuple, generator: torch.Generator) -> tuple:
+    """(args, kwargs) like an observed call (Observation.inputs), its tensors float64 CPU probes."""
+    return pytree.tree_map_only(TensorSpec, lambda spec: spec.probe(generator), seen)
+
 
 @dataclass
 class Observation:
@@ -155,22 +166,31 @@ def describe_failure(error: BaseException) -> str:
     return f"could not be checked on a probe: {type(error).__name__}: {error}"
 
 
+def _floating(value, dtype: torch.dtype):
+    """value (a call's arguments) with its floating-point tensors copied in dtype."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype, copy=True) if t.is_floating_point() else t,
+                                value)
+
+
 @torch.no_grad()
-def prove(stock: nn.Module, variants: Iterable[tuple[Hashable, Callable[[], nn.Module]]], probe: torch.Tensor,
+def prove(stock: nn.Module, variants: Iterable[tuple[Hashable, Callable[[], nn.Module]]], probe,
           tolerance: float = VERIFY_TOLERANCE, kwargs: Optional[dict] = None) -> Proof:
-    """Run `stock` once in float64 on probe (and kwargs, the call's other arguments), then each variant (built by
-    its callable, on its own copy of the stock modules) in float32 until one matches within tolerance. Anything a
-    variant raises means "not proven equal"; what the stock modules raise propagates (the probe is not their
-    input)."""
+    """Run `stock` once in float64 on probe (a tensor, or a tuple of the call's positional arguments) and kwargs,
+    the call's other arguments, then each variant (built by its callable, on its own copy of the stock modules) in
+    float32 until one matches within tolerance. Anything a variant raises means "not proven equal"; what the stock
+    modules raise propagates (the probe is not their input)."""
     proof = Proof()
-    kwargs = kwargs or {}
-    probe_input_copy = probe.clone()
-    want = stock.double().eval()(probe_input_copy, **kwargs)
-    proof.stock_writes_input = not torch.equal(probe_input_copy, probe)
+    call = (probe if isinstance(probe, tuple) else (probe,), kwargs or {})
+    stock_call = _floating(call, torch.float64)
+    want = stock.double().eval()(*stock_call[0], **stock_call[1])
+    proof.stock_writes_input = not all(torch.equal(a, b) for a, b in zip(
+        pytree.tree_leaves(stock_call), pytree.tree_leaves(_floating(call, torch.float64)))
+        if isinstance(a, torch.Tensor))
     for key, build in variants:
         try:
             fused = build().float().eval()
-            got = fused(probe.float(), **kwargs)
+            fused_call = _floating(call, torch.float32)
+            got = fused(*fused_call[0], **fused_call[1])
         except Exception as error:  # whatever stops the variant: it is not proven
             proof.failures[key] = describe_failure(error)
             continue

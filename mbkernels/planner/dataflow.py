@@ -185,8 +185,9 @@ class DataflowPass:
     def prove(self, parent: nn.Module, captured, matches: list, call_kwargs: dict, probe_kwargs: dict
               ) -> Optional[str]:
         """None when parent's rewritten forward (reference backend) equals its stock forward on a probe."""
-        if len(captured.tensors) != 1:
-            return f"takes {len(captured.tensors)} tensor inputs; a probe needs one"
+        observed = self.planner.observed_call(parent)
+        if len(captured.tensors) != 1 and observed is None:
+            return f"takes {len(captured.tensors)} tensor inputs, and no forward of the model gave it any to probe"
         generator = self.planner.generator
         try:
             stock = probe_copy(parent, generator, self.planner.restore)
@@ -197,9 +198,12 @@ class DataflowPass:
                 rewrite.install(copied, *rewrite.rewrite(copied, local, matches, "reference", call_kwargs))
                 return copied
 
-            channels, size = _probe_plane(parent, captured, self.planner.observed.get(parent))
-            proof = prove(stock, [(0, variant)], probe_input(channels, size, size + 1, generator),
-                          kwargs=probe_kwargs)
+            if observed is not None:
+                proof = prove(stock, [(0, variant)], observed[0], kwargs=observed[1])
+            else:
+                channels, size = _probe_plane(parent, captured, self.planner.observed.get(parent))
+                proof = prove(stock, [(0, variant)], probe_input(channels, size, size + 1, generator),
+                              kwargs=probe_kwargs)
         except Exception as error:  # the stock forward cannot run on a probe: not proven
             return describe_failure(error)
         return proof.failure

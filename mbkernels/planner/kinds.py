@@ -214,8 +214,10 @@ class DWConvKind(FusionKind):
                 variants = [(index, functools.partial(self.swapped_parent, stock, runs[index])) for index in in_parent]
                 calls = []
                 hook = stock.get_submodule(runs[0].conv[0]).register_forward_pre_hook(lambda *_: calls.append(1))
-                proof = self.prove_parent(stock, variants, self.in_channels(conv), 4 + max(reach), generator,
-                                          self.planner.observed.get(parent))
+                call = self.planner.observed_call(parent)
+                proof = prove(stock, variants, call[0], kwargs=call[1]) if call else self.prove_parent(
+                    stock, variants, self.in_channels(conv), 4 + max(reach), generator,
+                    self.planner.observed.get(parent))
                 hook.remove()
             except Exception as error:  # the parent cannot run on a probe: these runs are not proven
                 failures += [describe_failure(error)] * len(in_parent)

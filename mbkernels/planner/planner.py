@@ -3,9 +3,10 @@ and collects the proven swaps (planned Changes); `apply` makes them all or none,
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-from ..match.probe import Observation, observe
+from ..match.probe import Observation, TensorSpec, observe, probe_call
 from ..nn import rewrite
 from ..nn.fused import EagerWindow
 from ..nn.dwconv import FoldedConvBNAct, FusedInto
@@ -34,6 +35,14 @@ class Planner:
     @staticmethod
     def restore(module: nn.Module) -> nn.Module:
         return unpatch(module)
+
+    def observed_call(self, module: nn.Module) -> Optional[tuple]:
+        """For a module whose forward got several tensors in the model's forward: (args, kwargs) like that call,
+        float64 probes for its tensors, to prove swaps in it on; None otherwise (a one-tensor probe serves)."""
+        seen = self.observation.inputs.get(module)
+        if seen is None or sum(isinstance(v, TensorSpec) for v in pytree.tree_leaves(seen)) < 2:
+            return None
+        return probe_call(seen, self.generator)
 
     def visit(self, parent: nn.Module, path: str, outer: tuple = ()) -> None:
         """Plan parent's children (path: parent's path with a trailing dot; outer: (path, module) of each module
