@@ -144,6 +144,7 @@ def test_unsafe_swaps_are_rolled_back_and_reported_and_the_rest_stays_fused():
     reasons = {entry.path: entry.reason for entry in report.skipped}
     assert "differ from stock's" in reasons["6.conv"]
     assert "the forward of 7 raised RuntimeError: no conv child" in reasons["7.conv"]
+    assert "7.bn" not in reasons  # it runs stock as the rolled back run's part: one entry says why
     assert {"3", "8"} <= {entry.path for entry in report.fused}
     # Patching again keeps them stock from the note alone (no second proof needed), and unpatch forgets it.
     mbkernels.patch(model, backend="reference")

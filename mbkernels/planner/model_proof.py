@@ -219,6 +219,9 @@ def prove_and_roll_back(proof: ModelProof, changes: list, model: nn.Module) -> l
 
 
 
+_MAX_SE_MODULES = 8  # an SE-like module holds a few layers (asking more of larger modules costs a probe each)
+
+
 def stock_kinds(model: nn.Module) -> dict:
     """{module: (path, the report's kind)} of every BatchNorm, depthwise conv and squeeze-excite-like module of
     model outside the fused modules' own code (the BatchNorms are the conv folds')."""
@@ -230,7 +233,7 @@ def stock_kinds(model: nn.Module) -> dict:
             kinds[module] = (path, "conv_bn_act")
         elif is_depthwise(module):
             kinds[module] = (path, "dwconv_bn_act")
-        elif se_channels(module) is not None:
+        elif sum(1 for _ in module.modules()) <= _MAX_SE_MODULES and se_channels(module) is not None:
             kinds[module] = (path, "squeeze_excite")
     return kinds
 
