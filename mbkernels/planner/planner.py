@@ -102,8 +102,8 @@ class Planner:
                         entry.reason += f" ({where})"
                 for swap in self.swaps[swaps_before:]:
                     fused = swap.holder
-                    if isinstance(fused, FoldedConvBNAct) and fused.half_fused:  # why a rewrite did not take it
-                        fused.half_fused += f" ({where})"  # kept by the module: patch_report says it again
+                    if isinstance(fused, FoldedConvBNAct):  # kept by the module: patch_report says it again
+                        fused.half_fused += f" ({where})" if fused.half_fused else where
                         swap.entries[0].note = fused.half_fused
             return set()
         covered = {target.partition(".")[0] for target in planned.covered}
