@@ -81,14 +81,6 @@ def _parse_activation(spec: str) -> tuple[str, float]:
     return name, value
 
 
-def activation_code(spec: str) -> int:
-    return ACTIVATIONS.index(parse_activation(spec)[0])
-
-
-def activation_parameter(spec: str) -> float:
-    return parse_activation(spec)[1]
-
-
 def gate_code(name: str) -> int:
     return _code(name, GATES, "gate")
 

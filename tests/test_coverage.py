@@ -75,7 +75,7 @@ def test_every_depthwise_conv_and_se_is_taken_over_and_accounted_for(name):
 
 
 # ----------------------------------------------------------------------------------------------- one per item
-def test_item1_mixnet_probes_use_the_parents_input_channels():
+def test_mixnet_probes_use_the_parents_input_channels():
     """The probe of a non-Sequential parent takes the parent's input channels (a MixedConv2d's, before its
     splits), not the first split's: nothing in MixNet is refused for a failed probe."""
     report = mbkernels.patch_report(stock_model("mixnet_s"), blocks=False)
@@ -83,7 +83,7 @@ def test_item1_mixnet_probes_use_the_parents_input_channels():
     assert report.skipped == []
 
 
-def test_item2_rexnet_se_with_batchnorm_is_fused():
+def test_rexnet_se_with_batchnorm_is_fused():
     model = mbkernels.patch(stock_model("rexnet_100"), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, SqueezeExcite)]
     assert len(fused) == 13 and all(m.norm_path == "bn" for m in fused)
@@ -95,14 +95,14 @@ def test_item2_rexnet_se_with_batchnorm_is_fused():
 
 
 @pytest.mark.parametrize("name, hardswish", [("mobilenetv3_rw", 5), ("fbnetv3_b", 18)])
-def test_item3_se_with_hardswish_is_fused(name, hardswish):
+def test_se_with_hardswish_is_fused(name, hardswish):
     model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     hidden = [m.activation for m in model.modules() if isinstance(m, SqueezeExcite)]
     assert hidden.count("hardswish") == hardswish
 
 
 @pytest.mark.parametrize("size", [65, 66])
-def test_item4_conv2d_same_fused_at_odd_and_even_sizes(size):
+def test_conv2d_same_fused_at_odd_and_even_sizes(size):
     stock = stock_model("tf_mobilenetv3_small_100")
     model = mbkernels.patch(stock_model("tf_mobilenetv3_small_100"), backend="reference", blocks=False)
     same = [m for m in model.modules() if isinstance(m, DWConvBNAct) and m.padding is None]
@@ -118,7 +118,7 @@ def test_item4_conv2d_same_fused_at_odd_and_even_sizes(size):
     pytest.param(lambda: nn.Conv2d(6, 6, 4, padding="same", groups=6), id="same-4x4"),
     pytest.param(lambda: nn.Conv2d(6, 6, (2, 3), padding="same", dilation=(3, 1), groups=6), id="same-2x3-d3"),
 ])
-def test_item4_asymmetric_padding_module(conv, backend, poisoned_outputs):
+def test_asymmetric_padding_module(conv, backend, poisoned_outputs):
     torch.manual_seed(0)
     conv = conv()
     fused = DWConvBNAct(conv.eval(), backend=backend)
@@ -131,7 +131,7 @@ def test_item4_asymmetric_padding_module(conv, backend, poisoned_outputs):
 
 @pytest.mark.parametrize("name, activation", [("mobileone_s0", "relu"), ("repghostnet_050", "relu"),
                                               ("efficientvit_b0", "hardswish")])
-def test_item5_convs_without_a_batchnorm_fuse_their_activation(name, activation):
+def test_convs_without_a_batchnorm_fuse_their_activation(name, activation):
     model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, DWConvBNAct)]
     assert all(isinstance(m.bn, nn.Identity) for m in fused if m.conv.bias is not None)
@@ -151,7 +151,7 @@ class ActAfterShortcut(nn.Module):
         return self.act(self.bn(self.conv(x)) + x)
 
 
-def test_item6_parent_activations_fused_when_proven_else_half_fused():
+def test_parent_activations_fused_when_proven_else_half_fused():
     # hgnetv2's ConvBNAct applies its ReLU right after the BN: the probe proves it, so it is fused.
     model = mbkernels.patch(stock_model("hgnetv2_b0"), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, DWConvBNAct)]
@@ -182,7 +182,7 @@ def dw_bn(channels=8):
     (lambda: nn.Sequential(dw_bn()[0], nn.Sequential(nn.BatchNorm2d(8), nn.SiLU())), "silu", ""),
     (lambda: nn.Sequential(*dw_bn(), nn.Mish()), "identity", "Mish after it has no fused kernel"),
 ])
-def test_item7_activations_gelu_leaky_relu_nested_and_without_a_kernel(make, activation, note):
+def test_activations_gelu_leaky_relu_nested_and_without_a_kernel(make, activation, note):
     torch.manual_seed(0)
     stock = randomize_batchnorm(make()).eval()
     model = mbkernels.patch(copy.deepcopy(stock), backend="reference", blocks=False)
@@ -197,7 +197,7 @@ def test_item7_activations_gelu_leaky_relu_nested_and_without_a_kernel(make, act
 
 
 @pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
-def test_item8_mixed_conv_is_one_op_call(name, op_calls):
+def test_mixed_conv_is_one_op_call(name, op_calls):
     stock_mixed = [m for m in _stock(name).modules() if isinstance(m, timm.layers.MixedConv2d)
                    and all(is_depthwise(c) for c in m.children())]
     model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
@@ -215,7 +215,7 @@ def test_item8_mixed_conv_is_one_op_call(name, op_calls):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", ["mixnet_s", "tf_mixnet_s"])
-def test_item8_mixed_block_through_triton(name, backend, poisoned_outputs):
+def test_mixed_block_through_triton(name, backend, poisoned_outputs):
     stock = stock_model(name).blocks[2][0]  # stride-2 3x3/5x5/7x7 MixedConv2d (Conv2dSame in tf_mixnet_s)
     model = mbkernels.patch(copy.deepcopy(stock), backend=backend, blocks=False)
     assert any(isinstance(m, MixedDWConvBNAct) for m in model.modules())
@@ -226,7 +226,7 @@ def test_item8_mixed_block_through_triton(name, backend, poisoned_outputs):
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "edgenext_xx_small"])
-def test_item9_convnext_depthwise_taken_over_alone(name):
+def test_convnext_depthwise_taken_over_alone(name):
     model = mbkernels.patch(stock_model(name), backend="reference", blocks=False)
     fused = [m for m in model.modules() if isinstance(m, DWConvBNAct)]
     assert fused and all(m.activation == "identity" and isinstance(m.bn, nn.Identity) for m in fused)
@@ -234,7 +234,7 @@ def test_item9_convnext_depthwise_taken_over_alone(name):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *KERNEL_BACKENDS])
-def test_item10_depth_multiplier(backend, poisoned_outputs):
+def test_depth_multiplier(backend, poisoned_outputs):
     model = mbkernels.patch(stock_model("fastvit_t8"), backend="reference", blocks=False)
     multiplied = [m for m in model.modules() if isinstance(m, DWConvBNAct) and m.conv.out_channels > m.conv.in_channels]
     assert len(multiplied) == 4
@@ -247,7 +247,7 @@ def test_item10_depth_multiplier(backend, poisoned_outputs):
         assert_close_to_reference(fused(x), stock.double()(x.double()), torch.float32)
 
 
-def test_item11_hand_built_modules_follow_the_stock_mode(op_calls):
+def test_hand_built_modules_follow_the_stock_mode(op_calls):
     conv, bn = [m.eval() for m in dw_bn()]
     fused = DWConvBNAct(conv, bn, nn.ReLU(), backend="reference")
     assert not fused.training

@@ -22,7 +22,7 @@ rewritten forward, which the planner proves on a probe like every swap.
 import inspect
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -569,6 +569,3 @@ def find(capture: Capture) -> Matches:
     blocks = [block for block in (g.block(run, pointwise, se_of) for run in runs if run.depthwise) if block]
     return Matches(runs, ses, blocks, refused)
 
-
-def is_graph_value(value: Any) -> bool:
-    return isinstance(value, fx.Node)

@@ -120,7 +120,7 @@ def observe(model: nn.Module) -> Observation:
                     observation.output = model(x)
                 observation.call = ((x,), {})
                 return observation
-            except Exception:  # not this model's input: the next size, or the probes guess as before
+            except Exception:  # not this model's input: the next size, or the probes guess the channels
                 observation.channels.clear()
                 observation.inputs.clear()
         return Observation()
