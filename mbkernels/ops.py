@@ -16,7 +16,6 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import _native, dispatch  # _native first: it loads mbkernels._C
 from ._contract import (CONTRACTS, BlockArgs, DWConvArgs, IntOrPair, SEArgs, check_x, memory_format_of, op_schema, pair,
                         padding4, tensor_positions)
-from .backends.triton import interpreting as triton_interpreting
 
 _native_op_kernels = []  # the Library holding our kernels for ops the native library defined (see _register)
 
@@ -39,14 +38,21 @@ def plain_eager_call(*tensors: Optional[Tensor]) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
 
-def _run(op: str, args, backend: str) -> Tensor:
-    """Check, normalise, dispatch: the one implementation behind every public op."""
+def resolve(op: str, args, backend: Optional[str]) -> tuple:
+    """Check, normalise, select: (the normalised arguments, the backend's Choice), or (args, None) for an empty
+    input (the contract's output is the answer). The one path behind eager, planned, traced and tuned calls."""
     contract = CONTRACTS[op]
     contract.check(args)
     if args.x.numel() == 0:
-        return contract.output(args)
+        return args, None
     args = contract.normalise(args)
-    return dispatch.select(op, backend, args).run(args)
+    return args, dispatch.select(op, backend, args)
+
+
+def _run(op: str, args, backend: str) -> Tensor:
+    """The one implementation behind every public op."""
+    args, choice = resolve(op, args, backend)
+    return CONTRACTS[op].output(args) if choice is None else choice.run(args)
 
 
 def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
@@ -54,13 +60,10 @@ def prepare(op: str, *values) -> Callable[[Tensor], Tensor]:
     checks, normalisation and backend choice made once: the callable runs the op on any x of values[0]'s shape,
     dtype, device and layout (the fused modules keep one per input signature for their plain eager calls)."""
     contract = CONTRACTS[op]
-    args = contract.bundle(*values[:-1])
-    contract.check(args)
-    if args.x.numel() == 0:
+    args, choice = resolve(op, contract.bundle(*values[:-1]), values[-1])
+    if choice is None:
         template = args._replace(x=None)
         return lambda x: contract.output(template._replace(x=x))
-    args = contract.normalise(args)
-    choice = dispatch.select(op, values[-1], args)
     if choice.prepare is not None and args.x is values[0]:  # x needs no normalising: the backend's own plan, if any
         planned = choice.prepare(args)
         if planned is not None:
@@ -81,13 +84,8 @@ def _seen_through(op: str, args, backend: str):
 
     if not getattr(torch._functorch.config, "decompose_custom_triton_ops", True):  # torch.export sets it off
         return None
-    contract = CONTRACTS[op]
-    contract.check(args)
-    if args.x.numel() == 0:
-        return None
-    args = contract.normalise(args)
-    choice = dispatch.select(op, backend, args)
-    if (choice.name == "triton" and triton_interpreting()) or (choice.name == "reference" and V.aot_compilation):
+    args, choice = resolve(op, args, backend)
+    if choice is None or not choice.backend.traced_in_place(bool(V.aot_compilation)):
         return None
     return lambda: choice.run(args)
 

@@ -44,6 +44,9 @@ class Backend:
     opt_in_devices: tuple = ()
     # Why it cannot run on one particular device of a type it serves (None: it can).
     device_limit: Callable[[torch.device], Optional[str]] = field(default=lambda device: None)
+    # Whether compiled graphs get its run function traced in place of the op (aot: an AOTInductor package is being
+    # made); where not, the op stays whole in the graph (see mbkernels.ops).
+    traced_in_place: Callable[[bool], bool] = field(default=lambda aot: True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -77,6 +77,8 @@ BACKEND = Backend(
     devices=(ANY_DEVICE,),
     unavailable_reason=lambda: None,
     describe=lambda: "plain PyTorch on any device",
+    # In AOTInductor packages the op stays whole: libmbkernels' CPU kernels run it there (csrc/public_ops.cpp).
+    traced_in_place=lambda aot: not aot,
     ops={"dwconv_bn_act": OpSupport(dwconv_bn_act, prepare=prepare_dwconv_bn_act),
          "squeeze_excite": OpSupport(squeeze_excite, prepare=prepare_squeeze_excite),
          "inverted_residual": OpSupport(inverted_residual)},

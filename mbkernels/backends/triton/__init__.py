@@ -61,6 +61,7 @@ BACKEND = Backend(
     priority=20,
     devices=() if interpreting() else ("cuda",),
     opt_in_devices=("cpu",) if interpreting() else (),
+    traced_in_place=lambda aot: not interpreting(),  # the interpreter cannot take the fake tensors of tracing
     unavailable_reason=unavailable_reason,
     describe=describe,
     ops={"dwconv_bn_act": OpSupport(_dwconv_bn_act),
