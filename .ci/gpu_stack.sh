@@ -2,7 +2,8 @@
 # CI on older stacks, without a GPU: the tests that depend on torch's version on every torch the package claims
 # besides CI's own (Python 3.11 / torch 2.14.1 / triton 3.8):
 #   2.11  the GPU machine's stack: Python 3.12, torch 2.11.0, torchvision 0.26.0, triton 3.6;
-#   2.10  the floor (setup.py's TORCH_FLOOR): Python 3.11, torch 2.10.0, torchvision 0.25.0, triton 3.5.
+#   2.10  the floor (TORCH_FLOOR): Python 3.11, torch 2.10.0 (PyPI's build is for CUDA 12.8), torchvision 0.25.0,
+#         triton 3.6.
 # On each:
 #  1. the version-dependent tests (VERSION_TESTS below): the ops under the Triton interpreter (TRITON_INTERPRET=1, set
 #     by conftest.py), torch.compile, torch.export and AOTInductor, fx capture, the dataflow pass and rewrite,
@@ -36,7 +37,7 @@ VENV=${GPU_STACK_VENV:-.gpu-stack-venv-$STACK}
 WHEELS=${GPU_STACK_WHEELS:-$HOME/.cache/mbkernels-gpu-stack/wheels}
 # setuptools: the editable install below runs without build isolation (with it, pip would fetch another 5 GB
 # torch into a temporary environment); pyenv's venvs have no setuptools of their own.
-# numpy < 2.4: the interpreter of Triton 3.6 (and 3.5) converts runtime loop bounds with int() on 1-element arrays,
+# numpy < 2.4: Triton 3.6's interpreter converts runtime loop bounds with int() on 1-element arrays,
 # which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.8 does not.
 # The GPU itself never interprets: this pin is for the interpreter tests only.
 PACKAGES=("$TORCH" "$TORCHVISION" timm efficientnet_pytorch pytest hypothesis "numpy<2.4" setuptools wheel)
