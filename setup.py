@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 # The version lives in mbkernels/_version.py alone (read as text: importing mbkernels needs torch).
 BASE_VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "mbkernels", "_version.py")).read())[1]
-TORCH_FLOOR = "2.6"  # the oldest torch the Python code supports
+# The oldest torch tested, also read by the import-time check (mbkernels/__init__.py).
+TORCH_FLOOR = re.search(r'TORCH_FLOOR = "([^"]+)"', open(os.path.join(ROOT, "mbkernels", "_version.py")).read())[1]
 
 
 def log(message: str) -> None:

@@ -5,7 +5,18 @@
     mbkernels.backend_status()  # which backends run here, and why the others don't
     mbkernels.patch(model)      # swap a model's depthwise conv + BN + act and squeeze-excite for fused modules
 """
-from . import _native  # noqa: F401  (loads mbkernels._C, or warns once and leaves it off)
+import warnings as _warnings
+
+import torch as _torch
+
+from ._version import TORCH_FLOOR, below_torch_floor
+
+if below_torch_floor(_torch.__version__):
+    _warnings.warn(f"mbkernels needs torch {TORCH_FLOOR} or newer (the oldest tested), and torch "
+                   f"{_torch.__version__} is installed: its custom ops, torch.compile and torch.export may fail",
+                   RuntimeWarning, stacklevel=2)
+
+from . import _native  # noqa: F401,E402  (loads mbkernels._C, or warns once and leaves it off)
 from . import backends, nn, ops
 from .dispatch import backend_status
 from .planner import patch, patch_report, unpatch

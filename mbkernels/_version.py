@@ -1,6 +1,16 @@
-# The one version source: setup.py and CMakeLists.txt read this line; an installed wheel adds its build tag
+# The one version source: setup.py and CMakeLists.txt read the version line; an installed wheel adds its build tag
 # (e.g. 0.1.0+cu130.torch2.14, see setup.py).
 __version__ = "0.1.0"
+TORCH_FLOOR = "2.10"  # the oldest torch CI tests (with 2.11 and 2.14); setup.py reads this line too
+
+
+def below_torch_floor(torch_version: str) -> bool:
+    """True for a torch (e.g. "2.9.1+cu128") of a minor older than TORCH_FLOOR; a pre-release of the floor's
+    minor (NVIDIA's containers ship "2.10.0a0+...") is not."""
+    def minor(version: str) -> tuple:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    return minor(torch_version) < minor(TORCH_FLOOR)
 
 
 def installed_version() -> str:

@@ -50,15 +50,24 @@ def _offsets(conv: nn.Conv2d, largest: list[int]) -> list[int]:
     return [(k - conv.kernel_size[d]) // 2 * conv.dilation[d] for d, k in enumerate(largest)]
 
 
-def stacked_padding(convs: list[nn.Conv2d], size: Optional[tuple]) -> Optional[list[int]]:
-    """[top, bottom, left, right] under which the stacked kernel computes every group exactly, for an input plane
-    of `size` (needed for TensorFlow 'SAME' only); None when the groups' paddings do not line up."""
+def group_paddings(convs: list[nn.Conv2d]) -> list[tuple]:
+    """What the stacked padding depends on besides the input's size, found once per module (identifying a
+    subclass's padding runs probes): per group, (conv, its static padding or None for TensorFlow 'SAME', the
+    [top, bottom, left, right] its padding grows by once its kernel is centred in the largest)."""
     largest = [max(c.kernel_size[d] for c in convs) for d in (0, 1)]
-    grown = set()
+    groups = []
     for conv in convs:
-        top, bottom, left, right = static_padding(conv) or tf_same_padding(size, conv)
-        (dh, dw) = _offsets(conv, largest)
-        grown.add((top + dh, bottom + dh, left + dw, right + dw))
+        dh, dw = _offsets(conv, largest)
+        groups.append((conv, static_padding(conv), (dh, dh, dw, dw)))
+    return groups
+
+
+def stacked_padding(groups: list[tuple], size: Optional[tuple]) -> Optional[list[int]]:
+    """[top, bottom, left, right] under which the stacked kernel computes every group (group_paddings) exactly,
+    for an input plane of `size` (needed for TensorFlow 'SAME' only); None when the groups' paddings do not line
+    up."""
+    grown = {tuple(p + g for p, g in zip(tf_same_padding(size, conv) if padding is None else padding, growth))
+             for conv, padding, growth in groups}
     return list(grown.pop()) if len(grown) == 1 else None
 
 
@@ -72,24 +81,29 @@ class MixedDWConvBNAct(DWConvBNAct):
 
     @staticmethod
     def check_conv(mixed: nn.Module) -> None:
-        convs = mixed_groups(mixed)
-        if static_padding(convs[0]) is not None and stacked_padding(convs, None) is None:
-            paddings = ", ".join(str(static_padding(c)) for c in convs)
+        groups = group_paddings(mixed_groups(mixed))
+        if groups[0][1] is not None and stacked_padding(groups, None) is None:
+            paddings = ", ".join(str(padding) for _, padding, _ in groups)
             raise ValueError(f"the groups' paddings ({paddings}) do not line up once their kernels are centred in "
                              "the largest; such a mixed conv cannot run as one depthwise conv")
 
     @staticmethod
     def static_padding(mixed: nn.Module) -> Optional[list[int]]:
-        convs = mixed_groups(mixed)
-        return None if static_padding(convs[0]) is None else stacked_padding(convs, None)
+        groups = group_paddings(mixed_groups(mixed))
+        return None if groups[0][1] is None else stacked_padding(groups, None)
 
     @staticmethod
     def stride_dilation(mixed: nn.Module) -> tuple:
         first = next(mixed.children())
         return tuple(first.stride), tuple(first.dilation)
 
+    def read_conv_settings(self) -> None:
+        super().read_conv_settings()
+        # Read with the conv's other settings, not per call: a traced forward then holds only the size arithmetic.
+        self.group_paddings = group_paddings(list(self.conv.children()))
+
     def padding_for(self, x: torch.Tensor) -> Optional[list[int]]:
-        return self.op_padding if self.op_padding is not None else stacked_padding(list(self.conv.children()), x.shape[2:])
+        return self.op_padding if self.op_padding is not None else stacked_padding(self.group_paddings, x.shape[2:])
 
     @torch.no_grad()
     def conv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
