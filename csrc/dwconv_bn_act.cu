@@ -430,8 +430,6 @@ DwconvParams shape_params(const DwconvShape& s) {
   return p;
 }
 
-std::string join(const int64_t* values, int count) { return list_text({values, static_cast<size_t>(count)}); }
-
 void check_dwconv_tensors(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   MBK_CHECK(x.dim() == 4, "dwconv_bn_act_cuda: x must be [N, C, H, W], got ", list_text(x.sizes()));
   MBK_CHECK(x.is_contiguous() || is_channels_last_contiguous(x),
@@ -509,19 +507,19 @@ void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
 }  // namespace
 
 std::string dwconv_bn_act_limit_reason(const DwconvShape& s) {
-  if (s.stride[0] < 1 || s.stride[1] < 1) return "stride must be two ints >= 1, got " + join(s.stride.data(), 2);
+  if (s.stride[0] < 1 || s.stride[1] < 1) return "stride must be two ints >= 1, got " + list_text(s.stride);
   if (*std::min_element(s.padding.begin(), s.padding.end()) < 0)
-    return "padding must be four ints >= 0 ([top, bottom, left, right]), got " + join(s.padding.data(), 4);
+    return "padding must be four ints >= 0 ([top, bottom, left, right]), got " + list_text(s.padding);
   if (s.dilation[0] < 1 || s.dilation[1] < 1)
-    return "dilation must be two ints >= 1, got " + join(s.dilation.data(), 2);
+    return "dilation must be two ints >= 1, got " + list_text(s.dilation);
   if (s.C_out < s.C || (s.C > 0 && s.C_out % s.C != 0) || (s.C == 0 && s.C_out != 0))
     return "weight has " + std::to_string(s.C_out) + " output channels, not a multiple (depth multiplier >= 1) of "
            "x's " + std::to_string(s.C) + " channels";
   const OutputSize out = output_size(s);
   if (s.kh < 1 || s.kw < 1 || out.h < 1 || out.w < 1)
     return "kernel " + std::to_string(s.kh) + "x" + std::to_string(s.kw) + " with dilation " +
-           join(s.dilation.data(), 2) + " does not fit x's " + std::to_string(s.H) + "x" + std::to_string(s.W) +
-           " plane padded by " + join(s.padding.data(), 4);
+           list_text(s.dilation) + " does not fit x's " + std::to_string(s.H) + "x" + std::to_string(s.W) +
+           " plane padded by " + list_text(s.padding);
   const int64_t padding = *std::max_element(s.padding.begin(), s.padding.end());
   if (std::max({s.H * s.W * s.C, out.h * out.w * s.C_out, s.C_out * s.kh * s.kw, s.N * s.C_out,
                 s.stride[0] * out.h + s.dilation[0] * s.kh, s.stride[1] * out.w + s.dilation[1] * s.kw,
@@ -533,7 +531,7 @@ std::string dwconv_bn_act_limit_reason(const DwconvShape& s) {
   const LaunchShape shape = s.channels_last ? plan_channels_last(p, 1, 1) : plan_nchw(p);
   if (shape.smem_floats * int64_t(sizeof(float)) > kDefaultSmemBytes)
     return "kernel " + std::to_string(s.kh) + "x" + std::to_string(s.kw) + " with dilation " +
-           join(s.dilation.data(), 2) + " needs " + std::to_string(shape.smem_floats * sizeof(float)) +
+           list_text(s.dilation) + " needs " + std::to_string(shape.smem_floats * sizeof(float)) +
            " bytes of shared memory per NCHW tile, over " + std::to_string(kDefaultSmemBytes) +
            "; channels_last input runs";
   if (shape.blocks >= kInt32Limit) return "x is too large (" + std::to_string(shape.blocks) + " blocks)";
