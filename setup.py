@@ -1,9 +1,12 @@
 """Builds mbkernels, with the CUDA extension mbkernels._C when a CUDA toolkit is found.
 
 The decision rests on the toolkit (CUDA_HOME, or nvcc on PATH), never on whether a GPU is present, so GPU-less
-build machines produce full wheels. The extension works only with the torch it was compiled against, so such a
-build is versioned and pinned to it: 0.1.0+cu130.torch2.14 requires torch>=2.14,<2.15. A build without the
-extension is plain 0.1.0 and takes any torch from TORCH_FLOOR on. Knobs (environment variables):
+build machines produce full wheels. The extension is written against PyTorch's stable ABI, targeting torch
+NATIVE_TORCH_FLOOR (mbkernels/_version.py; TORCH_TARGET_VERSION refuses newer APIs at compile time), and against
+CPython's limited API: built once, with any torch from the floor on, it loads under every torch from the floor on
+and every CPython the abi3 tag names. Such a build is versioned for its CUDA major version, the one thing it is
+tied to: 0.1.0+cu130 (cp310-abi3) requires torch>=2.10. A build without the extension is plain 0.1.0 and takes any
+torch from TORCH_FLOOR on. Knobs (environment variables):
   MBKERNELS_SKIP_CUDA_BUILD=1   pure-Python package: Triton and reference backends only
   MBKERNELS_CUDA_ARCHS          compute capabilities, e.g. "8.0;9.0+PTX" (default: 7.5;8.0;8.6;8.9;9.0+PTX)
   MBKERNELS_DEBUG=1             a debug build of the extension: -O0 -g for the host code, -G for device code
@@ -24,6 +27,9 @@ DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 BASE_VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "mbkernels", "_version.py")).read())[1]
 # The oldest torch tested, also read by the import-time check (mbkernels/__init__.py).
 TORCH_FLOOR = re.search(r'TORCH_FLOOR = "([^"]+)"', open(os.path.join(ROOT, "mbkernels", "_version.py")).read())[1]
+# The stable ABI version mbkernels._C is built for: it loads under every torch from this one on.
+NATIVE_TORCH_FLOOR = re.search(
+    r'NATIVE_TORCH_FLOOR = "([^"]+)"', open(os.path.join(ROOT, "mbkernels", "_version.py")).read())[1]
 
 
 def log(message: str) -> None:
@@ -90,6 +96,9 @@ def cuda_build_plan():
         return None, "torch is not importable in the build environment (install torch, use --no-build-isolation)"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU-only build and cannot build CUDA extensions"
+    if torch_minor(torch.__version__) < torch_minor(NATIVE_TORCH_FLOOR):
+        return None, (f"torch {torch.__version__} predates the stable ABI of torch {NATIVE_TORCH_FLOOR} that "
+                      "mbkernels._C is written for")
     return cuda_home, None
 
 
@@ -101,16 +110,27 @@ def torch_minor(torch_version: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def native_version(torch_version: str, cuda_version: str) -> str:
-    """The version of a wheel whose extension was built against this torch and CUDA: 0.1.0+cu130.torch2.14."""
-    major, minor = torch_minor(torch_version)
-    return f"{BASE_VERSION}+cu{cuda_version.replace('.', '')}.torch{major}.{minor}"
+def native_version(cuda_version: str) -> str:
+    """The version of a wheel whose extension was built for this CUDA: 0.1.0+cu130. Not for a torch: the stable
+    ABI serves every torch from NATIVE_TORCH_FLOOR on."""
+    return f"{BASE_VERSION}+cu{cuda_version.replace('.', '')}"
 
 
-def native_torch_requirement(torch_version: str) -> str:
-    """torch>=2.14,<2.15: the C++ ABI of torch holds within one minor version only."""
-    major, minor = torch_minor(torch_version)
-    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+def native_torch_requirement() -> str:
+    """torch>=2.10: the stable ABI holds from the version the extension targets on."""
+    return f"torch>={NATIVE_TORCH_FLOOR}"
+
+
+def stable_abi_target(version: str) -> str:
+    """'2.10' -> '0x020a000000000000': TORCH_TARGET_VERSION (major and minor in the top two bytes)."""
+    major, minor = torch_minor(version)
+    return f"0x{(major << 56) | (minor << 48):016x}"
+
+
+def limited_api_tag(py_limited_api: str) -> str:
+    """'0x030A0000' (the Py_LIMITED_API torch compiles with) -> 'cp310': the abi3 wheel's minimum CPython."""
+    value = int(py_limited_api, 16)
+    return f"cp{value >> 24}{(value >> 16) & 0xFF}"
 
 
 def compile_flags() -> dict:
@@ -131,27 +151,32 @@ def cuda_extension(cuda_home: str):
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
 
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils import cpp_extension
 
     log(f"building mbkernels._C with the CUDA toolkit at {cuda_home} for archs {archs} "
-        f"(MAX_JOBS={os.environ['MAX_JOBS']}, torch {torch.__version__})")
+        f"(MAX_JOBS={os.environ['MAX_JOBS']}, torch {torch.__version__}, stable ABI of torch {NATIVE_TORCH_FLOOR})")
     defines = [
         ("MBKERNELS_TORCH_VERSION", f'"{torch.__version__}"'),
         ("MBKERNELS_CUDA_VERSION", f'"{torch.version.cuda}"'),
         ("MBKERNELS_CUDA_ARCHS", f'"{archs}"'),
+        ("TORCH_TARGET_VERSION", stable_abi_target(NATIVE_TORCH_FLOOR)),
+        ("USE_CUDA", None),  # declares the stable shim's CUDA functions (the current stream)
     ]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
-    extension = CUDAExtension(
+    extension = cpp_extension.CUDAExtension(
         name="mbkernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=defines,
         extra_compile_args=compile_flags(),
+        py_limited_api=True,  # Py_LIMITED_API, no libtorch_python
     )
-    version = native_version(torch.__version__, torch.version.cuda)
-    requirement = native_torch_requirement(torch.__version__)
-    log(f"version {version}, requiring {requirement}")
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}, version, requirement
+    version = native_version(torch.version.cuda)
+    requirement = native_torch_requirement()
+    abi3 = limited_api_tag(cpp_extension.min_supported_cpython)
+    log(f"version {version} ({abi3}-abi3), requiring {requirement}")
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [extension], cmdclass, version, requirement, {"bdist_wheel": {"py_limited_api": abi3}}
 
 
 def main():
@@ -159,15 +184,16 @@ def main():
     if cuda_home is None:
         log(f"building the pure-Python package {BASE_VERSION} (Triton and reference backends only, "
             f"no mbkernels._C): {why_not}")
-        ext_modules, cmdclass, version, requirement = [], {}, BASE_VERSION, f"torch>={TORCH_FLOOR}"
+        ext_modules, cmdclass, version, requirement, options = [], {}, BASE_VERSION, f"torch>={TORCH_FLOOR}", {}
     else:
-        ext_modules, cmdclass, version, requirement = cuda_extension(cuda_home)
+        ext_modules, cmdclass, version, requirement, options = cuda_extension(cuda_home)
     setup(
         version=version,
         install_requires=[requirement],
         packages=find_packages(include=["mbkernels", "mbkernels.*"]),
         ext_modules=ext_modules,
         cmdclass=cmdclass,
+        options=options,
     )
 
 

@@ -4,13 +4,13 @@
 // holds them, the parser and the math to that module.
 #pragma once
 
-#include <c10/util/Exception.h>
-
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 #include <string_view>
+
+#include "checks.h"
 
 #if defined(__CUDACC__)
 #define MBK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -53,23 +53,23 @@ struct ActivationSpec {
   float param;
 };
 
-// "name" or "name:param" -> the spec; a TORCH_CHECK error naming `op` and the text otherwise.
+// "name" or "name:param" -> the spec; an MBK_CHECK error naming `op` and the text otherwise.
 inline ActivationSpec parse_activation(std::string_view text, const char* op) {
   const size_t colon = text.find(':');
   const std::string_view name = text.substr(0, colon);
   int code = -1;
   for (int i = 0; i < kNumActivations; ++i)
     if (name == kActivationNames[i]) code = i;
-  TORCH_CHECK(code >= 0, op, ": unknown activation '", text, "'; expected one of ", name_list(kActivationNames));
+  MBK_CHECK(code >= 0, op, ": unknown activation '", text, "'; expected one of ", name_list(kActivationNames));
   const Activation kind = static_cast<Activation>(code);
   ActivationSpec spec{kind, kind == Activation::LeakyReLU ? kDefaultLeakyReluSlope : 0.f};
   if (colon == std::string_view::npos) return spec;
-  TORCH_CHECK(spec.kind == Activation::LeakyReLU, op, ": activation '", text, "': ", name, " takes no parameter");
+  MBK_CHECK(spec.kind == Activation::LeakyReLU, op, ": activation '", text, "': ", name, " takes no parameter");
   const std::string param(text.substr(colon + 1));
   char* end = nullptr;
   errno = 0;
   spec.param = std::strtof(param.c_str(), &end);
-  TORCH_CHECK(!param.empty() && end == param.c_str() + param.size() && errno == 0 && std::isfinite(spec.param), op,
+  MBK_CHECK(!param.empty() && end == param.c_str() + param.size() && errno == 0 && std::isfinite(spec.param), op,
               ": activation '", text, "': the parameter must be a finite number");
   return spec;
 }

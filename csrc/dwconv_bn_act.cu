@@ -30,9 +30,6 @@
 // Emulation (kernel_utils.cuh): the thread bodies below are __host__ __device__ functions of (params, block,
 // thread[, shared memory]). The channels_last kernels have one phase; the NCHW kernels two (stage, barrier,
 // compute). On CPU tensors the launcher runs the same plan and the same thread bodies on the host.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-
 #include "activations.cuh"
 #include "kernel_utils.cuh"
 #include "ops.h"
@@ -433,32 +430,28 @@ DwconvParams shape_params(const DwconvShape& s) {
   return p;
 }
 
-std::string join(const int64_t* values, int count) {
-  std::string text = "[";
-  for (int i = 0; i < count; ++i) text += (i ? ", " : "") + std::to_string(values[i]);
-  return text + "]";
-}
-
-void check_dwconv_tensors(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  TORCH_CHECK(x.dim() == 4, "dwconv_bn_act_cuda: x must be [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "dwconv_bn_act_cuda: x must be contiguous (NCHW or channels_last), got strides ", x.strides());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1,
-              "dwconv_bn_act_cuda: weight must be [C_out, 1, kh, kw], got ", weight.sizes());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "dwconv_bn_act_cuda: bias must be [",
-              weight.size(0), "], got ", bias.sizes());
+void check_dwconv_tensors(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  MBK_CHECK(x.dim() == 4, "dwconv_bn_act_cuda: x must be [N, C, H, W], got ", list_text(x.sizes()));
+  MBK_CHECK(x.is_contiguous() || is_channels_last_contiguous(x),
+            "dwconv_bn_act_cuda: x must be contiguous (NCHW or channels_last), got strides ", list_text(x.strides()));
+  MBK_CHECK(weight.dim() == 4 && weight.size(1) == 1, "dwconv_bn_act_cuda: weight must be [C_out, 1, kh, kw], got ",
+            list_text(weight.sizes()));
+  MBK_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "dwconv_bn_act_cuda: bias must be [", weight.size(0),
+            "], got ", list_text(bias.sizes()));
   for (const auto& [t, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "dwconv_bn_act_cuda: ", name, " must be float32, got ",
-                t->scalar_type());
-    TORCH_CHECK(t->device() == x.device(), "dwconv_bn_act_cuda: ", name, " is on ", t->device(), " but x is on ",
-                x.device());
+    MBK_CHECK(t->scalar_type() == ScalarType::Float, "dwconv_bn_act_cuda: ", name, " must be float32, got ",
+              t->scalar_type());
+    MBK_CHECK(t->device() == x.device(), "dwconv_bn_act_cuda: ", name, " is on ", device_text(*t), " but x is on ",
+              device_text(x));
   }
 }
 
 // The view itself when it is contiguous and 16-byte aligned, else an aligned contiguous copy of it.
-at::Tensor aligned_contiguous(const at::Tensor& contiguous_view) {
+Tensor aligned_contiguous(const Tensor& contiguous_view) {
   if (contiguous_view.is_contiguous() && aligned16(contiguous_view.data_ptr())) return contiguous_view;
-  return contiguous_view.clone(at::MemoryFormat::Contiguous);
+  Tensor copy = empty_on(contiguous_view, contiguous_view.sizes(), contiguous_view.scalar_type());
+  torch::stable::copy_(copy, contiguous_view);
+  return copy;
 }
 
 template <class T>
@@ -514,19 +507,19 @@ void launch_dwconv(DwconvParams& p, bool channels_last, const Executor& ex) {
 }  // namespace
 
 std::string dwconv_bn_act_limit_reason(const DwconvShape& s) {
-  if (s.stride[0] < 1 || s.stride[1] < 1) return "stride must be two ints >= 1, got " + join(s.stride.data(), 2);
+  if (s.stride[0] < 1 || s.stride[1] < 1) return "stride must be two ints >= 1, got " + list_text(s.stride);
   if (*std::min_element(s.padding.begin(), s.padding.end()) < 0)
-    return "padding must be four ints >= 0 ([top, bottom, left, right]), got " + join(s.padding.data(), 4);
+    return "padding must be four ints >= 0 ([top, bottom, left, right]), got " + list_text(s.padding);
   if (s.dilation[0] < 1 || s.dilation[1] < 1)
-    return "dilation must be two ints >= 1, got " + join(s.dilation.data(), 2);
+    return "dilation must be two ints >= 1, got " + list_text(s.dilation);
   if (s.C_out < s.C || (s.C > 0 && s.C_out % s.C != 0) || (s.C == 0 && s.C_out != 0))
     return "weight has " + std::to_string(s.C_out) + " output channels, not a multiple (depth multiplier >= 1) of "
            "x's " + std::to_string(s.C) + " channels";
   const OutputSize out = output_size(s);
   if (s.kh < 1 || s.kw < 1 || out.h < 1 || out.w < 1)
     return "kernel " + std::to_string(s.kh) + "x" + std::to_string(s.kw) + " with dilation " +
-           join(s.dilation.data(), 2) + " does not fit x's " + std::to_string(s.H) + "x" + std::to_string(s.W) +
-           " plane padded by " + join(s.padding.data(), 4);
+           list_text(s.dilation) + " does not fit x's " + std::to_string(s.H) + "x" + std::to_string(s.W) +
+           " plane padded by " + list_text(s.padding);
   const int64_t padding = *std::max_element(s.padding.begin(), s.padding.end());
   if (std::max({s.H * s.W * s.C, out.h * out.w * s.C_out, s.C_out * s.kh * s.kw, s.N * s.C_out,
                 s.stride[0] * out.h + s.dilation[0] * s.kh, s.stride[1] * out.w + s.dilation[1] * s.kw,
@@ -538,23 +531,21 @@ std::string dwconv_bn_act_limit_reason(const DwconvShape& s) {
   const LaunchShape shape = s.channels_last ? plan_channels_last(p, 1, 1) : plan_nchw(p);
   if (shape.smem_floats * int64_t(sizeof(float)) > kDefaultSmemBytes)
     return "kernel " + std::to_string(s.kh) + "x" + std::to_string(s.kw) + " with dilation " +
-           join(s.dilation.data(), 2) + " needs " + std::to_string(shape.smem_floats * sizeof(float)) +
+           list_text(s.dilation) + " needs " + std::to_string(shape.smem_floats * sizeof(float)) +
            " bytes of shared memory per NCHW tile, over " + std::to_string(kDefaultSmemBytes) +
            "; channels_last input runs";
   if (shape.blocks >= kInt32Limit) return "x is too large (" + std::to_string(shape.blocks) + " blocks)";
   return "";
 }
 
-at::Tensor dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              c10::string_view activation) {
+Tensor dwconv_bn_act_cuda(const Tensor& x, const Tensor& weight, const Tensor& bias, IntHeaderOnlyArrayRef stride,
+                          IntHeaderOnlyArrayRef padding, IntHeaderOnlyArrayRef dilation, std::string_view activation) {
   check_dwconv_tensors(x, weight, bias);
-  const ActivationSpec spec = parse_activation(std::string_view(activation.data(), activation.size()),
-                                               "dwconv_bn_act_cuda");
-  TORCH_CHECK(stride.size() == 2, "dwconv_bn_act_cuda: stride must be two ints, got ", stride);
-  TORCH_CHECK(padding.size() == 4, "dwconv_bn_act_cuda: padding must be four ints [top, bottom, left, right], got ",
-              padding);
-  TORCH_CHECK(dilation.size() == 2, "dwconv_bn_act_cuda: dilation must be two ints, got ", dilation);
+  const ActivationSpec spec = parse_activation(activation, "dwconv_bn_act_cuda");
+  MBK_CHECK(stride.size() == 2, "dwconv_bn_act_cuda: stride must be two ints, got ", list_text(stride));
+  MBK_CHECK(padding.size() == 4, "dwconv_bn_act_cuda: padding must be four ints [top, bottom, left, right], got ",
+            list_text(padding));
+  MBK_CHECK(dilation.size() == 2, "dwconv_bn_act_cuda: dilation must be two ints, got ", list_text(dilation));
   const bool channels_last = is_channels_last(x);
   const DwconvShape shape{x.size(0),
                           x.size(1),
@@ -568,22 +559,22 @@ at::Tensor dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
                           {padding[0], padding[1], padding[2], padding[3]},
                           {dilation[0], dilation[1]}};
   const std::string limit = dwconv_bn_act_limit_reason(shape);
-  TORCH_CHECK(limit.empty(), "dwconv_bn_act_cuda: ", limit);
+  MBK_CHECK(limit.empty(), "dwconv_bn_act_cuda: ", limit);
 
   const OutputSize out = output_size(shape);
-  at::Tensor y = at::empty({shape.N, shape.C_out, out.h, out.w},
-                           x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                   : at::MemoryFormat::Contiguous));
+  const std::array<int64_t, 4> y_sizes{shape.N, shape.C_out, out.h, out.w};
+  Tensor y = empty_on(x, y_sizes, x.scalar_type(), channels_last);
   if (y.numel() == 0) return y;
   // The kernels read weight[(i * kw + j) * C_out + o] and vectors of it: [kh, kw, 1, C_out] contiguous, aligned.
-  const at::Tensor taps = aligned_contiguous(weight.permute({2, 3, 1, 0}));
-  const at::Tensor bias_vector = aligned_contiguous(bias);
+  const std::array<int64_t, 4> tap_major{2, 3, 1, 0};
+  const Tensor taps = aligned_contiguous(torch::stable::permute(weight, tap_major));
+  const Tensor bias_vector = aligned_contiguous(bias);
 
   DwconvParams p = shape_params(shape);
   p.x = x.data_ptr();
   p.y = y.data_ptr();
-  p.weight = taps.data_ptr<float>();
-  p.bias = bias_vector.data_ptr<float>();
+  p.weight = static_cast<const float*>(taps.data_ptr());
+  p.bias = static_cast<const float*>(bias_vector.data_ptr());
   p.activation = spec;
   const Executor ex(x);
   dispatch_float_types(x.scalar_type(), "dwconv_bn_act_cuda: x", [&](auto tag) {
@@ -592,9 +583,9 @@ at::Tensor dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   return y;
 }
 
-std::vector<KernelLaunch> dwconv_bn_act_launch_plan(const DwconvShape& s, c10::ScalarType dtype) {
+std::vector<KernelLaunch> dwconv_bn_act_launch_plan(const DwconvShape& s, ScalarType dtype) {
   const std::string limit = dwconv_bn_act_limit_reason(s);
-  TORCH_CHECK(limit.empty(), "dwconv_bn_act_launch_plan: ", limit);
+  MBK_CHECK(limit.empty(), "dwconv_bn_act_launch_plan: ", limit);
   std::vector<KernelLaunch> plan;
   const OutputSize out = output_size(s);
   if (s.N * s.C_out * out.h * out.w == 0) return plan;  // the op launches nothing

@@ -13,12 +13,11 @@
 
 #include "activations.cuh"  // MBK_HOST_DEVICE
 
-#include <ATen/core/Tensor.h>
-#include <c10/core/ScalarType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // aoti_torch_get_current_cuda_stream (USE_CUDA)
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/device.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -146,16 +145,16 @@ MBK_HOST_DEVICE int min_int(int a, int b) { return a < b ? a : b; }
 
 // f(T{}) with T the CUDA storage type of float32/float16/bfloat16 tensors.
 template <class F>
-void dispatch_float_types(c10::ScalarType type, const char* what, F&& f) {
+void dispatch_float_types(ScalarType type, const char* what, F&& f) {
   switch (type) {
-    case c10::ScalarType::Float:
+    case ScalarType::Float:
       return f(float{});
-    case c10::ScalarType::Half:
+    case ScalarType::Half:
       return f(__half{});
-    case c10::ScalarType::BFloat16:
+    case ScalarType::BFloat16:
       return f(__nv_bfloat16{});
     default:
-      TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", type);
+      MBK_CHECK(false, what, " must be float32, float16 or bfloat16, got ", type);
   }
 }
 
@@ -166,19 +165,39 @@ constexpr int64_t kDefaultSmemBytes = 48 * 1024;
 // Blocks for one per SM of an H100/H200 (132 SMs): launchers split work finer rather than launch fewer.
 constexpr int64_t kFillBlocks = 132;
 
-// NCHW- or channels_last-contiguous x: which of the two (a tensor that is both, e.g. C == 1, counts as NCHW).
-inline bool is_channels_last(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+// Whether a 4-D x is channels_last-contiguous (torch's rule: dimensions of size 1 take any stride).
+inline bool is_channels_last_contiguous(const Tensor& x) {
+  int64_t expected = 1;
+  for (const int64_t d : {1, 3, 2, 0}) {
+    if (x.size(d) == 1) continue;
+    if (x.stride(d) != expected) return false;
+    expected *= x.size(d);
+  }
+  return true;
 }
 
-// Where a launcher runs its kernels: on the GPU (on the current stream of x's device), emulated on the host, or
-// nowhere: a planning executor only records each launch the launcher would make (the *_launch_plan functions).
+// NCHW- or channels_last-contiguous x: which of the two (a tensor that is both, e.g. C == 1, counts as NCHW).
+inline bool is_channels_last(const Tensor& x) { return is_channels_last_contiguous(x) && !x.is_contiguous(); }
+
+// A new tensor of these sizes, dtype and layout on x's device.
+inline Tensor empty_on(const Tensor& x, IntHeaderOnlyArrayRef sizes, ScalarType dtype, bool channels_last = false) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, x.device(), std::nullopt,
+                              channels_last ? torch::headeronly::MemoryFormat::ChannelsLast
+                                            : torch::headeronly::MemoryFormat::Contiguous);
+}
+
+// Where a launcher runs its kernels: on the GPU (on torch's current stream of x's device, through the stable
+// shim), emulated on the host, or nowhere: a planning executor only records each launch the launcher would make
+// (the *_launch_plan functions).
 class Executor {
  public:
-  explicit Executor(const at::Tensor& x) : on_device_(x.is_cuda()) {
+  explicit Executor(const Tensor& x) : on_device_(x.is_cuda()) {
     if (on_device_) {
-      guard_.emplace(x.device());
-      stream_ = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+      const int32_t device = x.get_device_index();
+      guard_.emplace(device);
+      void* stream = nullptr;
+      TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+      stream_ = static_cast<cudaStream_t>(stream);
     }
   }
   explicit Executor(std::vector<KernelLaunch>* plan) : on_device_(false), plan_(plan) {}
@@ -189,7 +208,7 @@ class Executor {
  private:
   bool on_device_;
   cudaStream_t stream_ = nullptr;
-  std::optional<c10::cuda::CUDAGuard> guard_;
+  std::optional<torch::stable::accelerator::DeviceGuard> guard_;
   std::vector<KernelLaunch>* plan_ = nullptr;
 };
 
@@ -245,8 +264,8 @@ void emulate_phase(int threads, Phase&& phase) {
 template <auto Kernel, class Params, class EmulateBlock>
 void launch_or_emulate(const Executor& ex, const LaunchShape& shape, const Params& params,
                        EmulateBlock&& emulate_block) {
-  TORCH_INTERNAL_ASSERT(shape.blocks < kInt32Limit && shape.smem_floats * 4 <= kDefaultSmemBytes,
-                        "the launch limits are checked before planning");
+  MBK_CHECK(shape.blocks < kInt32Limit && shape.smem_floats * 4 <= kDefaultSmemBytes,
+            "internal error: the launch limits are checked before planning");
   if (ex.plan()) {
     // The kernels declare no static shared memory (tests/test_cuda_plan.py checks): dynamic is all of it.
     ex.plan()->push_back({kernel_name<Kernel>(), shape.blocks, shape.threads,
@@ -257,7 +276,9 @@ void launch_or_emulate(const Executor& ex, const LaunchShape& shape, const Param
 #ifdef __CUDACC__
   Kernel<<<static_cast<unsigned>(shape.blocks), shape.threads, shape.smem_floats * sizeof(float), ex.stream()>>>(
       params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaError_t launched = cudaGetLastError();
+  MBK_CHECK(launched == cudaSuccess, "CUDA error: ", cudaGetErrorString(launched), " (launching ",
+            kernel_name<Kernel>(), ")");
 #endif
 }
 

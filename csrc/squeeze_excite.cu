@@ -25,9 +25,6 @@
 // block, thread, shared memory) separated by __syncthreads() on the GPU; on CPU tensors the launcher runs the
 // same plan and phases, each phase for all threads of a block before the next. The mlp's accumulators live
 // across barriers: they are a per-thread state (registers on the GPU, kept per thread by the emulation).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-
 #include "activations.cuh"
 #include "kernel_utils.cuh"
 #include "ops.h"
@@ -470,17 +467,18 @@ struct SeLayers {
 // Scratch (float32, one allocation): the pool's partial sums [N, splits, C], the scale [N, C], the hidden [N, R],
 // each starting on a 16-byte boundary for the vector loads. A planning executor launches nothing: no scratch.
 template <class T, int VEC>
-void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last,
-                        const at::TensorOptions& scratch_options, const Executor& ex) {
+void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, const Tensor* x,
+                        const Executor& ex) {
   plan_pool(p, channels_last, VEC);
   const int64_t n = p.N;
   auto whole_vectors = [](int64_t floats) { return ceil_div<int64_t>(floats, 4) * 4; };
   const int64_t partial_floats = whole_vectors(n * p.splits * p.C), scale_floats = whole_vectors(n * p.C);
-  at::Tensor scratch;
+  Tensor scratch;
   p.partial = static_cast<float*>(planning_address());
   if (!ex.plan()) {
-    scratch = at::empty({partial_floats + scale_floats + n * layers.R}, scratch_options.dtype(at::kFloat));
-    p.partial = scratch.data_ptr<float>();
+    const int64_t scratch_floats = partial_floats + scale_floats + n * layers.R;
+    scratch = empty_on(*x, {&scratch_floats, 1}, ScalarType::Float);
+    p.partial = static_cast<float*>(scratch.data_ptr());
   }
   p.scale = p.partial + partial_floats;
   float* hidden = p.scale + scale_floats;
@@ -494,33 +492,34 @@ void run_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last,
   launch_scale<T, VEC>(p, channels_last, ex);
 }
 
-// The launches for x of `dtype` (16-byte vectors where the layout and the pointers allow).
-void launch_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, c10::ScalarType dtype,
-                           const at::TensorOptions& scratch_options, const Executor& ex) {
+// The launches for x of `dtype` (16-byte vectors where the layout and the pointers allow); the scratch goes on x's
+// device (no x: a plan).
+void launch_squeeze_excite(SeParams& p, const SeLayers& layers, bool channels_last, ScalarType dtype,
+                           const Tensor* x, const Executor& ex) {
   dispatch_float_types(dtype, "squeeze_excite_cuda: x", [&](auto tag) {
     using T = decltype(tag);
     constexpr int VEC = kVec16<T>;
     const bool vectorized =
         (channels_last ? p.C % VEC == 0 : p.HW % VEC == 0) && aligned16(p.x) && aligned16(p.y);
     if (vectorized)
-      run_squeeze_excite<T, VEC>(p, layers, channels_last, scratch_options, ex);
+      run_squeeze_excite<T, VEC>(p, layers, channels_last, x, ex);
     else
-      run_squeeze_excite<T, 1>(p, layers, channels_last, scratch_options, ex);
+      run_squeeze_excite<T, 1>(p, layers, channels_last, x, ex);
   });
 }
 
-void check_weight(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "squeeze_excite_cuda: ", name, " must be float32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "squeeze_excite_cuda: ", name, " must be contiguous");
-  TORCH_CHECK(t.device() == x.device(), "squeeze_excite_cuda: ", name, " is on ", t.device(), " but x is on ",
-              x.device());
+void check_weight(const Tensor& t, const char* name, const Tensor& x, int64_t rows, int64_t cols) {
+  MBK_CHECK(t.scalar_type() == ScalarType::Float, "squeeze_excite_cuda: ", name, " must be float32, got ",
+            t.scalar_type());
+  MBK_CHECK(t.is_contiguous(), "squeeze_excite_cuda: ", name, " must be contiguous");
+  MBK_CHECK(t.device() == x.device(), "squeeze_excite_cuda: ", name, " is on ", device_text(t), " but x is on ",
+            device_text(x));
   if (cols < 0) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, "squeeze_excite_cuda: ", name, " must be [", rows, "], got ",
-                t.sizes());
+    MBK_CHECK(t.dim() == 1 && t.size(0) == rows, "squeeze_excite_cuda: ", name, " must be [", rows, "], got ",
+              list_text(t.sizes()));
   } else {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "squeeze_excite_cuda: ", name,
-                " must be [", rows, ", ", cols, "], got ", t.sizes());
+    MBK_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "squeeze_excite_cuda: ", name, " must be [",
+              rows, ", ", cols, "], got ", list_text(t.sizes()));
   }
 }
 
@@ -543,32 +542,29 @@ std::string squeeze_excite_limit_reason(int64_t N, int64_t C, int64_t H, int64_t
   return "";
 }
 
-at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
-                               const std::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
-                               const std::optional<at::Tensor>& b_expand, c10::string_view activation,
-                               c10::string_view gate) {
-  TORCH_CHECK(x.dim() == 4, "squeeze_excite_cuda: x must be [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "squeeze_excite_cuda: x must be contiguous (NCHW or channels_last), got strides ", x.strides());
+Tensor squeeze_excite_cuda(const Tensor& x, const Tensor& w_reduce, const std::optional<Tensor>& b_reduce,
+                           const Tensor& w_expand, const std::optional<Tensor>& b_expand, std::string_view activation,
+                           std::string_view gate) {
+  MBK_CHECK(x.dim() == 4, "squeeze_excite_cuda: x must be [N, C, H, W], got ", list_text(x.sizes()));
+  MBK_CHECK(x.is_contiguous() || is_channels_last_contiguous(x),
+            "squeeze_excite_cuda: x must be contiguous (NCHW or channels_last), got strides ", list_text(x.strides()));
   const int64_t C = x.size(1);
-  TORCH_CHECK(w_reduce.dim() == 2 && w_reduce.size(0) >= 1,
-              "squeeze_excite_cuda: w_reduce must be [R, C] with R >= 1, got ", w_reduce.sizes());
+  MBK_CHECK(w_reduce.dim() == 2 && w_reduce.size(0) >= 1,
+            "squeeze_excite_cuda: w_reduce must be [R, C] with R >= 1, got ", list_text(w_reduce.sizes()));
   const int64_t R = w_reduce.size(0);
   check_weight(w_reduce, "w_reduce", x, R, C);
   check_weight(w_expand, "w_expand", x, C, R);
   if (b_reduce) check_weight(*b_reduce, "b_reduce", x, R, -1);
   if (b_expand) check_weight(*b_expand, "b_expand", x, C, -1);
-  const ActivationSpec spec =
-      parse_activation(std::string_view(activation.data(), activation.size()), "squeeze_excite_cuda");
-  const int gate_code = gate_index(std::string_view(gate.data(), gate.size()));
-  TORCH_CHECK(gate_code >= 0, "squeeze_excite_cuda: unknown gate '", gate, "'; expected one of ",
-              name_list(kGateNames));
+  const ActivationSpec spec = parse_activation(activation, "squeeze_excite_cuda");
+  const int gate_code = gate_index(gate);
+  MBK_CHECK(gate_code >= 0, "squeeze_excite_cuda: unknown gate '", gate, "'; expected one of ",
+            name_list(kGateNames));
   const bool channels_last = is_channels_last(x);
   const std::string limit = squeeze_excite_limit_reason(x.size(0), C, x.size(2), x.size(3), channels_last, R);
-  TORCH_CHECK(limit.empty(), "squeeze_excite_cuda: ", limit);
+  MBK_CHECK(limit.empty(), "squeeze_excite_cuda: ", limit);
 
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                             : at::MemoryFormat::Contiguous));
+  Tensor y = empty_on(x, x.sizes(), x.scalar_type(), channels_last);
   if (y.numel() == 0) return y;
 
   SeParams p{};
@@ -577,25 +573,26 @@ at::Tensor squeeze_excite_cuda(const at::Tensor& x, const at::Tensor& w_reduce,
   p.N = static_cast<int>(x.size(0));
   p.C = static_cast<int>(C);
   p.HW = static_cast<int>(x.size(2) * x.size(3));
-  const SeLayers layers{w_reduce.data_ptr<float>(),
-                        b_reduce ? b_reduce->data_ptr<float>() : nullptr,
-                        w_expand.data_ptr<float>(),
-                        b_expand ? b_expand->data_ptr<float>() : nullptr,
+  const auto floats = [](const Tensor& t) { return static_cast<const float*>(t.data_ptr()); };
+  const SeLayers layers{floats(w_reduce),
+                        b_reduce ? floats(*b_reduce) : nullptr,
+                        floats(w_expand),
+                        b_expand ? floats(*b_expand) : nullptr,
                         static_cast<int>(R),
                         spec,
                         static_cast<Gate>(gate_code)};
   const Executor ex(x);
-  launch_squeeze_excite(p, layers, channels_last, x.scalar_type(), x.options(), ex);
+  launch_squeeze_excite(p, layers, channels_last, x.scalar_type(), &x, ex);
   return y;
 }
 
 std::vector<KernelLaunch> squeeze_excite_launch_plan(int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last,
-                                                     int64_t R, c10::ScalarType dtype) {
-  TORCH_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0 && R >= 1,
-              "squeeze_excite_launch_plan: sizes must be >= 0 and R >= 1, got N=", N, ", C=", C, ", H=", H, ", W=", W,
-              ", R=", R);
+                                                     int64_t R, ScalarType dtype) {
+  MBK_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0 && R >= 1,
+            "squeeze_excite_launch_plan: sizes must be >= 0 and R >= 1, got N=", N, ", C=", C, ", H=", H, ", W=", W,
+            ", R=", R);
   const std::string limit = squeeze_excite_limit_reason(N, C, H, W, channels_last, R);
-  TORCH_CHECK(limit.empty(), "squeeze_excite_launch_plan: ", limit);
+  MBK_CHECK(limit.empty(), "squeeze_excite_launch_plan: ", limit);
   std::vector<KernelLaunch> plan;
   if (N * C * H * W == 0) return plan;  // the op launches nothing
   SeParams p{};
@@ -605,7 +602,7 @@ std::vector<KernelLaunch> squeeze_excite_launch_plan(int64_t N, int64_t C, int64
   p.HW = static_cast<int>(H * W);
   const float* weights = static_cast<const float*>(planning_address());
   const SeLayers layers{weights, weights, weights, weights, static_cast<int>(R), ActivationSpec{}, Gate{}};
-  launch_squeeze_excite(p, layers, channels_last, dtype, at::TensorOptions(), Executor(&plan));
+  launch_squeeze_excite(p, layers, channels_last, dtype, nullptr, Executor(&plan));
   return plan;
 }
 

@@ -23,5 +23,5 @@ from .planner import patch, patch_report, unpatch
 
 from ._version import installed_version
 
-__version__ = installed_version()  # e.g. 0.1.0+cu130.torch2.14: names what _C was built for
+__version__ = installed_version()  # e.g. 0.1.0+cu130: names the CUDA _C was built for
 __all__ = ["backend_status", "backends", "nn", "ops", "patch", "patch_report", "unpatch"]

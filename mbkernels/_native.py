@@ -1,9 +1,13 @@
-"""Loads the compiled extension mbkernels._C, if it is here and fits the running torch and CUDA.
+"""Loads the compiled extension mbkernels._C, if it is here and can serve the running torch and CUDA.
 
-Never raises: when the extension is missing, fails to load, or was built for another torch or CUDA, `C` is
-None, `unavailable_reason` says why (naming both versions), a RuntimeWarning says it once, and the Triton and
-reference backends serve. A library built against another torch often cannot even load ("undefined symbol"):
-then the version of the installed distribution, e.g. 0.1.0+cu130.torch2.14 (see setup.py), names its build.
+mbkernels._C is built against PyTorch's stable ABI of torch NATIVE_TORCH_FLOOR (its TORCH_TARGET_VERSION): one
+build loads under every torch from that version on, whichever torch built it, and under no older one, which lacks
+the stable-ABI functions it calls; so an older torch is refused before the library is loaded. Its CUDA runtime is
+that of one CUDA major version, which must be the running torch's.
+
+Never raises: when the extension is missing, fails to load, or cannot serve the running torch or CUDA, `C` is
+None, `unavailable_reason` says why, a RuntimeWarning says it once, and the Triton and reference backends serve.
+The version of the installed distribution, e.g. 0.1.0+cu130 (see setup.py), names the CUDA of its build.
 """
 from __future__ import annotations
 
@@ -15,25 +19,35 @@ import warnings
 
 import torch
 
+from ._version import NATIVE_TORCH_FLOOR
+
 FALLBACK = "the cuda backend is off and the triton/reference backends serve"
+# The public ops mbkernels._C defines (csrc/public_ops.cpp): inference ops, with no derivative.
+PUBLIC_OPS = ("dwconv_bn_act", "squeeze_excite")
 
 
 def _running() -> str:
     return f"torch {torch.__version__} with CUDA {torch.version.cuda or 'none'}"
 
 
-def _minor(version: str) -> list[str]:
-    return version.split("+")[0].split(".")[:2]
+def _minor(version: str) -> tuple[int, int]:
+    """'2.14.1+cu130' or '2.15.0a0+git1234' -> (2, 14)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
 
 
-def _version_mismatch(module) -> str | None:
-    built_torch = getattr(module, "TORCH_VERSION", "unknown")
+def _torch_too_old() -> str | None:
+    if _minor(torch.__version__) >= _minor(NATIVE_TORCH_FLOOR):
+        return None
+    return (f"mbkernels._C needs torch >= {NATIVE_TORCH_FLOOR} (it is built against the stable ABI of torch "
+            f"{NATIVE_TORCH_FLOOR}), but {_running()} is running")
+
+
+def _cuda_mismatch(module) -> str | None:
     built_cuda = getattr(module, "CUDA_VERSION", "unknown")
-    # The C++ ABI of torch holds within a minor version; CUDA runtimes within a major version.
-    if _minor(built_torch) != _minor(torch.__version__) or (
-        built_cuda.split(".")[0] != (torch.version.cuda or "none").split(".")[0]
-    ):
-        return f"mbkernels._C was built for torch {built_torch} with CUDA {built_cuda}, but {_running()} is running"
+    # A CUDA runtime serves its own major version.
+    if built_cuda.split(".")[0] != (torch.version.cuda or "none").split(".")[0]:
+        return f"mbkernels._C was built for CUDA {built_cuda}, but {_running()} is running"
     return None
 
 
@@ -43,18 +57,15 @@ def installed_build() -> str | None:
         version = importlib.metadata.version("mbkernels")
     except importlib.metadata.PackageNotFoundError:
         return None
-    match = re.fullmatch(r"[^+]+\+cu(\d+)(\d)\.torch(\d+\.\d+)", version)
+    match = re.fullmatch(r"[^+]+\+cu(\d+)(\d)", version)
     if match is None:
         return None
-    return f"torch {match[3]} with CUDA {match[1]}.{match[2]} (mbkernels {version})"
+    return f"CUDA {match[1]}.{match[2]} (mbkernels {version})"
 
 
 def _load_failure(error: BaseException) -> str:
     built = installed_build()
-    if built is None:
-        cause = f"{_running()} is running; an undefined symbol means it was built against another torch"
-    else:
-        cause = f"it was built for {built}, and {_running()} is running"
+    cause = f"{_running()} is running" if built is None else f"it was built for {built}, and {_running()} is running"
     return f"mbkernels._C failed to load ({type(error).__name__}: {error}); {cause}"
 
 
@@ -62,23 +73,44 @@ def _import_extension():
     return importlib.import_module("mbkernels._C")
 
 
+def _refuse_backward() -> None:
+    """Backward through the public ops fails, naming the op: the stable ABI registers no autograd kernel (the
+    fused modules run the stock layers when gradients are needed). Once per process: a reload keeps it."""
+
+    def backward(op):
+        def refuse(ctx, *grads):
+            raise RuntimeError(f"the derivative for mbkernels::{op} is not implemented (an inference op)")
+
+        return refuse
+
+    for op in PUBLIC_OPS:
+        qualname = f"mbkernels::{op}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+            torch.library.register_autograd(qualname, backward(op), setup_context=lambda ctx, inputs, output: None)
+
+
 def _load():
     """(the extension, None), or (None, why it is off); warns when it is off for a reason worth telling."""
-    try:
-        module = _import_extension()
-    except ModuleNotFoundError as error:
-        if error.name == "mbkernels._C":
-            reason = "mbkernels._C was not built (no CUDA toolkit at install time, or MBKERNELS_SKIP_CUDA_BUILD=1)"
-            noisy = torch.cuda.is_available()  # a pure-Python install is expected where there is no GPU
-        else:
-            reason, noisy = _load_failure(error), True
-    except Exception as error:  # noqa: BLE001  importing mbkernels must never fail because of its extension
-        reason, noisy = _load_failure(error), True
+    reason = _torch_too_old()
+    if reason is not None:
+        noisy = True
     else:
-        reason = _version_mismatch(module)
-        noisy = reason is not None
-        if reason is None:
-            return module, None
+        try:
+            module = _import_extension()
+        except ModuleNotFoundError as error:
+            if error.name == "mbkernels._C":
+                reason = "mbkernels._C was not built (no CUDA toolkit at install time, or MBKERNELS_SKIP_CUDA_BUILD=1)"
+                noisy = torch.cuda.is_available()  # a pure-Python install is expected where there is no GPU
+            else:
+                reason, noisy = _load_failure(error), True
+        except Exception as error:  # noqa: BLE001  importing mbkernels must never fail because of its extension
+            reason, noisy = _load_failure(error), True
+        else:
+            reason = _cuda_mismatch(module)
+            noisy = reason is not None
+            if reason is None:
+                _refuse_backward()
+                return module, None
     if noisy and not os.environ.get("MBKERNELS_QUIET"):
         warnings.warn(f"{reason}; {FALLBACK}", RuntimeWarning, stacklevel=2)
     return None, reason

@@ -1,7 +1,10 @@
-# The one version source: setup.py and CMakeLists.txt read the version line; an installed wheel adds its build tag
-# (e.g. 0.1.0+cu130.torch2.14, see setup.py).
+# The one version source: setup.py and CMakeLists.txt read these lines; an installed wheel with mbkernels._C adds
+# the CUDA it was built for (e.g. 0.1.0+cu130, see setup.py).
 __version__ = "0.1.0"
 TORCH_FLOOR = "2.10"  # the oldest torch CI tests (with 2.11 and 2.14); setup.py reads this line too
+# mbkernels._C is written against PyTorch's stable ABI of this torch (its TORCH_TARGET_VERSION): one build loads
+# under every torch from this version on, whichever torch built it, and under no older one.
+NATIVE_TORCH_FLOOR = "2.10"
 
 
 def below_torch_floor(torch_version: str) -> bool:
@@ -14,7 +17,7 @@ def below_torch_floor(torch_version: str) -> bool:
 
 
 def installed_version() -> str:
-    """The installed distribution's version (names what mbkernels._C was built for), else the source's."""
+    """The installed distribution's version (names the CUDA mbkernels._C was built for), else the source's."""
     from importlib import metadata
 
     try:

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Builds the mbkernels wheels for GPU servers: one per torch version, each with mbkernels._C compiled against
-# that torch and versioned and pinned for it (0.1.0+cu130.torch2.14 requires torch>=2.14,<2.15), repaired to a
-# manylinux tag without bundling torch's or CUDA's libraries (they come with the torch that is installed);
-# and one pure-Python wheel (any torch from setup.py's TORCH_FLOOR on, Triton and reference backends only).
+# Builds the mbkernels wheels for GPU servers: one per CUDA major version, with mbkernels._C compiled against
+# PyTorch's stable ABI (mbkernels/_version.py's NATIVE_TORCH_FLOOR) and CPython's limited API, so one file serves
+# every torch from the floor on and every CPython from 3.10 on (0.1.0+cu130, cp310-abi3, requires torch>=2.10),
+# repaired to a manylinux tag without bundling torch's or CUDA's libraries (they come with the torch that is
+# installed); and one pure-Python wheel (any torch from setup.py's TORCH_FLOOR on, Triton and reference backends).
 #
-#   scripts/build_wheels.sh [TORCH_VERSION ...]      e.g. scripts/build_wheels.sh 2.14.1 2.13.0
+#   scripts/build_wheels.sh [TORCH_VERSION ...]      e.g. scripts/build_wheels.sh 2.14.1
 #
-# Each torch version gets a venv (reused while its torch is the same) in which pip installs that torch and the
-# build tools, and a fresh copy of the sources (tracked and untracked files, never build outputs).
+# The torch that builds a wheel sets its CUDA major version (torch 2.14.1 from PyPI: CUDA 13; a cu12x build from
+# TORCH_INDEX_URL: CUDA 12): one version per CUDA major is all a release needs. Each gets a venv (reused while its
+# torch is the same) in which pip installs that torch and the build tools, and a fresh copy of the sources
+# (tracked and untracked files, never build outputs).
 # Environment:
 #   MBKERNELS_TORCH_VERSIONS  the versions when none are given (default 2.14.1)
 #   MBKERNELS_BUILD_PYTHON    build one wheel with this python (its torch, no venv): for CI
@@ -82,7 +85,7 @@ build_one() {
   log "building for $name with the toolkit at $toolkit (archs ${MBKERNELS_CUDA_ARCHS:-setup.py default})"
   wheel_from "$python" "$src" "$dist" CUDA_HOME="$toolkit" PATH="$toolkit/bin:$PATH"
   local wheels=("$dist"/*.whl)
-  [[ ${#wheels[@]} == 1 && ${wheels[0]} == *-linux_*.whl ]] || die "expected one platform wheel in $dist: ${wheels[*]}"
+  [[ ${#wheels[@]} == 1 && ${wheels[0]} == *-abi3-linux_*.whl ]] || die "expected one abi3 platform wheel in $dist: ${wheels[*]}"
   PATH="$WORK/tools/bin:$PATH" auditwheel repair "${EXCLUDES[@]}" --wheel-dir "$dist/repaired" "${wheels[0]}"
   local repaired=("$dist"/repaired/*.whl)
   local bundled
@@ -100,7 +103,7 @@ venv_for() {
     rm -rf "$venv"
     "${PYTHON:-python3}" -m venv "$venv"
     "$venv/bin/pip" install --quiet ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-      "torch==$version" numpy setuptools build ninja pybind11 >&2  # numpy: torch warns without it
+      "torch==$version" numpy setuptools build ninja >&2  # numpy: torch warns without it
   fi
   echo "$venv/bin/python"
 }

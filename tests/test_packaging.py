@@ -1,5 +1,7 @@
-"""Packaging: the import-time check of mbkernels._C against the running torch/CUDA, the version and torch pin
-a build gets (setup.py), and what an installed wheel says about itself.
+"""Packaging: the import-time check of mbkernels._C against the running torch/CUDA (the stable ABI serves every
+torch from mbkernels._version.NATIVE_TORCH_FLOOR on, one CUDA major version), the version and torch requirement a
+build gets (setup.py), the loaded library's own claims (no C++ symbol of torch, the limited API of CPython), and
+what an installed wheel says about itself.
 
 Mismatches are simulated: a stand-in extension module, patched torch versions, a patched distribution
 version. Tests that read setup.py need the source tree and skip in a run against an installed wheel.
@@ -25,7 +27,7 @@ from mbkernels import _native
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNING_TORCH, RUNNING_CUDA = "2.14.1+cu130", "13.0"
-UNDEFINED_SYMBOL = ImportError("/site-packages/mbkernels/_C.so: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv")
+MISSING_CUDA_RUNTIME = ImportError("libcudart.so.12: cannot open shared object file")
 
 
 @pytest.fixture
@@ -76,24 +78,32 @@ def assert_one_fallback_warning(caught, reason):
 # --- the import-time check --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("built_torch, built_cuda", [("2.14.1+cu130", "13.0"), ("2.14.0+cu130", "13.2")])
-def test_an_extension_built_for_the_running_minor_versions_is_used(running, monkeypatch, built_torch, built_cuda):
+@pytest.mark.parametrize("running_torch", ["2.10.0+cu130", "2.11.0+cu130", "2.14.1+cu130", "3.0.0+cu130"])
+@pytest.mark.parametrize("built_torch, built_cuda", [("2.14.1+cu130", "13.0"), ("2.11.0+cu130", "13.2")])
+def test_an_extension_serves_every_torch_from_the_stable_abi_floor_on(
+    running, monkeypatch, running_torch, built_torch, built_cuda
+):
+    monkeypatch.setattr(torch, "__version__", running_torch)
     extension = fake_extension(built_torch, built_cuda)
     C, reason, caught = load_with(monkeypatch, extension)
     assert C is extension and reason is None and not caught
 
 
-@pytest.mark.parametrize(
-    "built_torch, built_cuda",
-    [("2.13.0+cu130", "13.0"), ("2.15.0+cu130", "13.0"), ("2.14.1+cu128", "12.8"), ("3.14.1+cu130", "13.0")],
-    ids=["older-torch", "newer-torch", "other-cuda-major", "other-torch-major"],
-)
-def test_an_extension_built_for_another_torch_or_cuda_is_refused_naming_both(
-    running, monkeypatch, built_torch, built_cuda
-):
-    C, reason, caught = load_with(monkeypatch, fake_extension(built_torch, built_cuda))
+@pytest.mark.parametrize("running_torch", ["2.9.1+cu130", "2.6.0+cu124", "1.13.1"])
+def test_a_torch_older_than_the_floor_is_refused_before_the_extension_is_loaded(running, monkeypatch, running_torch):
+    monkeypatch.setattr(torch, "__version__", running_torch)
+    C, reason, caught = load_with(monkeypatch, error=AssertionError("the extension was imported"))
     assert C is None
-    assert f"torch {built_torch} with CUDA {built_cuda}" in reason
+    assert f"needs torch >= {_native.NATIVE_TORCH_FLOOR}" in reason
+    assert f"torch {running_torch} with CUDA {RUNNING_CUDA} is running" in reason
+    assert_one_fallback_warning(caught, reason)
+
+
+@pytest.mark.parametrize("built_cuda", ["12.8", "14.0"])
+def test_an_extension_built_for_another_cuda_major_is_refused_naming_both(running, monkeypatch, built_cuda):
+    C, reason, caught = load_with(monkeypatch, fake_extension("2.14.1+cu128", built_cuda))
+    assert C is None
+    assert f"built for CUDA {built_cuda}" in reason
     assert f"torch {RUNNING_TORCH} with CUDA {RUNNING_CUDA} is running" in reason
     assert_one_fallback_warning(caught, reason)
 
@@ -106,22 +116,22 @@ def test_an_extension_built_for_cuda_is_refused_by_a_cpu_only_torch(running, mon
 
 
 def test_an_extension_that_cannot_load_is_named_with_the_installed_build(running, monkeypatch):
-    installed_version(monkeypatch, "0.1.0+cu130.torch2.13")
-    C, reason, caught = load_with(monkeypatch, error=UNDEFINED_SYMBOL)
+    installed_version(monkeypatch, "0.1.0+cu128")
+    C, reason, caught = load_with(monkeypatch, error=MISSING_CUDA_RUNTIME)
     assert C is None
-    assert "undefined symbol: _ZN3c104impl" in reason
-    assert "built for torch 2.13 with CUDA 13.0 (mbkernels 0.1.0+cu130.torch2.13)" in reason
+    assert "libcudart.so.12: cannot open" in reason
+    assert "built for CUDA 12.8 (mbkernels 0.1.0+cu128)" in reason
     assert f"torch {RUNNING_TORCH} with CUDA {RUNNING_CUDA} is running" in reason
     assert_one_fallback_warning(caught, reason)
 
 
-@pytest.mark.parametrize("version", [None, "0.1.0"], ids=["not-installed", "no-build-label"])
-def test_an_extension_that_cannot_load_without_a_known_build_blames_the_torch_version(running, monkeypatch, version):
+@pytest.mark.parametrize("version", [None, "0.1.0", "0.1.0+cu130.torch2.14"],
+                         ids=["not-installed", "no-build-label", "another-label"])
+def test_an_extension_that_cannot_load_without_a_known_build_names_the_running_torch(running, monkeypatch, version):
     installed_version(monkeypatch, version)
-    C, reason, caught = load_with(monkeypatch, error=UNDEFINED_SYMBOL)
-    assert C is None
-    assert f"torch {RUNNING_TORCH} with CUDA {RUNNING_CUDA} is running" in reason
-    assert "built against another torch" in reason
+    C, reason, caught = load_with(monkeypatch, error=MISSING_CUDA_RUNTIME)
+    assert C is None and "built for" not in reason
+    assert f"libcudart.so.12: cannot open shared object file); torch {RUNNING_TORCH} with CUDA {RUNNING_CUDA} is running" in reason
     assert_one_fallback_warning(caught, reason)
 
 
@@ -135,7 +145,7 @@ def test_an_extension_that_cannot_load_without_a_known_build_blames_the_torch_ve
     ids=["other-missing-module", "missing-cuda-runtime", "any-other-error"],
 )
 def test_any_failure_to_load_falls_back_with_a_warning_instead_of_raising(running, monkeypatch, error):
-    installed_version(monkeypatch, "0.1.0+cu130.torch2.14")
+    installed_version(monkeypatch, "0.1.0+cu130")
     C, reason, caught = load_with(monkeypatch, error=error)
     assert C is None and type(error).__name__ in reason and str(error) in reason
     assert_one_fallback_warning(caught, reason)
@@ -154,8 +164,8 @@ def test_a_pure_python_install_warns_only_where_a_gpu_could_have_used_the_extens
 
 def test_mbkernels_quiet_silences_the_warning_but_keeps_the_reason(running, monkeypatch):
     monkeypatch.setenv("MBKERNELS_QUIET", "1")
-    C, reason, caught = load_with(monkeypatch, fake_extension("2.13.0+cu130", "13.0"))
-    assert C is None and "2.13.0+cu130" in reason and not caught
+    C, reason, caught = load_with(monkeypatch, fake_extension("2.14.1+cu128", "12.8"))
+    assert C is None and "CUDA 12.8" in reason and not caught
 
 
 @pytest.fixture
@@ -165,34 +175,70 @@ def reload_native_afterwards(monkeypatch):
     importlib.reload(_native)  # the state the rest of the session expects
 
 
-@pytest.mark.skipif(_native.C is None, reason=f"mbkernels._C is not loaded here: {_native.unavailable_reason}")
-def test_importing_under_another_torch_turns_the_cuda_backend_off_with_one_warning(
+needs_loaded_extension = pytest.mark.skipif(
+    _native.C is None, reason=f"mbkernels._C is not loaded here: {_native.unavailable_reason}")
+
+
+@needs_loaded_extension
+def test_importing_under_a_torch_older_than_the_floor_turns_the_cuda_backend_off_with_one_warning(
     running, monkeypatch, reload_native_afterwards
 ):
-    monkeypatch.setattr(torch, "__version__", "2.99.0+cu130")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu130")
     with pytest.warns(RuntimeWarning) as caught:
         importlib.reload(_native)
     assert _native.C is None
-    assert f"was built for torch {mbkernels._C.TORCH_VERSION}" in _native.unavailable_reason
-    assert "torch 2.99.0+cu130 with CUDA 13.0 is running" in _native.unavailable_reason
+    assert f"needs torch >= {_native.NATIVE_TORCH_FLOOR}" in _native.unavailable_reason
+    assert "torch 2.9.1+cu130 with CUDA 13.0 is running" in _native.unavailable_reason
     assert_one_fallback_warning(caught.list, _native.unavailable_reason)
     status = mbkernels.backend_status()
     assert not status["cuda"].available and status["cuda"].reason == _native.unavailable_reason
     assert status["reference"].available
 
 
+@needs_loaded_extension
+def test_importing_under_a_newer_torch_keeps_the_cuda_backend(running, monkeypatch, reload_native_afterwards):
+    monkeypatch.setattr(torch, "__version__", "2.99.0+cu130")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        importlib.reload(_native)
+    assert _native.C is mbkernels._C and _native.unavailable_reason is None
+    assert mbkernels.backend_status()["cuda"].available
+
+
 # --- the extension and the distribution actually installed -----------------------------------------------
 
 
-@pytest.mark.skipif(_native.C is None, reason=f"mbkernels._C is not loaded here: {_native.unavailable_reason}")
-def test_the_loaded_extension_registers_the_ops_and_fits_the_running_torch():
+@needs_loaded_extension
+def test_the_loaded_extension_registers_the_ops_and_serves_the_running_torch():
     C = _native.C
-    assert _native._minor(C.TORCH_VERSION) == _native._minor(torch.__version__)
+    assert C.TORCH_TARGET_VERSION == _native.NATIVE_TORCH_FLOOR  # the build followed the source
+    assert _native._minor(torch.__version__) >= _native._minor(C.TORCH_TARGET_VERSION)
     assert C.CUDA_VERSION.split(".")[0] == torch.version.cuda.split(".")[0]
     assert Path(C.__file__).parent == Path(mbkernels.__file__).parent
     for op in ("dwconv_bn_act_cuda", "squeeze_excite_cuda"):
         assert str(getattr(torch.ops.mbkernels, op).default._schema).startswith(f"mbkernels::{op}(Tensor x")
     assert mbkernels.backend_status()["cuda"].available
+
+
+def _undefined_symbols(library: str) -> list:
+    result = subprocess.run(["nm", "-D", "--undefined-only", library], capture_output=True, text=True, check=True)
+    return [line.split()[-1] for line in result.stdout.splitlines() if line.strip()]
+
+
+@needs_loaded_extension
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_the_loaded_extension_needs_no_cpp_symbol_of_torch_and_no_libtorch_python():
+    """What lets one build serve every torch from the floor on: torch is reached through the C functions of its
+    stable ABI only (a mangled c10::, at:: or torch:: name would tie the library to one torch), and CPython
+    through its limited API (an abi3 library, without libtorch_python, which is built for one CPython)."""
+    library = _native.C.__file__
+    assert library.endswith(".abi3.so"), library
+    symbols = _undefined_symbols(library)
+    assert "torch_library_impl" in symbols and "aoti_torch_get_current_cuda_stream" in symbols
+    cpp_of_torch = [s for s in symbols if re.match(r"_ZN?K?(3c10|2at|5torch)", s)]
+    assert not cpp_of_torch, cpp_of_torch[:10]
+    needed = subprocess.run(["readelf", "-d", library], capture_output=True, text=True).stdout
+    assert "libtorch_python" not in needed
 
 
 def _wheel_installed_distribution():
@@ -208,14 +254,12 @@ def _wheel_installed_distribution():
 @pytest.mark.skipif(
     _wheel_installed_distribution() is None, reason="mbkernels is not installed from a wheel with mbkernels._C"
 )
-def test_an_installed_wheel_is_versioned_and_pinned_for_the_torch_its_extension_was_built_with():
+def test_an_installed_wheel_is_versioned_for_its_cuda_and_requires_the_stable_abi_floor():
     dist = _wheel_installed_distribution()
     C = _native.C
     assert C is not None, _native.unavailable_reason
-    major, minor = (int(part) for part in _native._minor(C.TORCH_VERSION))
-    cuda_tag = C.CUDA_VERSION.replace(".", "")
-    assert dist.version.endswith(f"+cu{cuda_tag}.torch{major}.{minor}"), dist.version
-    assert f"torch<{major}.{minor + 1},>={major}.{minor}" in (dist.requires or []), dist.requires
+    assert dist.version.endswith(f"+cu{C.CUDA_VERSION.replace('.', '')}"), dist.version
+    assert f"torch>={C.TORCH_TARGET_VERSION}" in (dist.requires or []), dist.requires
     loaded = Path(C.__file__).resolve()
     assert loaded in {Path(dist.locate_file(f)).resolve() for f in dist.files}, "a different mbkernels._C loaded"
 
@@ -234,26 +278,42 @@ def setup_py():
 
 
 @needs_source_tree
-@pytest.mark.parametrize(
-    "torch_version, cuda_version, version, requirement",
-    [
-        ("2.14.1+cu130", "13.0", "+cu130.torch2.14", "torch>=2.14,<2.15"),
-        ("2.9.0+cu128", "12.8", "+cu128.torch2.9", "torch>=2.9,<2.10"),
-        ("2.15.0a0+git1234abc", "13.1", "+cu131.torch2.15", "torch>=2.15,<2.16"),
-    ],
-)
-def test_a_native_build_is_versioned_and_pinned_for_its_torch(
-    setup_py, torch_version, cuda_version, version, requirement
-):
-    full = setup_py.native_version(torch_version, cuda_version)
-    assert full == setup_py.BASE_VERSION + version
-    assert setup_py.native_torch_requirement(torch_version) == requirement
+@pytest.mark.parametrize("cuda_version, label", [("13.0", "+cu130"), ("12.8", "+cu128"), ("13.1", "+cu131")])
+def test_a_native_build_is_versioned_for_its_cuda_alone_and_requires_the_floor(setup_py, cuda_version, label):
+    assert setup_py.native_version(cuda_version) == setup_py.BASE_VERSION + label
+    assert setup_py.native_torch_requirement() == f"torch>={_native.NATIVE_TORCH_FLOOR}"
+    assert setup_py.NATIVE_TORCH_FLOOR == _native.NATIVE_TORCH_FLOOR
 
 
 @needs_source_tree
 def test_the_import_check_reads_the_build_label_that_setup_writes(setup_py, monkeypatch):
-    installed_version(monkeypatch, setup_py.native_version("2.14.1+cu130", "13.0"))
-    assert _native.installed_build() == f"torch 2.14 with CUDA 13.0 (mbkernels {setup_py.BASE_VERSION}+cu130.torch2.14)"
+    installed_version(monkeypatch, setup_py.native_version("13.0"))
+    assert _native.installed_build() == f"CUDA 13.0 (mbkernels {setup_py.BASE_VERSION}+cu130)"
+
+
+@needs_source_tree
+@pytest.mark.parametrize("version, target", [("2.10", "0x020a000000000000"), ("2.14", "0x020e000000000000"),
+                                             ("3.1", "0x0301000000000000")])
+def test_the_stable_abi_target_is_torchs_version_encoding(setup_py, version, target):
+    assert setup_py.stable_abi_target(version) == target
+
+
+@needs_source_tree
+@pytest.mark.parametrize("limited_api, tag", [("0x030A0000", "cp310"), ("0x030C0000", "cp312"), ("0x03090000", "cp39")])
+def test_the_abi3_tag_is_the_limited_apis_cpython(setup_py, limited_api, tag):
+    assert setup_py.limited_api_tag(limited_api) == tag
+
+
+@needs_source_tree
+def test_a_torch_older_than_the_floor_builds_the_pure_python_package(setup_py, monkeypatch):
+    monkeypatch.setattr(setup_py, "find_cuda_home", lambda: "/usr/local/cuda")
+    monkeypatch.delenv("MBKERNELS_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu130")
+    cuda_home, why_not = setup_py.cuda_build_plan()
+    assert cuda_home is None and "predates the stable ABI of torch 2.10" in why_not
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cu130")
+    assert setup_py.cuda_build_plan() == ("/usr/local/cuda", None)
 
 
 @needs_source_tree

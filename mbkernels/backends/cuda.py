@@ -29,7 +29,8 @@ def runs_on(capability: tuple, arch_list: str) -> bool:
 
 def describe() -> str:
     C = _native.C
-    built = f"mbkernels._C for torch {C.TORCH_VERSION}, CUDA {C.CUDA_VERSION}, archs {C.CUDA_ARCHS}"
+    built = (f"mbkernels._C for torch >= {C.TORCH_TARGET_VERSION} (stable ABI; built with torch {C.TORCH_VERSION}), "
+             f"CUDA {C.CUDA_VERSION}, archs {C.CUDA_ARCHS}")
     if not torch.cuda.is_available():
         built += " (no CUDA GPU here: asked for by name, it runs its kernels' host emulation on CPU tensors)"
     return built

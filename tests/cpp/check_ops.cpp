@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
-#include <mbkernels/ops.h>  // only for the ops' C++ signatures: the program links no symbol of the library
 
 #include <cstdlib>
 #include <functional>
@@ -14,6 +13,13 @@
 namespace {
 
 constexpr double kTolerance = 2e-5;  // float32, relative to the largest reference value
+
+// The ops' schemas (csrc/registration.cpp) as the dispatcher's unboxed calls spell them.
+using DwconvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                   at::IntArrayRef, at::IntArrayRef, c10::string_view);
+using SqueezeExciteSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                          const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                                          c10::string_view);
 
 // Runs `run`, returns false on an error or a mismatch.
 bool check(const std::string& what, const std::function<at::Tensor()>& run, const at::Tensor& reference) {
@@ -37,7 +43,7 @@ bool check(const std::string& what, const std::function<at::Tensor()>& run, cons
 bool check_dwconv_bn_act(const c10::Device& device) {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("mbkernels::dwconv_bn_act_cuda", "")
-                .typed<decltype(mbkernels::dwconv_bn_act_cuda)>();
+                .typed<DwconvSignature>();
   const int64_t channels = 5;
   const at::Tensor x = at::randn({2, channels, 9, 7});
   const at::Tensor weight = at::randn({channels, 1, 3, 3});
@@ -52,7 +58,7 @@ bool check_dwconv_bn_act(const c10::Device& device) {
 bool check_squeeze_excite(const c10::Device& device) {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("mbkernels::squeeze_excite_cuda", "")
-                .typed<decltype(mbkernels::squeeze_excite_cuda)>();
+                .typed<SqueezeExciteSignature>();
   const int64_t channels = 6, reduced = 3;
   const at::Tensor x = at::randn({2, channels, 5, 3});
   const at::Tensor w_reduce = at::randn({reduced, channels});
