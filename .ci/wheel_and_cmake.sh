@@ -10,7 +10,7 @@
 #
 #   .ci/wheel_and_cmake.sh [PYTHON [SECOND_PYTHON]]
 #     PYTHON: one with torch (and pytest) installed; default `python` on PATH
-#     SECOND_PYTHON: default .gpu-stack-venv's (.ci/gpu_stack.sh makes it); the step is skipped, saying so,
+#     SECOND_PYTHON: default .gpu-stack-venv-2.11's (.ci/gpu_stack.sh 2.11 makes it); the step is skipped, saying so,
 #     when there is none
 #
 # Environment: MBKERNELS_CI_PYTEST_ARGS (pytest's arguments; default below), MBKERNELS_CI_KEEP=1 (keep the scratch
@@ -19,7 +19,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=$(command -v "${1:-python}") || { echo "no python ${1:-python}" >&2; exit 1; }
-SECOND_PY=${2:-${GPU_STACK_VENV:-$REPO/.gpu-stack-venv}/bin/python}
+SECOND_PY=${2:-${GPU_STACK_VENV:-$REPO/.gpu-stack-venv-2.11}/bin/python}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mbkernels-ci.XXXXXX")  # outside the source tree: nothing here sees the checkout
 if [[ ${MBKERNELS_CI_KEEP:-0} == 1 ]]; then
   echo "scratch folder kept: $WORK"
