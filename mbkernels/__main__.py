@@ -71,10 +71,16 @@ def interleaved_ms(runs: dict, rounds: int, device: torch.device, calls: int = 1
     machine's other load falls on all of them alike and round i of one is comparable with round i of another."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    def repeated(run: Callable) -> Callable:
+        def calls_in_a_row():
+            for _ in range(calls):
+                run()
+        return calls_in_a_row
+
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            times[name].append(elapsed_ms(lambda: [run() for _ in range(calls)], device) / calls)
+            times[name].append(elapsed_ms(repeated(run), device) / calls)
     return times
 
 
