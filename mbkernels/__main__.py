@@ -174,10 +174,9 @@ def checked_args(parser: argparse.ArgumentParser, argv: Optional[list]) -> argpa
     if not args.no_compile:
         from torch import _dynamo
 
-        known = _dynamo.list_backends(exclude_tags=())
-        if args.compile_backend not in known:
+        if args.compile_backend not in _dynamo.list_backends(exclude_tags=()):  # debug backends included
             parser.error(f"--compile-backend {args.compile_backend!r}: torch.compile has no such backend "
-                         f"(it has {', '.join(known)})")
+                         f"(it has {', '.join(_dynamo.list_backends())}, and debug ones such as aot_eager)")
     return args
 
 

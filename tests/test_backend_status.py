@@ -19,21 +19,23 @@ def test_a_backend_that_serves_no_device_here_for_real_is_emulated(monkeypatch):
         declared("off", ("cuda",), reason="its library is missing"),
         declared("everywhere", (ANY_DEVICE,)),
         declared("on_the_cpu", ("cpu",), opt_in=("cuda",)),
+        declared("gpu_or_nothing", ("cuda",)),  # runs nothing here, emulates nothing
     ))
     status = dispatch.backend_status()
     assert {name: s.state for name, s in status.items()} == {
         "gpu_only": "emulated", "interpreted": "emulated", "off": "unavailable", "everywhere": "available",
-        "on_the_cpu": "available"}
+        "on_the_cpu": "available", "gpu_or_nothing": "available"}
     assert status["gpu_only"] == (True, "gpu_only kernels") and status["gpu_only"].available  # still a pair
     available, reason = status["off"]
     assert (available, reason) == (False, "its library is missing")
     assert str(status).splitlines() == [
-        "backend      state        details",
-        "gpu_only     emulated     gpu_only kernels",
-        "interpreted  emulated     interpreted kernels",
-        "off          unavailable  its library is missing",
-        "everywhere   available    everywhere kernels",
-        "on_the_cpu   available    on_the_cpu kernels",
+        "backend         state        details",
+        "gpu_only        emulated     gpu_only kernels",
+        "interpreted     emulated     interpreted kernels",
+        "off             unavailable  its library is missing",
+        "everywhere      available    everywhere kernels",
+        "on_the_cpu      available    on_the_cpu kernels",
+        "gpu_or_nothing  available    gpu_or_nothing kernels",
     ]
     assert repr(status) == str(status)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import HAS_GPU
 
 import mbkernels
@@ -122,9 +123,11 @@ def scripted_timer(monkeypatch, ms: list, load: float = 0.0):
 
 
 def test_variants_take_turns_each_round_and_steady_rounds_pass_unwarned(capsys, monkeypatch):
-    scripted_timer(monkeypatch, [10, 5] * 3)
+    scripted_timer(monkeypatch, [10, 5] * 3, load=os.cpu_count())  # every core busy: ours, timing
+    pinned = []
+    monkeypatch.setattr(torch, "set_num_threads", pinned.append)
     code, lines = run(capsys, "--no-compile", "--iters", "3")
-    assert code == 0
+    assert code == 0 and pinned == [1]
     table = rows(lines)
     assert table["stock eager"][:4] == ["10.00", "200.0", "1.00x", ""]
     assert table["patched eager"][:4] == ["5.00", "400.0", "2.00x", "±0%"]

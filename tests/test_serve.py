@@ -147,7 +147,9 @@ def test_checkpoint_that_is_no_state_dict_is_refused_in_our_words(tmp_path):
     garbage, pickled_model, missing = tmp_path / "garbage.pt", tmp_path / "model.pt", tmp_path / "missing.pt"
     garbage.write_bytes(b"not a checkpoint")
     torch.save(torch.nn.Linear(2, 2), pickled_model)  # a whole pickled module, not its state_dict
-    for path in (garbage, pickled_model):
+    training = tmp_path / "training.pt"
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "epoch": 3}, training)  # a state_dict inside
+    for path in (garbage, pickled_model, training):
         with pytest.raises(ValueError) as refused:
             mbserve.create_model(MODEL, str(path))
         assert str(refused.value) == (f"--checkpoint {path}: not a checkpoint this server reads: it reads a "
