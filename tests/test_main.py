@@ -1,4 +1,5 @@
 """python -m mbkernels: the table, the check and its exit codes."""
+import dataclasses
 import logging
 import os
 import re
@@ -11,6 +12,7 @@ from conftest import HAS_GPU
 
 import mbkernels
 from mbkernels import __main__ as command
+from mbkernels import backends
 from mbkernels.backends import OpSupport, reference
 
 pytest.importorskip("torchvision")
@@ -191,6 +193,18 @@ def test_a_backend_that_cannot_run_here_is_one_line_and_exit_2(capsys, monkeypat
     with pytest.raises(SystemExit) as exited:
         command.main([*QUICK, "--device", "cuda"])
     assert exited.value.code == 2
+
+
+def test_a_backend_that_serves_another_device_is_one_line_and_exit_2(capsys, monkeypatch):
+    gpu_only = dataclasses.replace(backends.get("triton"), devices=("cuda",), opt_in_devices=(),
+                                   unavailable_reason=lambda: None)
+    monkeypatch.setattr(backends, "declared", lambda: (gpu_only,))
+    with pytest.raises(SystemExit) as exited:
+        command.main([*QUICK, "--backend", "triton", "--device", "cpu"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m mbkernels: error: --backend triton cannot run on cpu here: x is on cpu; the triton backend runs "
+        "cuda tensors (--help lists the options)"]
 
 
 @pytest.mark.skipif(HAS_GPU or not mbkernels.backend_status()["cuda"].available,
