@@ -10,6 +10,10 @@ the stock, patched and tuned models interleaved, benchmarks the patched one, and
 (`--benchmark-disable`) MobileNetV3-Small at batch 1 runs both pairs at 64x64, once each: it checks that the
 variants run and match stock; its ratios mean little.
 
+Each ratio comes with its spread over the rounds (half the interquartile range of the per-round ratios); a ratio
+whose rounds disagree, or one timed on a machine busier than its cores, is marked unreliable (extra_info's
+`unreliable`, the script's warning lines).
+
 As a script, the measurement the report quotes (interleaved rounds, each variant's median, 2 threads):
     python benchmarks/test_cpu_speed.py [--models NAME ...] [--batches 1 8] [--rounds 7] [--threads 2]
 """
@@ -21,14 +25,16 @@ import time
 import torch
 
 import mbkernels
+from mbkernels.__main__ import interleaved_ms, ratio_and_spread, unreliable
 from mbkernels.models import build_model
 
 MODELS = ("mobilenetv3_large_100", "mobilenetv3_small_100", "mobilenetv2_100", "efficientnet_b0",
           "efficientnet_pytorch:efficientnet-b0")
 BATCHES = (1, 8)
 TARGET = {"eager": 1.0, "compile": 0.95}  # the patched model's speed relative to stock, at least
-TOLERANCE = 1e-4
-SMOKE_CASE = ("mobilenetv3_small_100", 1)  # float32 against float64 stock, relative to the largest logit
+TOLERANCE = 1e-4  # float32 against float64 stock, relative to the largest logit
+SMOKE_CASE = ("mobilenetv3_small_100", 1)
+THREADS = 2  # torch's CPU threads, pinned for every case
 
 
 def build(model_name: str, variant: str, x: torch.Tensor, seed: int = 0):
@@ -52,16 +58,16 @@ def check(models: dict, reference, x: torch.Tensor) -> None:
         assert error <= TOLERANCE, f"{name}: relative error {error:.2e} > {TOLERANCE}"
 
 
+def interleaved_times(models: dict, x: torch.Tensor, rounds: int, iterations: int) -> dict:
+    """{name: [ms per call in each round]}: rounds of `iterations` calls, the models taking turns each round, so
+    that the machine's other load falls on all of them alike (the main command's timing)."""
+    return interleaved_ms({name: (lambda model=model: model(x)) for name, model in models.items()}, rounds,
+                          x.device, calls=iterations)
+
+
 def interleaved_medians(models: dict, x: torch.Tensor, rounds: int, iterations: int) -> dict:
-    """Median ms per call of each model: rounds of `iterations` calls, the models taking turns each round, so
-    that the machine's other load falls on all of them alike."""
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            started = time.perf_counter()
-            for _ in range(iterations):
-                model(x)
-            times[name].append((time.perf_counter() - started) / iterations * 1e3)
+    """Median ms per call of each model, from interleaved_times."""
+    times = interleaved_times(models, x, rounds, iterations)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -87,19 +93,28 @@ if pytest is not None:
                         "on 2 cores)")
         size = 64 if smoke else 224
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-        models, reference = build(model_name, variant, x)
-        with torch.no_grad():
-            check(models, reference, x)
-            medians = interleaved_medians(models, x, rounds=1 if smoke else 5, iterations=1 if smoke else 3)
-            benchmark.pedantic(models["patched"], args=(x,), rounds=1 if smoke else 10, iterations=1,
-                               warmup_rounds=0)
-        ratio = medians["stock"] / medians["patched"]
-        tuned_ratio = medians["stock"] / medians["tuned"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        try:
+            models, reference = build(model_name, variant, x)
+            with torch.no_grad():
+                check(models, reference, x)
+                rounds = 1 if smoke else 5
+                times = interleaved_times(models, x, rounds=rounds, iterations=1 if smoke else 3)
+                benchmark.pedantic(models["patched"], args=(x,), rounds=1 if smoke else 10, iterations=1,
+                                   warmup_rounds=0)
+        finally:
+            torch.set_num_threads(threads)
+        ratio, spread = ratio_and_spread(times["stock"], times["patched"])
+        tuned_ratio, tuned_spread = ratio_and_spread(times["stock"], times["tuned"])
+        medians = {name: statistics.median(values) for name, values in times.items()}
         benchmark.extra_info.update(model=model_name, batch=batch, variant=variant, stock_ms=medians["stock"],
                                     patched_ms=medians["patched"], tuned_ms=medians["tuned"], ratio=ratio,
-                                    tuned_ratio=tuned_ratio, target=TARGET[variant],
+                                    ratio_spread=spread, tuned_ratio=tuned_ratio, tuned_ratio_spread=tuned_spread,
+                                    target=TARGET[variant],
                                     meets_target=ratio >= TARGET[variant] and tuned_ratio >= 1.0,
-                                    threads=torch.get_num_threads())
+                                    unreliable=unreliable({"patched": spread, "tuned": tuned_spread}, rounds),
+                                    rounds=rounds, threads=THREADS)
 
 
 # --------------------------------------------------------------------------------------------------- script
@@ -112,13 +127,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
-    print(f"torch {torch.__version__}, {options.threads} threads, {options.size}x{options.size}, float32, "
-          f"{options.rounds} interleaved rounds; ms per call, ratio = stock / that model (targets: patched eager "
-          f">= 1.00, patched compiled >= 0.95, tuned >= 1.00 and >= patched)")
-    head = (f"{'model':38} {'batch':>5}  {'stock':>7} {'patched':>7} {'ratio':>6} {'tuned':>7} {'ratio':>6}   "
-            f"{'stock':>7} {'patched':>7} {'ratio':>6} {'tuned':>7} {'ratio':>6}")
-    print(f"{'':38} {'':5}  {'eager':-^36}   {'compiled':-^36}")
-    print(head)
+    print(f"torch {torch.__version__}, {options.threads} threads (torch.set_num_threads), {options.size}x{options.size}, "
+          f"float32, {options.rounds} interleaved rounds; ms per call (median round), ratio = stock / that model "
+          f"± half the interquartile range of its per-round ratios (targets: patched eager >= 1.00, patched compiled "
+          f">= 0.95, tuned >= 1.00 and >= patched)")
+    cell = f"{'stock':>7} {'patched':>7} {'ratio':>10} {'tuned':>7} {'ratio':>10}"
+    print(f"{'':38} {'':5}  {'eager':-^44}   {'compiled':-^44}")
+    print(f"{'model':38} {'batch':>5}  {cell}   {cell}")
+    warnings = []
     for model_name in options.models:
         for batch in options.batches:
             x = torch.randn(batch, 3, options.size, options.size, generator=torch.Generator().manual_seed(1))
@@ -128,13 +144,22 @@ def main() -> None:
             iterations = 8 if batch == 1 else 2
             with torch.no_grad():
                 check(models, reference, x)
-                ms = interleaved_medians(models, x, options.rounds, iterations)
-            cells = []
+                times = interleaved_times(models, x, options.rounds, iterations)
+            cells, spreads = [], {}
             for suffix in ("", " compiled"):
-                stock = ms["stock" + suffix]
-                cells.append(f"{stock:7.2f} {ms['patched' + suffix]:7.2f} {stock / ms['patched' + suffix]:5.2f}x "
-                             f"{ms['tuned' + suffix]:7.2f} {stock / ms['tuned' + suffix]:5.2f}x")
+                stock = times["stock" + suffix]
+                cell = [f"{statistics.median(stock):7.2f}"]
+                for name in ("patched", "tuned"):
+                    ratio, spread = ratio_and_spread(stock, times[name + suffix])
+                    spreads[name + suffix] = spread
+                    shown = f"{ratio:.2f}x" + (f"±{spread:.0%}" if spread is not None else "")
+                    cell += [f"{statistics.median(times[name + suffix]):7.2f}", f"{shown:>10}"]
+                cells.append(" ".join(cell))
             print(f"{model_name:38} {batch:5d}  {cells[0]}   {cells[1]}", flush=True)
+            warning = unreliable(spreads, options.rounds)
+            if warning:
+                warnings.append(f"{model_name} batch {batch}: {warning}")
+    print("\n".join(warnings))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ and raises with every backend's reason when none fits.
 import os
 from typing import Callable, NamedTuple, Optional
 
+import torch
+
 from . import backends as _backends
 from .backends import Backend, OpSupport
 
@@ -32,9 +34,42 @@ class Choice(NamedTuple):
         return self.support.prepare
 
 
-class BackendStatus(NamedTuple):
-    available: bool
-    reason: str
+class BackendStatus(tuple):
+    """One backend on this machine: (available, reason) as a pair -- it unpacks and compares as one -- plus
+    `emulated`: it runs, but no device it serves for real is here (the CUDA kernels' host emulation on a machine
+    without a GPU, Triton under its interpreter), so what it runs checks correctness and says nothing of speed."""
+
+    def __new__(cls, available: bool, reason: str, emulated: bool = False):
+        status = super().__new__(cls, (available, reason))
+        status.emulated = emulated
+        return status
+
+    @property
+    def available(self) -> bool:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
+    @property
+    def state(self) -> str:
+        return "emulated" if self.emulated else "available" if self.available else "unavailable"
+
+    def __repr__(self) -> str:
+        return f"BackendStatus(available={self.available}, reason={self.reason!r}, emulated={self.emulated})"
+
+
+class BackendStatuses(dict):
+    """backend_status(): {name: BackendStatus}, printed as a table."""
+
+    def __str__(self) -> str:
+        width = max(map(len, ["backend", *self]))
+        lines = [f"{'backend':{width}}  {'state':11}  details"]
+        lines += [f"{name:{width}}  {status.state:11}  {status.reason}" for name, status in self.items()]
+        return "\n".join(lines)
+
+    __repr__ = __str__
 
 
 def requested_backend(backend: Optional[str]) -> Optional[str]:
@@ -84,11 +119,26 @@ def select(op: str, backend: Optional[str], args) -> Choice:
     raise RuntimeError(f"no backend can run {op} on these inputs ({'; '.join(reasons)})")
 
 
-def backend_status() -> dict[str, BackendStatus]:
-    """Each backend's availability on this machine and, where it is off, why."""
-    status = {}
+def _present(device_type: str) -> bool:
+    """Whether this machine has a device of this type (the reference backend's "any" is always here)."""
+    if device_type in (_backends.ANY_DEVICE, "cpu"):
+        return True
+    return device_type == "cuda" and torch.cuda.is_available()
+
+
+def backend_status() -> BackendStatuses:
+    """Each backend's availability on this machine and, where it is off, why; print it for a table. A backend
+    that runs only devices it serves when asked for by name (`opt_in_devices`: a host emulation, an interpreter),
+    because none it serves for real is here, is available and `emulated`."""
+    status = BackendStatuses()
     for backend in _backends.declared():
         reason = backend.unavailable_reason()
-        status[backend.name] = BackendStatus(reason is None, reason or backend.describe())
+        emulated = reason is None and not any(map(_present, backend.devices)) and bool(backend.opt_in_devices)
+        status[backend.name] = BackendStatus(reason is None, reason or backend.describe(), emulated)
     return status
 
+
+def why_not_here(name: str, device: torch.device) -> Optional[str]:
+    """Why the backend named `name` cannot run on `device` on this machine when asked for by name (None: it can)."""
+    backend = _backends.get(requested_backend(name))
+    return backend.unavailable_reason() or _device_reason(backend, device, explicit=True)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import backend_status, patch
+from .__main__ import OneLineErrors
 from .models import DTYPES
 from .models import build_model as build_stock_model
 from .nn import DWConvBNAct, FusedModule, SqueezeExcite
@@ -45,12 +46,16 @@ LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 1
 # ----------------------------------------------------------------------------------------- the model
 def load_checkpoint(model: torch.nn.Module, name: str, path: str) -> None:
     """Load the state_dict saved at path into model; a file that is not one, or does not fit, raises ValueError."""
+    readable = ("not a checkpoint this server reads: it reads a state_dict of tensors saved with "
+                "torch.save(model.state_dict(), PATH)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # whatever torch.load says, the file is not a readable state_dict
-        raise ValueError(f"--checkpoint {path}: cannot be read ({one_line(error)})") from None
+    except OSError as error:
+        raise ValueError(f"--checkpoint {path}: cannot be read ({error.strerror or one_line(error)})") from None
+    except Exception:  # not a file torch.save wrote, or one holding more than tensors (torch's advice is not ours)
+        raise ValueError(f"--checkpoint {path}: {readable}") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(f"--checkpoint {path}: not a state_dict (save one with torch.save(model.state_dict(), PATH))")
+        raise ValueError(f"--checkpoint {path}: {readable}")
     expected = model.state_dict()
     problems = {
         "missing keys": [key for key in expected if key not in state],
@@ -431,16 +436,16 @@ def classify(url: str, image: bytes, content_type: str = "application/octet-stre
 
 
 # ----------------------------------------------------------------------------------------- the command
-def parse_args(argv: Optional[list]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mbkernels.serve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrors(prog="python -m mbkernels.serve", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="timm model name, or tv:NAME for torchvision")
     parser.add_argument("--checkpoint", help="state_dict saved with torch.save(model.state_dict(), PATH), readable "
                                              "at PATH on every node (default: random weights)")
     parser.add_argument("--replicas", type=int, help="replicas (default: one per GPU in the cluster, 1 on the CPU)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; "
                                                              "0.0.0.0 to be reached from other machines)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: cuda when the cluster has GPUs (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on a GPU, float32 on the CPU")
@@ -458,15 +463,26 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
                                                "else each node's own)")
     parser.add_argument("--address", help="Ray cluster to join, e.g. HEAD_IP:6379 (default: start a local one)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all; not with --address)")
+    return parser
+
+
+def checked_args(parser: argparse.ArgumentParser, argv: Optional[list]) -> argparse.Namespace:
+    """The parsed options, each bad value refused in one line with exit status 2 before any cluster starts."""
     args = parser.parse_args(argv)
     for name in ("replicas", "max_batch_size", "max_pixels", "num_cpus"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.batch_wait_ms < 0:
         parser.error("--batch-wait-ms must be at least 0")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be from 1 to 65535, got {args.port}")
     if args.address and args.num_cpus:
         parser.error("--num-cpus sizes a local cluster; with --address the cluster has its own")
     return args
+
+
+def parse_args(argv: Optional[list]) -> argparse.Namespace:
+    return checked_args(make_parser(), argv)
 
 
 def resolve_options(args: argparse.Namespace, cluster_gpus: float) -> ServeOptions:
@@ -484,11 +500,12 @@ def resolve_options(args: argparse.Namespace, cluster_gpus: float) -> ServeOptio
 
 
 def main(argv: Optional[list] = None) -> int:
-    args = parse_args(argv)
+    parser = make_parser()
+    args = checked_args(parser, argv)
     try:  # here, before any replica starts: an unknown model or a checkpoint that does not fit is one clear line
         create_model(args.model, args.checkpoint)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        parser.error(str(error))
     import ray
     from ray import serve
 

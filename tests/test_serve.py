@@ -140,10 +140,22 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
     torch.save(timm.create_model("mobilenetv3_small_050", pretrained=False).state_dict(), other)
     with pytest.raises(ValueError, match=f"does not fit {MODEL}: .*missing keys"):
         mbserve.create_model(MODEL, str(other))
-    garbage = tmp_path / "garbage.pt"
+
+
+
+def test_checkpoint_that_is_no_state_dict_is_refused_in_our_words(tmp_path):
+    garbage, pickled_model, missing = tmp_path / "garbage.pt", tmp_path / "model.pt", tmp_path / "missing.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read"):
-        mbserve.create_model(MODEL, str(garbage))
+    torch.save(torch.nn.Linear(2, 2), pickled_model)  # a whole pickled module, not its state_dict
+    training = tmp_path / "training.pt"
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "epoch": 3}, training)  # a state_dict inside
+    for path in (garbage, pickled_model, training):
+        with pytest.raises(ValueError) as refused:
+            mbserve.create_model(MODEL, str(path))
+        assert str(refused.value) == (f"--checkpoint {path}: not a checkpoint this server reads: it reads a "
+                                      "state_dict of tensors saved with torch.save(model.state_dict(), PATH)")
+    with pytest.raises(ValueError, match=r"missing.pt: cannot be read \(No such file or directory\)$"):
+        mbserve.create_model(MODEL, str(missing))
 
 
 @pytest.mark.parametrize("name", ["tv:no_such_model", "timm:no_such_model", "hub:no_such_model"])
@@ -156,12 +168,37 @@ def test_a_model_no_library_has_is_refused(name):
 def test_command_refuses_a_bad_checkpoint_or_model_before_serving(tmp_path, problem):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    args, message = {"checkpoint": (["--model", MODEL, "--checkpoint", str(garbage)], "cannot be read"),
+    args, message = {"checkpoint": (["--model", MODEL, "--checkpoint", str(garbage)],
+                                    "not a checkpoint this server reads"),
                      "model": (["--model", "tv:no_such_model"], "has a model 'no_such_model'")}[problem]
     done = run_command(args, capture_output=True, timeout=120)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert message in done.stderr and "Ray" not in done.stderr  # refused before any cluster started
-    assert "Traceback" not in done.stderr  # in one line
+    assert len(done.stderr.splitlines()) == 1 and "weights_only" not in done.stderr  # in one line, ours
+
+
+CLI_BAD_VALUES = {
+    "replicas": (["--replicas", "0"], "--replicas must be at least 1"),
+    "max-batch-size": (["--max-batch-size", "-1"], "--max-batch-size must be at least 1"),
+    "batch-wait-ms": (["--batch-wait-ms", "-5"], "--batch-wait-ms must be at least 0"),
+    "port": (["--port", "70000"], "--port must be from 1 to 65535, got 70000"),
+    "port-not-int": (["--port", "http"], "argument --port: invalid int value: 'http'"),
+    "dtype": (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    "num-cpus-with-address": (["--address", "h:6379", "--num-cpus", "2"], "--num-cpus sizes a local cluster"),
+}
+
+
+@pytest.mark.parametrize("argv, message", list(CLI_BAD_VALUES.values()), ids=list(CLI_BAD_VALUES))
+def test_cli_bad_option_value_is_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        mbserve.parse_args(["--model", MODEL, *argv])
+    err = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2
+    assert len(err) == 1 and err[0].startswith("python -m mbkernels.serve: error: ") and message in err[0]
+
+
+def test_cli_every_option_has_help():
+    assert all(action.help for action in mbserve.make_parser()._actions)
 
 
 # ----------------------------------------------------------------------------------------- the command

@@ -1,0 +1,49 @@
+"""backend_status(): a dict of (available, reason) pairs, printed as a table, emulated backends marked."""
+import torch
+
+import mbkernels
+from mbkernels import backends, dispatch
+from mbkernels.backends import ANY_DEVICE, Backend
+
+
+def declared(name, devices, opt_in=(), reason=None):
+    return Backend(name, priority=0, devices=devices, opt_in_devices=opt_in, unavailable_reason=lambda: reason,
+                   describe=lambda: f"{name} kernels", ops={})
+
+
+def test_a_backend_that_serves_no_device_here_for_real_is_emulated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(backends, "declared", lambda: (
+        declared("gpu_only", ("cuda",), opt_in=("cpu",)),       # a host emulation on a machine without a GPU
+        declared("interpreted", (), opt_in=("cpu",)),           # an interpreter
+        declared("off", ("cuda",), reason="its library is missing"),
+        declared("everywhere", (ANY_DEVICE,)),
+        declared("on_the_cpu", ("cpu",), opt_in=("cuda",)),
+        declared("gpu_or_nothing", ("cuda",)),  # runs nothing here, emulates nothing
+    ))
+    status = dispatch.backend_status()
+    assert {name: s.state for name, s in status.items()} == {
+        "gpu_only": "emulated", "interpreted": "emulated", "off": "unavailable", "everywhere": "available",
+        "on_the_cpu": "available", "gpu_or_nothing": "available"}
+    assert status["gpu_only"] == (True, "gpu_only kernels") and status["gpu_only"].available  # still a pair
+    available, reason = status["off"]
+    assert (available, reason) == (False, "its library is missing")
+    assert str(status).splitlines() == [
+        "backend         state        details",
+        "gpu_only        emulated     gpu_only kernels",
+        "interpreted     emulated     interpreted kernels",
+        "off             unavailable  its library is missing",
+        "everywhere      available    everywhere kernels",
+        "on_the_cpu      available    on_the_cpu kernels",
+        "gpu_or_nothing  available    gpu_or_nothing kernels",
+    ]
+    assert repr(status) == str(status)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dispatch.backend_status()["gpu_only"].state == "available"
+
+
+def test_the_real_table_has_a_row_per_backend():
+    lines = str(mbkernels.backend_status()).splitlines()
+    assert lines[0].split() == ["backend", "state", "details"]
+    assert [line.split()[0] for line in lines[1:]] == ["cuda", "triton", "reference"]
+    assert lines[-1].split()[:2] == ["reference", "available"]
