@@ -322,3 +322,23 @@ def test_forwards_that_take_two_tensors_are_proven_on_what_they_got_and_fused_wh
     assert fused["second.conv"].activation == "hardswish" and fused["second.conv"].via == "forward of second"
     assert not report.skipped, report
     assert float64_error(model, image((2, 3, 9, 11)), stock64) < 1e-5
+
+
+def test_transformers_efficientnet_is_fused_whole_and_right():
+    """Its SEs compute `inputs * scale` in forward, and its encoder's forward runs every block before its top conv
+    (a probe of the encoder must be of the size the model gives it)."""
+    config = transformers.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=0.3, image_size=64,
+                                             num_labels=10, hidden_dim=320)  # its top BatchNorm's width
+    torch.manual_seed(0)
+    model = randomize_batchnorm(transformers.EfficientNetForImageClassification(config),
+                                torch.Generator().manual_seed(0)).eval()
+    stock, stock64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    dw_convs = sum(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for m in model.modules())
+    mbkernels.patch(model, backend="reference")
+    report = mbkernels.patch_report(model)
+    assert report.count("dwconv_bn_act") == report.count("squeeze_excite") == dw_convs and not report.skipped, report
+    x = image((2, 3, 37, 40))
+    assert model_proof.stock_runs(model, ((x,), {})) == []
+    with torch.no_grad():
+        stock_error = float64_error(stock, x, stock64)
+    assert float64_error(model, x, stock64) <= max(2e-5, 2 * stock_error)

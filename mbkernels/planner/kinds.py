@@ -217,7 +217,7 @@ class DWConvKind(FusionKind):
                 call = self.planner.observed_call(parent)
                 proof = prove(stock, variants, call[0], kwargs=call[1]) if call else self.prove_parent(
                     stock, variants, self.in_channels(conv), 4 + max(reach), generator,
-                    self.planner.observed.get(parent))
+                    self.planner.observed.get(parent), self.planner.observed_call(parent, tensors=1))
                 hook.remove()
             except Exception as error:  # the parent cannot run on a probe: these runs are not proven
                 failures += [describe_failure(error)] * len(in_parent)
@@ -256,18 +256,21 @@ class DWConvKind(FusionKind):
 
     @staticmethod
     def prove_parent(stock: nn.Module, variants: list, conv_channels: int, size: int, generator,
-                     observed: Optional[int] = None):
-        """prove() for whole parents. Their input channels are those observed in the model's forward (observed:
-        planner.observed), else those of the first module in them that states them (a MixedConv2d before its
-        splits), or else the checked conv's: the first guess the parent runs on is used."""
+                     observed: Optional[int] = None, observed_call: Optional[tuple] = None):
+        """prove() for whole parents, on a small plane first: its channels those observed in the model's forward
+        (observed: planner.observed), else those of the first module in the parent that states them (a MixedConv2d
+        before its splits), or else the checked conv's; the first guess the parent runs on is used. Where none
+        does (a deep parent downsamples a small plane to nothing), a call like the one the model's forward made
+        (observed_call), at its real size."""
         stated = [m.in_channels for m in stock.modules() if isinstance(getattr(m, "in_channels", None), int)]
         guesses = list(dict.fromkeys(([observed] if observed else []) + stated[:1] + [conv_channels]))
         for channels in guesses:
             try:
                 return prove(stock, variants, probe_input(channels, size, size + 1, generator))
-            except Exception:  # not the parent's input (or a real failure, raised from the last guess)
-                if channels == guesses[-1]:
+            except Exception:  # not the parent's input (or a real failure, raised from the last try)
+                if channels == guesses[-1] and observed_call is None:
                     raise
+        return prove(stock, variants, observed_call[0], kwargs=observed_call[1])
 
     def shape(self, conv) -> str:
         return conv_shape(conv)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..match.probe import eval_mode
 from ..match.structural import is_depthwise, se_channels
+from ..nn import rewrite
 from ..nn.fused import EagerWindow, FusedModule
 
 # Largest max-abs difference of a patched output from stock, relative to stock's largest value, that passes
@@ -227,7 +228,7 @@ def stock_kinds(model: nn.Module) -> dict:
     model outside the fused modules' own code (the BatchNorms are the conv folds')."""
     kinds = {}
     for path, module in model.named_modules():
-        if isinstance(module, FusedModule):
+        if isinstance(module, FusedModule) or rewrite.rewritten(module):  # a rewritten forward runs its graph
             continue
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             kinds[module] = (path, "conv_bn_act")

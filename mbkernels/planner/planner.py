@@ -36,11 +36,12 @@ class Planner:
     def restore(module: nn.Module) -> nn.Module:
         return unpatch(module)
 
-    def observed_call(self, module: nn.Module) -> Optional[tuple]:
-        """For a module whose forward got several tensors in the model's forward: (args, kwargs) like that call,
-        float64 probes for its tensors, to prove swaps in it on; None otherwise (a one-tensor probe serves)."""
+    def observed_call(self, module: nn.Module, tensors: int = 2) -> Optional[tuple]:
+        """(args, kwargs) like the call module's forward got in the model's forward, float64 probes for its
+        tensors, when it got at least `tensors` tensors (the default: a one-tensor forward is probed on a small
+        random plane, cheaper); None otherwise."""
         seen = self.observation.inputs.get(module)
-        if seen is None or sum(isinstance(v, TensorSpec) for v in pytree.tree_leaves(seen)) < 2:
+        if seen is None or sum(isinstance(v, TensorSpec) for v in pytree.tree_leaves(seen)) < tensors:
             return None
         return probe_call(seen, self.generator)
 
