@@ -91,7 +91,7 @@ def choices(model: nn.Module, kind) -> list:
 def kept_stock(model: nn.Module, kind: str) -> list:
     """The report's entries of `kind` a tuned patch kept stock (their stock modules stand, as in the stock model)."""
     return [entry for entry in mbkernels.patch_report(model).skipped
-            if entry.kind == kind and entry.reason.startswith("kept stock: ")]
+            if entry.kind == kind and entry.reason.startswith("kept stock on this CPU: ")]
 
 
 # ------------------------------------------------------------------------------------------------ the choice
@@ -120,7 +120,9 @@ def test_faster_fused_variants_are_chosen_and_slower_ones_refused(monkeypatch):
     assert choices(model, ConvBNAct) and set(choices(model, ConvBNAct)) == {"folded"}
     # The SEs measured faster stock: their stock modules stand, and the report says why.
     assert choices(model, SqueezeExcite) == [] and len(kept_stock(model, "squeeze_excite")) == 9
-    assert "stock 1.0000 ms, reference 2.0000 ms" in kept_stock(model, "squeeze_excite")[0].reason
+    assert kept_stock(model, "squeeze_excite")[0].reason == (
+        "kept stock on this CPU: not faster: reference 2.000 ms vs stock 1.000 ms: 100.0% slower (round by round "
+        "100.0% slower, spread 0.0% over 3 rounds)")
     assert not any(isinstance(m, InvertedResidual) for m in model.modules())  # the blocks lost to their layers
 
 
@@ -237,7 +239,10 @@ def test_the_whole_model_line_in_the_report(monkeypatch, capsys):
     mbkernels.patch(small_model(), example_inputs=image(), verbose=True)
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("whole model"))
-    assert "tuned 1.000  fused 0.500*  stock 2.000" in line
+    # The medians, then the comparison that decided, whose gain is the ratio of the medians beside it.
+    assert line.endswith("tuned 1.000  fused 0.5000*  stock 2.000; fused chosen, faster beyond the spread and the "
+                         "2% floor: fused 0.5000 ms vs tuned 1.000 ms: 50.0% faster (round by round 50.0% faster, "
+                         "spread 0.0% over 3 rounds)")
 
 
 # ------------------------------------------------------------------------------------------------ for real
@@ -251,7 +256,7 @@ def test_a_real_cpu_tuning_keeps_the_stock_outputs():
     # Every candidate measured: fused with its choice, or its stock modules kept (the report says so).
     report = mbkernels.patch_report(model)
     layers = [entry for entry in report.skipped if entry.kind != "inverted_residual"]  # blocks: layers planned
-    assert all(entry.reason.startswith("kept stock: ") for entry in layers)
+    assert all(entry.reason.startswith("kept stock on this CPU: ") for entry in layers)
     assert len(report.fused) + len(layers) >= 11 + 9
     for module in fused:
         for key, timings in module.timings.items():
@@ -348,10 +353,12 @@ def test_the_report_shows_each_variants_time_and_the_choice(monkeypatch):
     measured = [entry for entry in report.fused if entry.measured]
     assert len(measured) == len(report.fused)
     text = str(report)
-    assert "measured (median ms per call; * the choice):" in text
+    assert "measured (median ms per call; * the choice; why: the comparison that decided it):" in text
     row = next(line for line in text.splitlines() if line.strip().startswith(measured[0].path + " ")
                and "stock" in line)
-    assert "1x" in row and "stock 1.0000" in row and "0.5000*" in row
+    assert "1x" in row and "stock 1.000  folded 0.5000*" in row
+    assert row.endswith("folded chosen, faster beyond the spread and the 2% floor: folded 0.5000 ms vs stock 1.000 "
+                        "ms: 50.0% faster (round by round 50.0% faster, spread 0.0% over 3 rounds)")
 
 
 def test_nothing_is_timed_under_torch_compile(monkeypatch):

@@ -75,10 +75,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False
     planner = plan(model, backend, flags, measured)
     apply(model, planner)
     if measured:
-        tuner = tuning.tune(model, planner, calls)
-        blocks = planner.report.blocks
-        planner.report = patch_report(model, backend, **flags)  # the fused modules hold what was measured
-        planner.report.blocks, planner.report.whole_model = blocks, tuner.whole_model
+        tuning.tune(model, planner, calls)  # the report then says what it measured and decided
     if verbose:
         print(planner.report)
     return model
