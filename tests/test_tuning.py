@@ -55,12 +55,13 @@ WHOLE_MODEL = ("tuned", "fused", "stock")
 class Scripted:
     """time_variants on a simulated clock: a variant's call costs `cost(variant names, name)` simulated ms (and
     still computes), so the measured medians are exactly the scripted costs. The whole-model check's variants
-    cost `whole[name]` (a tie by default: the tuned choices stand)."""
+    cost `whole[name]` (a tie by default: the tuned choices stand). Each timing gets budget_s."""
 
-    def __init__(self, cost, whole=None):
+    def __init__(self, cost, whole=None, budget_s=0.01):
         whole = whole or dict.fromkeys(WHOLE_MODEL, 1.0)
         self.cost = lambda names, name: whole[name] if names == WHOLE_MODEL else cost(names, name)
         self.seconds = 0.0
+        self.budget_s = budget_s
         self.timed = []  # the variant names of every candidate timed
 
     def __call__(self, variants, inputs, device, **kwargs):
@@ -75,11 +76,11 @@ class Scripted:
 
         clock = timing.HostClock(now=lambda: self.seconds, round_ms=1.0)
         scripted = {name: costly(name, fn) for name, fn in variants.items()}
-        return real_time_variants(scripted, inputs, device, **{**kwargs, "clock": clock, "budget_s": 0.01})
+        return real_time_variants(scripted, inputs, device, **{**kwargs, "clock": clock, "budget_s": self.budget_s})
 
 
-def scripted(monkeypatch, cost, whole=None) -> Scripted:
-    clock = Scripted(cost, whole)
+def scripted(monkeypatch, cost, whole=None, budget_s=0.01) -> Scripted:
+    clock = Scripted(cost, whole, budget_s)
     monkeypatch.setattr(timing, "time_variants", clock)
     return clock
 

@@ -288,8 +288,9 @@ def significant(value: float, digits: int = 4) -> str:
     """value with `digits` significant digits, trailing zeros kept: 1.000, 12.87, 0.4195, 2006."""
     if value == 0 or not math.isfinite(value):
         return f"{value:.{digits - 1}f}"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
-    return f"{value:.{decimals}f}"
+    rounded = float(f"{value:.{digits - 1}e}")  # 0.99999 is 1.000, not 1.0000
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
+    return f"{rounded:.{decimals}f}"
 
 
 def _faster(gain: float) -> str:
