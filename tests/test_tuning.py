@@ -228,6 +228,12 @@ def test_the_whole_model_check_keeps_the_fastest_forward(monkeypatch, whole, fus
         mbkernels.patch(model, example_inputs=image())
         if fused_modules:
             assert set(choices(model, DWConvBNAct)) == {"reference"}
+            # Each measured line says the whole model overrode it.
+            whys = [why for e in mbkernels.patch_report(model).fused if e.kind == "dwconv_bn_act"
+                    for _, _, why in e.measured.values()]
+            assert len(whys) == 11 and all(why.startswith("stock kept, not faster: reference 1.500 ms") and
+                                           why.endswith("; then fused: the whole model measured faster with "
+                                                        "every candidate fused") for why in whys)
         else:
             assert not any(isinstance(m, FusedModule) for m in model.modules())
             kept = kept_stock(model, "dwconv_bn_act")

@@ -291,3 +291,15 @@ def test_the_gain_printed_is_that_of_the_medians_printed_beside_it():
     assert reason == ("stock kept, the gain is within the spread: triton 1.100 ms vs stock 5.000 ms: 78.0% faster "
                       "(round by round 10.0% slower, spread 100.0% over 5 rounds)")
     assert not timing.decided(timings, "stock")
+
+
+def test_a_variant_the_medians_call_slower_is_never_chosen():
+    """Round by round 15% faster (the rounds where stock ran slow), by the medians 750% slower: not chosen."""
+    def timed(name, rounds):
+        return Timing(name, statistics.median(rounds), tuple(rounds), 10, 0.0)
+
+    timings = {"stock": timed("stock", [1.0, 1.0, 10.0, 10.0, 1.0]),
+               "triton": timed("triton", [0.8, 0.8, 8.5, 8.5, 9.0])}
+    assert choose(timings) == ("stock", "stock kept, the medians and the rounds disagree: triton 8.500 ms vs stock "
+                                        "1.000 ms: 750.0% slower (round by round 15.0% faster, spread 5.0% over 5 "
+                                        "rounds)")
