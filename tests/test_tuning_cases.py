@@ -231,6 +231,6 @@ def test_rounds_that_disagree_are_measured_again(monkeypatch, capsys):
                                 torch.Generator().manual_seed(0)).eval()
     mbkernels.patch(model, example_inputs=image(batch=2), verbose=True)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("0 "))
-    assert line.endswith(f"kept stock on this CPU: the gain is within the spread: folded 1.200 ms vs stock 2.000 "
-                         f"ms: 40.0% faster (round by round 40.0% faster, spread 70.0% over {timing.MAX_ROUNDS} "
-                         f"rounds)")
+    assert line.endswith(f"kept stock on this CPU: the rounds are too noisy to tell (a spread over 50%): folded "
+                         f"1.200 ms vs stock 2.000 ms: 40.0% faster (round by round 40.0% faster, spread 70.0% over "
+                         f"{timing.MAX_ROUNDS} rounds)")

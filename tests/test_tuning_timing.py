@@ -281,16 +281,22 @@ def test_rounds_that_disagree_are_measured_again_while_the_budget_lasts():
 
 def test_the_gain_printed_is_that_of_the_medians_printed_beside_it():
     """Medians that say 78% faster, rounds that say 10% slower (a variant fast in the rounds where stock was slow):
-    the line prints both, each named, and keeps the baseline: the spread is larger than the gain."""
+    the line prints both, each named, and keeps the baseline: the rounds are too noisy to tell."""
     def timed(name, rounds):
         return Timing(name, statistics.median(rounds), tuple(rounds), 10, 0.0)
 
     timings = {"stock": timed("stock", [1.0, 1.0, 5.0, 5.0, 5.0]), "triton": timed("triton", [1.1, 1.1, 5.5, 0.5, 0.5])}
     name, reason = choose(timings)
     assert name == "stock"
-    assert reason == ("stock kept, the gain is within the spread: triton 1.100 ms vs stock 5.000 ms: 78.0% faster "
-                      "(round by round 10.0% slower, spread 100.0% over 5 rounds)")
+    assert reason == ("stock kept, the rounds are too noisy to tell (a spread over 50%): triton 1.100 ms vs stock "
+                      "5.000 ms: 78.0% faster (round by round 10.0% slower, spread 100.0% over 5 rounds)")
     assert not timing.decided(timings, "stock")
+    # Slower by both, but as noisy: still undecided (more rounds may tell), and said to be.
+    slower = {"stock": timed("stock", [1.0] * 5), "triton": timed("triton", [1.5, 3.0, 0.9, 1.2, 2.0])}
+    assert not timing.decided(slower, "stock")
+    assert choose(slower) == ("stock", "stock kept, the rounds are too noisy to tell (a spread over 50%): triton "
+                                       "1.500 ms vs stock 1.000 ms: 50.0% slower (round by round 50.0% slower, "
+                                       "spread 80.0% over 5 rounds)")
 
 
 def test_a_variant_the_medians_call_slower_is_never_chosen():

@@ -29,6 +29,9 @@ MAX_CALLS_PER_ROUND = 4096
 MIN_ROUNDS = 3  # the fewest rounds a spread (interquartile range) is measured from
 MAX_ROUNDS = 45  # the most rounds a variant gets when the planned ones leave its choice undecided
 MIN_GAIN = 0.02  # the smallest gain over the baseline that replaces it (a fraction of its time)
+# A spread of the per-round ratios beyond which they tell nothing short of a larger gain: a machine too busy to
+# time on (a thread descheduled in some rounds and not in others).
+TOO_NOISY = 0.5
 
 # When a device does not report its last-level cache: 50 MiB, the L2 of an H100 (NVIDIA's H100 datasheet) on a
 # GPU; 32 MiB on a CPU, an assumed L3 of one server socket, used only where Linux's sysfs does not say.
@@ -268,9 +271,13 @@ class Comparison:
         """Faster by more than the spread and the floor, by its medians and round by round alike."""
         return min(self.gain, self.paired_gain) > self.needed(min_gain)
 
-    def disagrees(self, min_gain: float) -> bool:
-        """Not a win, though the medians or the rounds say it is faster beyond the floor: more rounds may tell."""
-        return not self.wins(min_gain) and max(self.gain, self.paired_gain) > min_gain
+    def too_noisy(self) -> bool:
+        return self.spread > TOO_NOISY
+
+    def undecided(self, min_gain: float) -> bool:
+        """Not a win, though the medians or the rounds say it is faster beyond the floor, or the rounds are too
+        noisy to say anything: more rounds may tell."""
+        return not self.wins(min_gain) and (max(self.gain, self.paired_gain) > min_gain or self.too_noisy())
 
     def text(self) -> str:
         """The numbers compared, in words: "reference 0.4195 ms vs stock 12.87 ms: 96.7% faster (round by round
@@ -308,11 +315,12 @@ def comparisons(timings: Mapping[str, Timing], baseline: str) -> dict[str, Compa
 
 def decided(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: float = MIN_GAIN) -> bool:
     """Whether more rounds could not change `choose`'s answer for a reason it can name: a variant wins, or none
-    shows a gain beyond the floor on either statistic (time_variants' `settled`)."""
+    shows a gain beyond the floor on either statistic and every spread is within TOO_NOISY (time_variants'
+    `settled`)."""
     if baseline not in timings or timings[baseline].failed:
         return True
     found = comparisons(timings, baseline).values()
-    return any(c.wins(min_gain) for c in found) or not any(c.disagrees(min_gain) for c in found)
+    return any(c.wins(min_gain) for c in found) or not any(c.undecided(min_gain) for c in found)
 
 
 def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: float = MIN_GAIN) -> tuple[str, str]:
@@ -343,7 +351,9 @@ def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: flo
         return best.name, (f"{best.name} chosen, faster beyond the spread and the {min_gain:.0%} floor: "
                            f"{best.text()}{failed_note}")
     fastest = min(found.values(), key=lambda c: c.median_ms)
-    if fastest.disagrees(min_gain):
+    if fastest.too_noisy():
+        verdict = f"the rounds are too noisy to tell (a spread over {TOO_NOISY:.0%})"
+    elif fastest.undecided(min_gain):
         verdict = ("the medians and the rounds disagree" if max(fastest.gain, fastest.paired_gain)
                    > fastest.needed(min_gain) else "the gain is within the spread")
     elif max(fastest.gain, fastest.paired_gain) > 0:
