@@ -205,9 +205,12 @@ def test_a_tuned_patch_plans_once_and_explains_each_module_once(monkeypatch, cap
         return 1.0 if name == "stock" else 2.0 if kind is DWConvBNAct else 0.5
 
     ByCase(monkeypatch, cost)
-    mbkernels.patch(small_model(), example_inputs=image(batch=2), verbose=True)
+    model = mbkernels.patch(small_model(), example_inputs=image(batch=2), verbose=True)
     assert planned == [1]
     out = capsys.readouterr().out
+    fused = [line.split()[0] for line in out.split("\nfused:\n")[1].split("\nmeasured")[0].splitlines()[1:]]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    assert len(fused) == 11 + 9 + 23 - 11 and fused == sorted(fused, key=order.__getitem__)  # in the model's order
     left_alone = out.split("\nleft alone:\n")[1].splitlines()[1:]
     paths = [line.split()[0] for line in left_alone]
     assert len(paths) == 11 and len(set(paths)) == len(paths)
