@@ -4,9 +4,10 @@ forward (the timing inputs' budget is twice that). The choices go to the tuning 
 (MBKERNELS_TUNING_CACHE; the GPU session puts it beside the benchmark results).
 
     python -m benchmarks.tune_models [--models NAME ...] [--batches 1 32 256] [--dtype float16] [--channels-last]
-                                     [--size 224] [--output FILE.json]
+                                     [--size 224] [--threads N] [--output FILE.json]
 
-Prints one line per (model, batch) and writes the records as a JSON list to --output.
+Prints one line per (model, batch) and writes the records as a JSON list to --output. Run it twice with the same
+table (MBKERNELS_TUNING_CACHE) to see what a warm table costs: the second run times nothing.
 """
 import argparse
 import copy
@@ -59,10 +60,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--output")
     options = parser.parse_args()
+    if options.threads:
+        torch.set_num_threads(options.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"tuning table: {cache_path()}", flush=True)
+    print(f"tuning table: {cache_path()}; {torch.get_num_threads()} CPU threads", flush=True)
     records = []
     for model_name in options.models:
         for batch in options.batches:

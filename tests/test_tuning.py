@@ -55,12 +55,13 @@ WHOLE_MODEL = ("tuned", "fused", "stock")
 class Scripted:
     """time_variants on a simulated clock: a variant's call costs `cost(variant names, name)` simulated ms (and
     still computes), so the measured medians are exactly the scripted costs. The whole-model check's variants
-    cost `whole[name]` (a tie by default: the tuned choices stand)."""
+    cost `whole[name]` (a tie by default: the tuned choices stand). Each timing gets budget_s."""
 
-    def __init__(self, cost, whole=None):
+    def __init__(self, cost, whole=None, budget_s=0.01):
         whole = whole or dict.fromkeys(WHOLE_MODEL, 1.0)
         self.cost = lambda names, name: whole[name] if names == WHOLE_MODEL else cost(names, name)
         self.seconds = 0.0
+        self.budget_s = budget_s
         self.timed = []  # the variant names of every candidate timed
 
     def __call__(self, variants, inputs, device, **kwargs):
@@ -75,11 +76,11 @@ class Scripted:
 
         clock = timing.HostClock(now=lambda: self.seconds, round_ms=1.0)
         scripted = {name: costly(name, fn) for name, fn in variants.items()}
-        return real_time_variants(scripted, inputs, device, **{**kwargs, "clock": clock, "budget_s": 0.01})
+        return real_time_variants(scripted, inputs, device, **{**kwargs, "clock": clock, "budget_s": self.budget_s})
 
 
-def scripted(monkeypatch, cost, whole=None) -> Scripted:
-    clock = Scripted(cost, whole)
+def scripted(monkeypatch, cost, whole=None, budget_s=0.01) -> Scripted:
+    clock = Scripted(cost, whole, budget_s)
     monkeypatch.setattr(timing, "time_variants", clock)
     return clock
 
@@ -91,7 +92,7 @@ def choices(model: nn.Module, kind) -> list:
 def kept_stock(model: nn.Module, kind: str) -> list:
     """The report's entries of `kind` a tuned patch kept stock (their stock modules stand, as in the stock model)."""
     return [entry for entry in mbkernels.patch_report(model).skipped
-            if entry.kind == kind and entry.reason.startswith("kept stock: ")]
+            if entry.kind == kind and entry.reason.startswith("kept stock on this CPU: ")]
 
 
 # ------------------------------------------------------------------------------------------------ the choice
@@ -120,7 +121,9 @@ def test_faster_fused_variants_are_chosen_and_slower_ones_refused(monkeypatch):
     assert choices(model, ConvBNAct) and set(choices(model, ConvBNAct)) == {"folded"}
     # The SEs measured faster stock: their stock modules stand, and the report says why.
     assert choices(model, SqueezeExcite) == [] and len(kept_stock(model, "squeeze_excite")) == 9
-    assert "stock 1.0000 ms, reference 2.0000 ms" in kept_stock(model, "squeeze_excite")[0].reason
+    assert kept_stock(model, "squeeze_excite")[0].reason == (
+        "kept stock on this CPU: not faster: reference 2.000 ms vs stock 1.000 ms: 100.0% slower (round by round "
+        "100.0% slower, spread 0.0% over 3 rounds)")
     assert not any(isinstance(m, InvertedResidual) for m in model.modules())  # the blocks lost to their layers
 
 
@@ -225,6 +228,12 @@ def test_the_whole_model_check_keeps_the_fastest_forward(monkeypatch, whole, fus
         mbkernels.patch(model, example_inputs=image())
         if fused_modules:
             assert set(choices(model, DWConvBNAct)) == {"reference"}
+            # Each measured line says the whole model overrode it.
+            whys = [why for e in mbkernels.patch_report(model).fused if e.kind == "dwconv_bn_act"
+                    for _, _, why in e.measured.values()]
+            assert len(whys) == 11 and all(why.startswith("stock kept, not faster: reference 1.500 ms") and
+                                           why.endswith("; then fused: the whole model measured faster with "
+                                                        "every candidate fused") for why in whys)
         else:
             assert not any(isinstance(m, FusedModule) for m in model.modules())
             kept = kept_stock(model, "dwconv_bn_act")
@@ -237,7 +246,10 @@ def test_the_whole_model_line_in_the_report(monkeypatch, capsys):
     mbkernels.patch(small_model(), example_inputs=image(), verbose=True)
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("whole model"))
-    assert "tuned 1.000  fused 0.500*  stock 2.000" in line
+    # The medians, then the comparison that decided, whose gain is the ratio of the medians beside it.
+    assert line.endswith("tuned 1.000  fused 0.5000*  stock 2.000; fused chosen, faster beyond the spread and the "
+                         "2% floor: fused 0.5000 ms vs tuned 1.000 ms: 50.0% faster (round by round 50.0% faster, "
+                         "spread 0.0% over 3 rounds)")
 
 
 # ------------------------------------------------------------------------------------------------ for real
@@ -251,7 +263,7 @@ def test_a_real_cpu_tuning_keeps_the_stock_outputs():
     # Every candidate measured: fused with its choice, or its stock modules kept (the report says so).
     report = mbkernels.patch_report(model)
     layers = [entry for entry in report.skipped if entry.kind != "inverted_residual"]  # blocks: layers planned
-    assert all(entry.reason.startswith("kept stock: ") for entry in layers)
+    assert all(entry.reason.startswith("kept stock on this CPU: ") for entry in layers)
     assert len(report.fused) + len(layers) >= 11 + 9
     for module in fused:
         for key, timings in module.timings.items():
@@ -348,10 +360,12 @@ def test_the_report_shows_each_variants_time_and_the_choice(monkeypatch):
     measured = [entry for entry in report.fused if entry.measured]
     assert len(measured) == len(report.fused)
     text = str(report)
-    assert "measured (median ms per call; * the choice):" in text
+    assert "measured (median ms per call; * the choice; why: the comparison that decided it):" in text
     row = next(line for line in text.splitlines() if line.strip().startswith(measured[0].path + " ")
                and "stock" in line)
-    assert "1x" in row and "stock 1.0000" in row and "0.5000*" in row
+    assert "1x" in row and "stock 1.000  folded 0.5000*" in row
+    assert row.endswith("folded chosen, faster beyond the spread and the 2% floor: folded 0.5000 ms vs stock 1.000 "
+                        "ms: 50.0% faster (round by round 50.0% faster, spread 0.0% over 3 rounds)")
 
 
 def test_nothing_is_timed_under_torch_compile(monkeypatch):

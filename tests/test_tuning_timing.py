@@ -58,13 +58,14 @@ def test_a_faster_variant_is_chosen_with_its_numbers():
     assert timings["stock"].median_ms == pytest.approx(1.0)
     name, reason = choose(timings)
     assert name == "triton"
-    assert "0.500 ms" in reason and "1.000 ms" in reason and "50.0% faster" in reason
+    assert reason == ("triton chosen, faster beyond the spread and the 2% floor: triton 0.5000 ms vs stock 1.000 ms: "
+                      "50.0% faster (round by round 50.0% faster, spread 0.0% over 15 rounds)")
 
 
 def test_a_slower_variant_is_refused():
     name, reason = choose(Simulated().time({"stock": 1.0, "triton": 1.5}))
     assert name == "stock"
-    assert reason.startswith("stock kept") and "triton 1.500 ms" in reason
+    assert reason.startswith("stock kept, not faster: triton 1.500 ms vs stock 1.000 ms: 50.0% slower")
 
 
 @pytest.mark.parametrize("cost", [1.0, 0.99], ids=["tie", "below-the-floor"])
@@ -84,7 +85,9 @@ def test_gains_within_the_noise_keep_the_baseline():
     # Round by round 7% faster, 3% slower, 10% and 0%: a median gain of 3.5% within a spread of 8.5%.
     within = {"stock": stock, "triton": timed("triton", [0.93, 1.03, 0.90, 1.0])}
     name, reason = choose(within)
-    assert name == "stock" and reason.startswith("stock kept: triton") and "within the" in reason
+    assert name == "stock" and reason == ("stock kept, the gain is within the spread: triton 0.9650 ms vs stock "
+                                          "1.000 ms: 3.5% faster (round by round 3.5% faster, spread 8.5% over 4 "
+                                          "rounds)")
     beyond = {"stock": stock, "triton": timed("triton", [0.90, 0.91, 0.89, 0.90])}
     assert choose(beyond)[0] == "triton"
     # The steadier of two fast variants wins where only it is beyond its noise.
@@ -233,3 +236,89 @@ def test_real_cpu_timing_of_trivial_callables_is_plausible():
     assert all(len(t.rounds_ms) >= timing.MIN_ROUNDS and math.isfinite(t.noise) for t in timings.values())
     assert choose(timings)[0] == "noop"
     assert choose({"stock": noop, "sleep": stock})[0] == "stock"
+
+
+def test_calibration_is_spent_from_the_budget():
+    """The calibration's batches count against budget_s: the rounds get what it leaves, and the whole run after the
+    warm-up stays within the budget."""
+    sim = Simulated(round_ms=1.0)
+    timings = sim.time({"stock": 0.3, "triton": 0.15}, budget_s=0.02, warmup=1)
+    warm_up_s = (0.3 + 0.15) / 1e3
+    assert sim.seconds - warm_up_s <= 0.02 + 1e-9
+    # Calibration: 1 + 2 + 4 stock calls and 1 + ... + 8 triton calls (4.35 ms); rounds of 2.25 ms in what is left.
+    assert all(len(t.rounds_ms) == 6 for t in timings.values())
+
+
+class Alternating:
+    """A variant whose calls cost `costs` ms in turn (one call per round on a clock with a tiny round_ms)."""
+
+    def __init__(self, sim, costs):
+        self.sim, self.costs, self.calls = sim, costs, 0
+
+    def __call__(self, x):
+        self.sim.seconds += self.costs[self.calls % len(self.costs)] / 1e3
+        self.calls += 1
+
+
+def test_rounds_that_disagree_are_measured_again_while_the_budget_lasts():
+    # Round by round 40% faster, then 30% slower: the gain is within the spread, so the choice is undecided.
+    sim = Simulated(round_ms=1e-4)
+    settled = lambda so_far: timing.decided(so_far, "stock")
+    noisy = sim.time({"stock": 1.0, "triton": Alternating(sim, [0.6, 1.3])}, budget_s=1.0, settled=settled)
+    assert len(noisy["triton"].rounds_ms) == timing.MAX_ROUNDS
+    name, reason = choose(noisy)
+    assert name == "stock" and f"over {timing.MAX_ROUNDS} rounds" in reason
+    # A clear gain is decided in the planned rounds: none more.
+    steady = sim.time({"stock": 1.0, "triton": 0.6}, budget_s=1.0, settled=settled)
+    assert len(steady["triton"].rounds_ms) == 15
+    # More rounds only while each fits in what the budget leaves (a round of 2.3 ms as calibrated): 15 planned
+    # (31.2 ms with the calibration), then 6 more (42.9 ms); the warm-up (1.6 ms) is not counted.
+    start = sim.seconds
+    tight = sim.time({"stock": 1.0, "triton": Alternating(sim, [0.6, 1.3])}, budget_s=0.045, warmup=1,
+                     settled=settled)
+    assert len(tight["triton"].rounds_ms) == 21 and sim.seconds - start - 0.0016 <= 0.045
+
+
+def test_the_gain_printed_is_that_of_the_medians_printed_beside_it():
+    """Medians that say 78% faster, rounds that say 10% slower (a variant fast in the rounds where stock was slow):
+    the line prints both, each named, and keeps the baseline: the rounds are too noisy to tell."""
+    def timed(name, rounds):
+        return Timing(name, statistics.median(rounds), tuple(rounds), 10, 0.0)
+
+    timings = {"stock": timed("stock", [1.0, 1.0, 5.0, 5.0, 5.0]), "triton": timed("triton", [1.1, 1.1, 5.5, 0.5, 0.5])}
+    name, reason = choose(timings)
+    assert name == "stock"
+    assert reason == ("stock kept, the rounds are too noisy to tell (a spread over 50%): triton 1.100 ms vs stock "
+                      "5.000 ms: 78.0% faster (round by round 10.0% slower, spread 100.0% over 5 rounds)")
+    assert not timing.decided(timings, "stock")
+    # Slower by both, but as noisy: still undecided (more rounds may tell), and said to be.
+    slower = {"stock": timed("stock", [1.0] * 5), "triton": timed("triton", [1.5, 3.0, 0.9, 1.2, 2.0])}
+    assert not timing.decided(slower, "stock")
+    assert choose(slower) == ("stock", "stock kept, the rounds are too noisy to tell (a spread over 50%): triton "
+                                       "1.500 ms vs stock 1.000 ms: 50.0% slower (round by round 50.0% slower, "
+                                       "spread 80.0% over 5 rounds)")
+
+
+def test_a_variant_the_medians_call_slower_is_never_chosen():
+    """Round by round 15% faster (the rounds where stock ran slow), by the medians 750% slower: not chosen."""
+    def timed(name, rounds):
+        return Timing(name, statistics.median(rounds), tuple(rounds), 10, 0.0)
+
+    timings = {"stock": timed("stock", [1.0, 1.0, 10.0, 10.0, 1.0]),
+               "triton": timed("triton", [0.8, 0.8, 8.5, 8.5, 9.0])}
+    assert choose(timings) == ("stock", "stock kept, the medians and the rounds disagree: triton 8.500 ms vs stock "
+                                        "1.000 ms: 750.0% slower (round by round 15.0% faster, spread 5.0% over 5 "
+                                        "rounds)")
+
+
+def test_a_variant_only_the_medians_call_faster_is_not_chosen():
+    """By the medians 50% faster (it was fast where stock was slow), round by round 20% faster within a spread of
+    30%: the two disagree and the baseline stays."""
+    def timed(name, rounds):
+        return Timing(name, statistics.median(rounds), tuple(rounds), 10, 0.0)
+
+    timings = {"stock": timed("stock", [1.0] * 4 + [2.0] * 5),
+               "triton": timed("triton", [0.95, 0.95, 1.0, 1.0, 1.0, 1.0, 1.3, 1.6, 1.6])}
+    assert choose(timings) == ("stock", "stock kept, the medians and the rounds disagree: triton 1.000 ms vs stock "
+                                        "2.000 ms: 50.0% faster (round by round 20.0% faster, spread 30.0% over 9 "
+                                        "rounds)")

@@ -87,10 +87,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False
     apply(model, planner)
     prove_whole_model(model, planner, proof)
     if measured:  # what is timed runs: the proof came first; tuning's blocks and stock choices are proven again
-        tuner = tuning.tune(model, planner, calls)
-        blocks = planner.report.blocks
-        planner.report = patch_report(model, backend, **flags)  # the fused modules hold what was measured
-        planner.report.blocks, planner.report.whole_model = blocks, tuner.whole_model
+        tuning.tune(model, planner, calls)  # the report then says what it measured and decided
         prove_whole_model(model, planner, proof)
     if verbose:
         print(planner.report)

@@ -2,6 +2,7 @@
 from dataclasses import dataclass, field
 
 from .kinds import KIND_LABELS
+from .timing import significant
 
 
 @dataclass
@@ -13,7 +14,8 @@ class PatchEntry:
     reason: str = ""  # why it was left alone (skipped entries)
     note: str = ""  # fused entries: what runs on its own right after (a half fusion), e.g. an activation
     via: str = ""  # fused in a rewritten forward (the dataflow pass): "forward of <module path>"
-    # A tuned patch's measurements: input ("2x16x56x56 float16 channels_last") -> ({variant: median ms}, choice)
+    # A tuned patch's measurements: input ("2x16x56x56 float16 channels_last") -> ({variant: median ms}, choice,
+    # why: the decision's line, with the numbers it compared)
     measured: dict = field(default_factory=dict)
 
 
@@ -25,9 +27,16 @@ def describe_input(key: tuple) -> str:
     return " ".join(filter(None, ["x".join(map(str, shape)), str(dtype).replace("torch.", ""), layout, str(device)]))
 
 
+# On a fused module a tuned patch measured: tuning_key -> the decision's line (timing.choose's), beside its
+# `tuned` choices and `timings`.
+WHY = "_mbkernels_tuning_why"
+
+
 def measurements(fused) -> dict:
     """PatchEntry.measured of a fused module."""
-    return {describe_input(key): (fused.timings.get(key, {}), choice) for key, choice in fused.tuned.items()}
+    why = fused.__dict__.get(WHY, {})
+    return {describe_input(key): (fused.timings.get(key, {}), choice, why.get(key, ""))
+            for key, choice in fused.tuned.items()}
 
 
 @dataclass
@@ -68,19 +77,16 @@ class PatchReport:
                                    e.activation + (f"; half-fused: {e.note}" if e.note else "")) for e in entries])
         measured = [e for e in self.fused if e.measured]
         if measured:
-            lines.append("measured (median ms per call; * the choice):")
-            lines += table([("module", "input", "variants")]
-                           + [(e.path, shape, "  ".join(
-                               f"{name} {'failed' if ms is None else f'{ms:.4f}'}{'*' if name == choice else ''}"
-                               for name, ms in timings.items()))
-                              for e in measured for shape, (timings, choice) in e.measured.items()])
+            lines.append("measured (median ms per call; * the choice; why: the comparison that decided it):")
+            lines += table([("module", "input", "variants", "why")]
+                           + [(e.path, shape, variants_text(timings, choice), why)
+                              for e in measured for shape, (timings, choice, why) in e.measured.items()])
         if self.proof:
             lines.append(f"whole model: {self.proof}")
         if self.whole_model:
             choice, timings, why = self.whole_model
-            lines.append("whole model, on the example inputs (median ms per call; * the choice): " + "  ".join(
-                f"{name} {'failed' if ms is None else f'{ms:.3f}'}{'*' if name == choice else ''}"
-                for name, ms in timings.items()) + f" ({why})")
+            lines.append(f"whole model, on the example inputs (median ms per call; * the choice): "
+                         f"{variants_text(timings, choice)}; {why}")
         if self.blocks:
             lines.append("block plans (estimated HBM bytes per input pixel, float16; or measured):")
             lines += table([("module", "shape", "plan", "block B/px", "layers B/px", "expand work", "why")]
@@ -91,6 +97,12 @@ class PatchReport:
             lines += table([("module", "kind", "shape", "why")]
                            + [(e.path, KIND_LABELS[e.kind], e.shape, e.reason) for e in self.skipped])
         return "\n".join(lines)
+
+
+def variants_text(timings: dict, choice: str) -> str:
+    """{variant: median ms} in one line, the choice marked *: "stock 1.000  reference 0.5000*"."""
+    return "  ".join(f"{name} {'failed' if ms is None else significant(ms)}{'*' if name == choice else ''}"
+                     for name, ms in timings.items())
 
 
 def table(rows) -> list:

@@ -5,7 +5,8 @@
 in which the variants take turns, so that drift (clocks, temperature, other work) hits all of them alike. A round
 times a batch of calls together and divides by their count: one reading per batch keeps the clock's resolution
 and its own cost out of the per-call time. `choose` keeps the baseline unless a variant beats it by more than the
-rounds' spread and a small floor.
+rounds' spread and a small floor, and says so with the numbers it compared; where the rounds disagree, timing
+measures more of them while its budget lasts.
 
 The clock is the device's: CUDA events recorded on the current stream on a GPU (the time the GPU spends, or waits
 for launches, between them; one synchronisation per round), time.perf_counter on the CPU. Tests inject a clock.
@@ -15,7 +16,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -26,6 +27,11 @@ GPU_ROUND_MS = 0.2
 CPU_ROUND_MS = 1.0
 MAX_CALLS_PER_ROUND = 4096
 MIN_ROUNDS = 3  # the fewest rounds a spread (interquartile range) is measured from
+MAX_ROUNDS = 45  # the most rounds a variant gets when the planned ones leave its choice undecided
+MIN_GAIN = 0.02  # the smallest gain over the baseline that replaces it (a fraction of its time)
+# A spread of the per-round ratios beyond which they tell nothing short of a larger gain: a machine too busy to
+# time on (a thread descheduled in some rounds and not in others).
+TOO_NOISY = 0.5
 
 # When a device does not report its last-level cache: 50 MiB, the L2 of an H100 (NVIDIA's H100 datasheet) on a
 # GPU; 32 MiB on a CPU, an assumed L3 of one server socket, used only where Linux's sysfs does not say.
@@ -107,7 +113,7 @@ def _error_text(error: BaseException) -> str:
 
 def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence[torch.Tensor],
                   device: torch.device, *, clock=None, warmup: int = 3, rounds: int = 15,
-                  budget_s: float = 0.25) -> dict[str, Timing]:
+                  budget_s: float = 0.25, settled: Optional[Callable[[dict], bool]] = None) -> dict[str, Timing]:
     """{name: Timing} for each variant (an ordered mapping name -> callable(x), already built; the caller runs this
     under torch.no_grad()). Call i, counted over all variants, takes inputs[i % len(inputs)]: each call reads the
     least recently read input, whichever variant ran before it.
@@ -116,8 +122,10 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
     clock.round_ms, which sets its calls per round. Then `rounds` rounds; in round r the variants take turns from
     the r-th one on, each timing one batch of its calls, and the round waits once, for all of them. budget_s
     bounds the calibration and rounds together (the warm-up, which may compile kernels, is not counted): fewer
-    rounds where they would not fit, down to MIN_ROUNDS, then fewer calls per round. A variant that raises is
-    reported failed (Timing.error) and not run again; the others go on."""
+    rounds where they would not fit, down to MIN_ROUNDS, then fewer calls per round. settled: a test of the timings
+    so far (e.g. `lambda t: decided(t, "stock")`); while it fails, more rounds are timed, as long as each fits in
+    what is left of the budget, up to MAX_ROUNDS. A variant that raises is reported failed (Timing.error) and not
+    run again; the others go on."""
     if not inputs:
         raise ValueError("time_variants needs at least one input")
     if rounds < MIN_ROUNDS:
@@ -179,7 +187,9 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
 
     measured = {name: [] for name in calls}
     names = list(calls)
-    for r in range(planned if names else 0):
+
+    def one_round(r: int) -> None:
+        nonlocal spent_ms
         marks = {}
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in errors:
@@ -194,19 +204,33 @@ def time_variants(variants: Mapping[str, Callable[[Any], Any]], inputs: Sequence
             elapsed = clock.elapsed_ms(start, end)
             spent_ms += elapsed
             measured[name].append(elapsed / calls[name])
-        if spent_ms >= budget_s * 1e3 and r + 1 >= MIN_ROUNDS:
-            break
 
-    timings = {}
-    for name in variants:
-        if name in errors:
-            timings[name] = Timing(name, error=errors[name])
-            continue
-        values = measured[name]
-        median = statistics.median(values)
-        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-        timings[name] = Timing(name, median, tuple(values), calls[name], (q3 - q1) / median if median > 0 else 0.0)
-    return timings
+    def summary() -> dict[str, Timing]:
+        timings = {}
+        for name in variants:
+            if name in errors:
+                timings[name] = Timing(name, error=errors[name])
+                continue
+            values = measured[name]
+            median = statistics.median(values)
+            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+            timings[name] = Timing(name, median, tuple(values), calls[name],
+                                   (q3 - q1) / median if median > 0 else 0.0)
+        return timings
+
+    done = 0
+    while names and done < planned:
+        one_round(done)
+        done += 1
+        if spent_ms >= budget_s * 1e3 and done >= MIN_ROUNDS:
+            break
+    # Rounds that disagree: more of them, each only if it fits in what the budget has left.
+    round_ms = sum(calls[name] * per_call_ms[name] for name in calls)
+    while (settled is not None and names and done < MAX_ROUNDS and spent_ms + round_ms <= budget_s * 1e3
+           and not settled(summary())):
+        one_round(done)
+        done += 1
+    return summary()
 
 
 def paired_ratios(variant: Timing, baseline: Timing) -> list:
@@ -215,11 +239,98 @@ def paired_ratios(variant: Timing, baseline: Timing) -> list:
     return [v / b for v, b in zip(variant.rounds_ms, baseline.rounds_ms) if b > 0]
 
 
-def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: float = 0.02) -> tuple[str, str]:
-    """(name of the variant to use, why, in one line). A variant replaces the baseline only if, round by round, it
-    is faster by more than the spread of that comparison (the interquartile range of its per-round time ratios to
-    the baseline: the measured noise) and by more than min_gain (a fraction of the baseline's time); among those
-    that are, the fastest wins. Ties, gains within the noise and failed variants keep the baseline."""
+@dataclass(frozen=True)
+class Comparison:
+    """A variant against the baseline: the gain of the medians (1 - variant median / baseline median), the gain
+    round by round (1 - the median of the per-round ratios: drift cancels in each ratio), and the spread of those
+    ratios (their interquartile range: the measured noise), over `rounds` paired rounds."""
+    name: str
+    baseline: str
+    median_ms: float
+    baseline_ms: float
+    gain: float
+    paired_gain: float
+    spread: float
+    rounds: int
+
+    @classmethod
+    def of(cls, variant: Timing, baseline: Timing) -> "Comparison":
+        gain = 1 - variant.median_ms / baseline.median_ms
+        ratios = paired_ratios(variant, baseline)
+        if len(ratios) < MIN_ROUNDS:  # a variant that failed part-way: its own spreads stand in
+            return cls(variant.name, baseline.name, variant.median_ms, baseline.median_ms, gain, gain,
+                       baseline.noise + variant.noise, len(ratios))
+        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return cls(variant.name, baseline.name, variant.median_ms, baseline.median_ms, gain, 1 - median, q3 - q1,
+                   len(ratios))
+
+    def needed(self, min_gain: float) -> float:
+        return max(min_gain, self.spread)
+
+    def wins(self, min_gain: float) -> bool:
+        """Faster by more than the spread and the floor, by its medians and round by round alike."""
+        return min(self.gain, self.paired_gain) > self.needed(min_gain)
+
+    def too_noisy(self) -> bool:
+        return self.spread > TOO_NOISY
+
+    def undecided(self, min_gain: float) -> bool:
+        """Not a win, though the medians or the rounds say it is faster beyond the floor, or the rounds are too
+        noisy to say anything: more rounds may tell."""
+        return not self.wins(min_gain) and (max(self.gain, self.paired_gain) > min_gain or self.too_noisy())
+
+    def text(self) -> str:
+        """The numbers compared, in words: "reference 0.4195 ms vs stock 12.87 ms: 96.7% faster (round by round
+        40.1% faster, spread 95.0% over 3 rounds)"."""
+        return (f"{self.name} {_ms(self.median_ms)} vs {self.baseline} {_ms(self.baseline_ms)}: "
+                f"{_faster(self.gain)} (round by round {_faster(self.paired_gain)}, spread {self.spread:.1%} over "
+                f"{self.rounds} rounds)")
+
+
+def _ms(ms: float) -> str:
+    return f"{significant(ms)} ms"
+
+
+def significant(value: float, digits: int = 4) -> str:
+    """value with `digits` significant digits, trailing zeros kept: 1.000, 12.87, 0.4195, 2006."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.{digits - 1}f}"
+    rounded = float(f"{value:.{digits - 1}e}")  # 0.99999 is 1.000, not 1.0000
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
+    return f"{rounded:.{decimals}f}"
+
+
+def _faster(gain: float) -> str:
+    """1 - ratio as words: "12.0% faster", "50.0% slower" (the slower variant's extra time), "as fast"."""
+    if abs(gain) < 5e-4:
+        return "as fast"
+    return f"{gain:.1%} faster" if gain > 0 else f"{-gain:.1%} slower"
+
+
+def comparisons(timings: Mapping[str, Timing], baseline: str) -> dict[str, Comparison]:
+    """{name: Comparison} of every variant that ran, other than the baseline (which must have run)."""
+    base = timings[baseline]
+    return {name: Comparison.of(t, base) for name, t in timings.items() if name != baseline and not t.failed}
+
+
+def decided(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: float = MIN_GAIN) -> bool:
+    """Whether more rounds could not change `choose`'s answer for a reason it can name: a variant wins, or none
+    shows a gain beyond the floor on either statistic and every spread is within TOO_NOISY (time_variants'
+    `settled`)."""
+    if baseline not in timings or timings[baseline].failed:
+        return True
+    found = comparisons(timings, baseline).values()
+    return any(c.wins(min_gain) for c in found) or not any(c.undecided(min_gain) for c in found)
+
+
+def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: float = MIN_GAIN) -> tuple[str, str]:
+    """(name of the variant to use, why, in one line, with the numbers compared). A variant replaces the baseline
+    only if it is faster by more than the spread of the comparison (the interquartile range of its per-round time
+    ratios to the baseline: the measured noise) and by more than min_gain (a fraction of the baseline's time), both
+    by the medians and round by round; among those that are, the fastest wins. Ties, gains within the noise or the
+    floor, and failed variants keep the baseline, and the line says which: "stock kept, the medians and the rounds
+    disagree: reference 0.4195 ms vs stock 12.87 ms: 96.7% faster (round by round 1.2% faster, spread 95.0% over
+    3 rounds)"."""
     if baseline not in timings:
         raise ValueError(f"no baseline {baseline!r} among the timings ({', '.join(timings)})")
     base = timings[baseline]
@@ -230,34 +341,26 @@ def choose(timings: Mapping[str, Timing], baseline: str = "stock", min_gain: flo
         if not ran:
             raise ValueError(f"every variant failed; {baseline}: {base.error}")
         best = min(ran, key=lambda name: ran[name].median_ms)
-        return best, f"{best} {ran[best].median_ms:.3f} ms: the baseline {baseline} failed ({base.error})"
-    others = {name: t for name, t in ran.items() if name != baseline}
-    if not others:
+        return best, f"{best} {_ms(ran[best].median_ms)}: the baseline {baseline} failed ({base.error})"
+    found = comparisons(timings, baseline)
+    if not found:
         return baseline, f"{baseline} kept: no other variant ran{failed_note}"
-
-    def comparison(name: str) -> tuple[float, float]:
-        """(gain: 1 - the median per-round ratio, noise: the ratios' interquartile range)."""
-        ratios = paired_ratios(others[name], base)
-        if len(ratios) < MIN_ROUNDS:
-            return 1 - others[name].median_ms / base.median_ms, base.noise + others[name].noise
-        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-        return 1 - median, q3 - q1
-
-    def versus(name: str, word: str) -> str:
-        gain, noise = comparison(name)
-        return (f"{name} {others[name].median_ms:.3f} ms vs {baseline} {base.median_ms:.3f} ms: {gain:.1%} "
-                f"faster, {word} the {max(min_gain, noise):.1%} needed (noise {noise:.1%}, floor "
-                f"{min_gain:.1%}){failed_note}")
-
-    winners = [name for name in others if comparison(name)[0] > max(min_gain, comparison(name)[1])]
+    winners = [c for c in found.values() if c.wins(min_gain)]
     if winners:
-        best = min(winners, key=lambda name: others[name].median_ms)
-        return best, versus(best, "beyond")
-    fastest = min(others, key=lambda name: others[name].median_ms)
-    if comparison(fastest)[0] <= 0:
-        return baseline, (f"{baseline} kept: {baseline} {base.median_ms:.3f} ms, the fastest other is {fastest} "
-                          f"{others[fastest].median_ms:.3f} ms{failed_note}")
-    return baseline, f"{baseline} kept: " + versus(fastest, "within")
+        best = min(winners, key=lambda c: c.median_ms)
+        return best.name, (f"{best.name} chosen, faster beyond the spread and the {min_gain:.0%} floor: "
+                           f"{best.text()}{failed_note}")
+    fastest = min(found.values(), key=lambda c: c.median_ms)
+    if fastest.too_noisy():
+        verdict = f"the rounds are too noisy to tell (a spread over {TOO_NOISY:.0%})"
+    elif fastest.undecided(min_gain):
+        verdict = ("the medians and the rounds disagree" if max(fastest.gain, fastest.paired_gain)
+                   > fastest.needed(min_gain) else "the gain is within the spread")
+    elif max(fastest.gain, fastest.paired_gain) > 0:
+        verdict = f"within the {min_gain:.0%} floor"
+    else:
+        verdict = "not faster"
+    return baseline, f"{baseline} kept, {verdict}: {fastest.text()}{failed_note}"
 
 
 def last_level_cache_bytes(device: torch.device) -> int:

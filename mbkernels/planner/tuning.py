@@ -27,8 +27,8 @@ from . import timing
 from .cache import TuningCache
 from . import cost
 from .cost import BlockDecision
-from .report import PatchEntry
-from .kinds import ABSENT, BlockAlternative
+from .report import WHY, PatchEntry, describe_input, measurements
+from .kinds import ABSENT, BlockAlternative, BlockKind
 from .planner import KEPT_STOCK, STOCK_SLOTS, set_slot
 
 FOLDED = "folded"  # ConvBNAct's fused variant: PyTorch's conv on the folded weights
@@ -195,11 +195,11 @@ class Tuner:
         return timing.rotation_inputs(x, cache_bytes, 2 * largest, resident)
 
     def measure(self, signature: dict, variants: dict, seen: Seen, largest: int, baseline: str) -> tuple:
-        """(choice, {variant: median ms}) from the cache, or timed now and cached."""
+        """(choice, {variant: median ms}, why) from the cache, or timed now and cached."""
         signature = {**signature, "variants": sorted(variants)}
         record = self.cache.get(signature)
         if record is not None and record.get("choice") in variants:
-            return record["choice"], record["timings"]
+            return record["choice"], record["timings"], record.get("reason", "")
         probe = self.inputs_like(seen, largest, 0)[:1]
         with torch.no_grad():
             out = variants[baseline](probe[0])
@@ -207,26 +207,29 @@ class Tuner:
         inputs = self.inputs_like(seen, largest, out_bytes)
         with torch.no_grad():
             timings = timing.time_variants(variants, inputs, seen.meta.device, clock=self.clock,
-                                           budget_s=self.budget_s())
+                                           budget_s=self.budget_s(),
+                                           settled=lambda so_far: timing.decided(so_far, baseline))
         choice, reason = timing.choose(timings, baseline=baseline)
         medians = {name: (None if t.failed else round(t.median_ms, 6)) for name, t in timings.items()}
         self.cache.put(signature, {"choice": choice, "timings": medians, "reason": reason})
         self.timed += 1
-        return choice, medians
+        return choice, medians, reason
 
     def tune_module(self, fused: FusedModule, seen: list, largest: int) -> None:
         for one in seen:
             x = one.meta
             variants = variants_of(fused, x)
             signature = {"module": describe(fused), "input": [list(x.shape), list(x.stride()), str(x.dtype)]}
-            choice, medians = self.measure(signature, variants, one, largest, STOCK)
+            choice, medians, why = self.measure(signature, variants, one, largest, STOCK)
             fused.keep_measured(one.key, choice, medians)
+            keep_why(fused, one.key, why)
 
-    def check_whole_model(self, placed: list) -> None:
+    def check_whole_model(self, placed: list) -> list:
         """The per-candidate choices hold up in the model's own forward: time it as tuned (the candidates measured
         fastest stock as the stock modules), with every candidate fused, and all stock (the stock model itself), on
-        the example calls, and keep the fastest (as tuned unless another is faster by more than the noise). Layers
-        timed alone miss what they do to each other (caches, launches, Python between them)."""
+        the example calls, and keep the fastest (as tuned unless another is faster by more than the noise); the
+        swaps that stand removed (stock) in it. Layers timed alone miss what they do to each other (caches,
+        launches, Python between them)."""
         modules = [module for swap in placed for module in swap.fused]
         choices = {"tuned": {m: dict(m.tuned) for m in modules},
                    "fused": {m: {key: choice if choice != STOCK else fastest_fused(m.timings.get(key, {}))
@@ -264,7 +267,8 @@ class Tuner:
             with torch.no_grad():
                 timings = timing.time_variants({mode: forward(mode) for mode in choices}, self.calls.calls,
                                                self.calls.device, clock=self.clock,
-                                               budget_s=WHOLE_MODEL_BUDGET_S.get(self.calls.device.type, 1.5))
+                                               budget_s=WHOLE_MODEL_BUDGET_S.get(self.calls.device.type, 1.5),
+                                               settled=lambda so_far: timing.decided(so_far, "tuned"))
             choice, reason = timing.choose(timings, baseline="tuned")
             medians = {name: (None if t.failed else round(t.median_ms, 6)) for name, t in timings.items()}
             record = {"choice": choice, "timings": medians, "reason": reason}
@@ -272,11 +276,15 @@ class Tuner:
             self.timed += 1
         choice = record["choice"] if record else "tuned"
         use(choice)
-        for swap in placed:
-            if choice == STOCK or (choice == "tuned" and id(swap) in tuned_stock):
-                swap.keep_stock(self.calls.device, record["timings"] if choice == STOCK else None)
+        if choice == "fused":  # the stock choices it overrode say so beside their own measurement
+            for module in modules:
+                for key, was in choices["tuned"][module].items():
+                    if was == STOCK and module.tuned.get(key) != STOCK:
+                        keep_why(module, key, f"{module.__dict__.get(WHY, {}).get(key, '')}; then fused: the "
+                                              f"whole model measured faster with every candidate fused")
         if record:
             self.whole_model = (record["choice"], record["timings"], record["reason"])
+        return [swap for swap in placed if choice == STOCK or (choice == "tuned" and id(swap) in tuned_stock)]
 
     def tune_block(self, alternative: BlockAlternative, seen: list, largest: int) -> Optional[BlockDecision]:
         """Block fusion against layer fusion, summed over the inputs seen; installs the block where it wins."""
@@ -297,19 +305,22 @@ class Tuner:
                              "input": [list(x.shape), list(x.stride()), str(x.dtype)]}
                 results.append((one, *self.measure(signature, variants, one, largest, LAYERS)))
         total = {}
-        for _, _, medians in results:
+        for _, _, medians, _ in results:
             for name, ms in medians.items():
                 total[name] = total.get(name, 0.0) + (ms if ms is not None else float("inf"))
         best = min((name for name in total if name != LAYERS), key=total.get, default=None)
-        wins = best is not None and all(choice != LAYERS for _, choice, _ in results)
+        # Every input must prefer the block: one where its layers are faster keeps them all (a block module
+        # cannot run layer fusion for some inputs).
+        wins = best is not None and all(choice != LAYERS for _, choice, _, _ in results)
         estimate = cost.decide(fused, alternative.path, None, every_block=False)  # its bytes, for the report
+        decisions = "; ".join(f"at {describe_input(one.key)}: {why}" if len(results) > 1 else why
+                              for one, _, _, why in results)
         if not wins:
-            detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in total.items())
-            return dataclasses.replace(estimate, plan="layers", reason=f"measured: {detail}")
-        for one, choice, medians in results:
+            return dataclasses.replace(estimate, plan="layers", reason=f"measured: {decisions}")
+        for one, choice, medians, why in results:
             fused.keep_measured(one.key, choice if choice != LAYERS else best, medians)
-        return dataclasses.replace(estimate, plan="block", reason=f"measured: block ({best}) {total[best]:.3f} ms "
-                                                                  f"against layers {total[LAYERS]:.3f} ms")
+            keep_why(fused, one.key, why)
+        return dataclasses.replace(estimate, plan="block", reason=f"measured: {decisions}")
 
 
 def fused_modules(model: nn.Module) -> list:
@@ -319,13 +330,15 @@ def fused_modules(model: nn.Module) -> list:
 def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     """Measure the applied plan's choices on the example calls (layers first, then each block against its
     layers), install the blocks that win, check the choices in the whole model's forward (putting the stock modules
-    back where stock won), and cache what was measured."""
+    back where stock won), cache what was measured, and make the planner's report say what was decided."""
     tuner = Tuner(model, calls, TuningCache.load(calls.device), clock)
     alternatives = planner.block_alternatives
     layers = fused_modules(model)
     seen, largest = record_inputs(model, layers + [a.block for a in alternatives], calls)
     tuner.largest = largest
     placed = [Placed.of(swap) for swap in planner.swaps]
+    report = planner.report
+    paths = {module: name for name, module in model.named_modules()}
     with eval_mode(model):
         for fused in layers:
             tuner.tune_module(fused, seen[fused], largest)
@@ -333,20 +346,37 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
             decision = tuner.tune_block(alternative, seen[alternative.block], largest)
             if decision is None:
                 continue
-            planner.report.blocks.append(decision)
-            if decision.plan == "block":
-                inside = set(alternative.block.modules())
-                for swap in [p for p in placed if p.parent in inside]:  # the layer fusion inside it goes
-                    swap.remove()
-                    placed.remove(swap)
-                parent, assignments, restore, fused, entries = alternative.swap()
-                for module in fused:
-                    module.training = alternative.block.training
-                object.__setattr__(assignments[0][1], STOCK_SLOTS, restore)
-                block_swap = Placed(parent, assignments, restore, fused, [PatchEntry(**entry) for entry in entries])
-                block_swap.place()
-                placed.append(block_swap)
-        tuner.check_whole_model(placed)
+            report.blocks.append(decision)
+            block_path = paths[alternative.block]
+            if decision.plan == "layers":  # one explanation: the measured one
+                for entry in report.skipped:
+                    if entry.path == block_path and entry.kind == BlockKind.kind:
+                        entry.reason = decision.reason
+                continue
+            inside = set(alternative.block.modules())
+            for swap in [p for p in placed if p.parent in inside]:  # the layer fusion inside it goes
+                swap.remove()
+                placed.remove(swap)
+            report.skipped = [e for e in report.skipped if not (e.path == block_path or
+                                                                e.path.startswith(f"{block_path}."))]
+            parent, assignments, restore, fused, entries = alternative.swap()
+            for module in fused:
+                module.training = alternative.block.training
+            object.__setattr__(assignments[0][1], STOCK_SLOTS, restore)
+            block_swap = Placed(parent, assignments, restore, fused, [PatchEntry(**entry) for entry in entries])
+            block_swap.place()
+            placed.append(block_swap)
+        kept = tuner.check_whole_model(placed)
+    for swap in kept:
+        report.skipped += swap.keep_stock(calls.device, tuner.whole_model if tuner.whole_model and
+                                          tuner.whole_model[0] == STOCK else None)
+    order = {name: i for i, name in enumerate(paths.values())}
+    report.fused = sorted((entry for swap in placed if swap not in kept for entry in swap.entries),
+                          key=lambda entry: order.get(entry.path, -1))
+    for swap in placed:
+        for module, entry in zip(swap.fused, swap.entries):
+            entry.measured = measurements(module)
+    report.whole_model = tuner.whole_model
     tuner.cache.save()
     return tuner
 
@@ -381,21 +411,34 @@ class Placed:
         chosen = [choice for module in self.fused for choice in choices[module].values()]
         return bool(chosen) and set(chosen) == {STOCK}
 
-    def keep_stock(self, device: torch.device, whole_model: Optional[dict] = None) -> None:
+    def keep_stock(self, device: torch.device, whole_model: tuple = None) -> list:
         """Leave a note on the stock modules (the rewritten module, for a rewrite) of why they stand, its own
-        measurements or the whole model's (whole_model: {variant: ms}, where the whole stock model was fastest):
-        patch and patch_report read it (planner.KEPT_STOCK), unpatch clears it."""
+        measured decisions or the whole model's (whole_model: (choice, {variant: ms}, why), where the whole stock
+        model was fastest): patch and patch_report read it (planner.KEPT_STOCK), unpatch clears it. Returns the
+        report's entries of it, left alone with that reason."""
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
-        timings = whole_model or next((t for module in self.fused for t in module.timings.values()), {})
-        measured = ", ".join(f"{name} {'failed' if ms is None else f'{ms:.4f} ms'}" for name, ms in timings.items())
-        what = "the whole model measured fastest stock" if whole_model else "its stock modules measured fastest"
-        note = {"reason": f"kept stock: {what} on {where} ({measured})",
+        if whole_model:
+            why = f"the whole model measured fastest stock ({whole_model[2]})"
+        else:
+            decisions = [(entry.path, describe_input(key), text.removeprefix(f"{STOCK} kept, "))
+                         for module, entry in zip(self.fused, self.entries)
+                         for key, text in module.__dict__.get(WHY, {}).items()]
+            several = len({path for path, _, _ in decisions}) > 1
+            why = "; ".join((f"{path} " if several else "") + (f"at {shape}: " if len(decisions) > 1 else "") + text
+                            for path, shape, text in decisions)
+        note = {"reason": f"kept stock on {where}: {why}",
                 "entries": [(e.path, e.kind, e.shape, e.activation) for e in self.entries]}
         target = next((stock for _, stock in self.restore if stock is not ABSENT), None)
         if target is None:  # a rewrite: the module whose forward it was
             target = self.parent
             note["covered"] = list(self.assignments[0][1].covered)
         object.__setattr__(target, KEPT_STOCK, note)
+        return [PatchEntry(*entry, reason=note["reason"]) for entry in note["entries"]]
+
+
+def keep_why(fused: FusedModule, key: tuple, why: str) -> None:
+    """The measured decision's line for inputs of tuning_key `key`, beside FusedModule.tuned (report.WHY)."""
+    fused.__dict__.setdefault(WHY, {})[key] = why
 
 
 def fastest_fused(timings: dict) -> str:
