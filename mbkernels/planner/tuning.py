@@ -28,8 +28,8 @@ from .cache import TuningCache
 from . import cost
 from .cost import BlockDecision
 from .report import WHY, PatchEntry, describe_input, measurements
-from .kinds import ABSENT, BlockAlternative, BlockKind
-from .planner import KEPT_STOCK, STOCK_SLOTS, set_slot
+from .kinds import BlockAlternative, BlockKind
+from .changes import Change
 
 FOLDED = "folded"  # ConvBNAct's fused variant: PyTorch's conv on the folded weights
 LAYERS = "layers"  # a block's layer fusion (its layers as tuned), the baseline of block fusion
@@ -235,7 +235,7 @@ class Tuner:
                    "fused": {m: {key: choice if choice != STOCK else fastest_fused(m.timings.get(key, {}))
                                  for key, choice in m.tuned.items()} for m in modules},
                    STOCK: {m: dict(m.tuned) for m in modules}}
-        tuned_stock = {id(swap) for swap in placed if swap.stock_wins(choices["tuned"])}
+        tuned_stock = {id(swap) for swap in placed if stock_wins(swap, choices["tuned"])}
         # Each mode's choices with the plans made for them, kept across the switches: a batch of timed calls right
         # after a switch must not pay for making plans again.
         states = {mode: {m: (chosen[m], {}) for m in modules} for mode, chosen in choices.items()}
@@ -336,7 +336,7 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     layers = fused_modules(model)
     seen, largest = record_inputs(model, layers + [a.block for a in alternatives], calls)
     tuner.largest = largest
-    placed = [Placed.of(swap) for swap in planner.swaps]
+    placed = list(planner.swaps)
     report = planner.report
     paths = {module: name for name, module in model.named_modules()}
     with eval_mode(model):
@@ -362,14 +362,15 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
             parent, assignments, restore, fused, entries = alternative.swap()
             for module in fused:
                 module.training = alternative.block.training
-            object.__setattr__(assignments[0][1], STOCK_SLOTS, restore)
-            block_swap = Placed(parent, assignments, restore, fused, [PatchEntry(**entry) for entry in entries])
+            block_swap = Change.planned(parent, assignments, restore, [PatchEntry(**entry) for entry in entries])
             block_swap.place()
             placed.append(block_swap)
         kept = tuner.check_whole_model(placed)
     for swap in kept:
-        report.skipped += swap.keep_stock(calls.device, tuner.whole_model if tuner.whole_model and
-                                          tuner.whole_model[0] == STOCK else None)
+        reason = stock_reason(swap, calls.device, tuner.whole_model if tuner.whole_model and
+                              tuner.whole_model[0] == STOCK else None)
+        swap.keep_stock(reason)
+        report.skipped += [PatchEntry(e.path, e.kind, e.shape, e.activation, reason=reason) for e in swap.entries]
     order = {name: i for i, name in enumerate(paths.values())}
     report.fused = sorted((entry for swap in placed if swap not in kept for entry in swap.entries),
                           key=lambda entry: order.get(entry.path, -1))
@@ -381,59 +382,26 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
     return tuner
 
 
-@dataclass
-class Placed:
-    """One swap of the plan as the model holds it, placed (the fused modules in) or removed (the stock modules
-    back): a tuned patch removes the swaps whose candidates were measured fastest stock, so that stock runs as
-    stock does, without a fused module's call around it."""
-    parent: nn.Module
-    assignments: list  # [(slot, new)]
-    restore: tuple  # [(slot, stock module, or ABSENT for what a rewrite adds)]
-    fused: list  # the fused modules it puts in (a rewrite's: its list's)
-    entries: list  # the report's PatchEntry of each
+def stock_wins(swap: Change, choices: dict) -> bool:
+    """Whether every measured choice of a change's fused modules is stock (and something was measured)."""
+    chosen = [choice for module in swap.fused for choice in choices[module].values()]
+    return bool(chosen) and set(chosen) == {STOCK}
 
-    @classmethod
-    def of(cls, swap) -> "Placed":
-        first = swap.assignments[0][1]
-        fused = list(first) if isinstance(first, nn.ModuleList) else [first]
-        return cls(swap.parent, swap.assignments, getattr(first, STOCK_SLOTS), fused, swap.entries)
 
-    def place(self) -> None:
-        for slot, new in self.assignments:
-            set_slot(self.parent, slot, new)
-
-    def remove(self) -> None:
-        for slot, stock in self.restore:
-            set_slot(self.parent, slot, stock)
-
-    def stock_wins(self, choices: dict) -> bool:
-        """Whether every measured choice of its fused modules is stock (and something was measured)."""
-        chosen = [choice for module in self.fused for choice in choices[module].values()]
-        return bool(chosen) and set(chosen) == {STOCK}
-
-    def keep_stock(self, device: torch.device, whole_model: tuple = None) -> list:
-        """Leave a note on the stock modules (the rewritten module, for a rewrite) of why they stand, its own
-        measured decisions or the whole model's (whole_model: (choice, {variant: ms}, why), where the whole stock
-        model was fastest): patch and patch_report read it (planner.KEPT_STOCK), unpatch clears it. Returns the
-        report's entries of it, left alone with that reason."""
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
-        if whole_model:
-            why = f"the whole model measured fastest stock ({whole_model[2]})"
-        else:
-            decisions = [(entry.path, describe_input(key), text.removeprefix(f"{STOCK} kept, "))
-                         for module, entry in zip(self.fused, self.entries)
-                         for key, text in module.__dict__.get(WHY, {}).items()]
-            several = len({path for path, _, _ in decisions}) > 1
-            why = "; ".join((f"{path} " if several else "") + (f"at {shape}: " if len(decisions) > 1 else "") + text
-                            for path, shape, text in decisions)
-        note = {"reason": f"kept stock on {where}: {why}",
-                "entries": [(e.path, e.kind, e.shape, e.activation) for e in self.entries]}
-        target = next((stock for _, stock in self.restore if stock is not ABSENT), None)
-        if target is None:  # a rewrite: the module whose forward it was
-            target = self.parent
-            note["covered"] = list(self.assignments[0][1].covered)
-        object.__setattr__(target, KEPT_STOCK, note)
-        return [PatchEntry(*entry, reason=note["reason"]) for entry in note["entries"]]
+def stock_reason(swap: Change, device: torch.device, whole_model: tuple = None) -> str:
+    """Why a change stays stock: its own measured decisions, or the whole model's (whole_model: (choice,
+    {variant: ms}, why), where the whole stock model was fastest)."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    if whole_model:
+        why = f"the whole model measured fastest stock ({whole_model[2]})"
+    else:
+        decisions = [(entry.path, describe_input(key), text.removeprefix(f"{STOCK} kept, "))
+                     for module, entry in zip(swap.fused, swap.entries)
+                     for key, text in module.__dict__.get(WHY, {}).items()]
+        several = len({path for path, _, _ in decisions}) > 1
+        why = "; ".join((f"{path} " if several else "") + (f"at {shape}: " if len(decisions) > 1 else "") + text
+                        for path, shape, text in decisions)
+    return f"kept stock on {where}: {why}"
 
 
 def keep_why(fused: FusedModule, key: tuple, why: str) -> None:
