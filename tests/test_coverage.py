@@ -105,7 +105,7 @@ def test_se_with_hardswish_is_fused(name, hardswish):
 def test_conv2d_same_fused_at_odd_and_even_sizes(size):
     stock = stock_model("tf_mobilenetv3_small_100")
     model = mbkernels.patch(stock_model("tf_mobilenetv3_small_100"), backend="reference", blocks=False)
-    same = [m for m in model.modules() if isinstance(m, DWConvBNAct) and m.padding is None]
+    same = [m for m in model.modules() if isinstance(m, DWConvBNAct) and m.op_padding is None]
     assert len(same) == 4  # the stride-2 Conv2dSame, padded per call
     x = torch.randn(1, 3, size, size + 1, generator=torch.Generator().manual_seed(size))
     assert_matches_stock(model, stock, x)
