@@ -44,6 +44,9 @@ def _torch_too_old() -> str | None:
 
 
 def _cuda_mismatch(module) -> str | None:
+    if not hasattr(module, "TORCH_TARGET_VERSION"):  # a build of an older mbkernels left beside the new one
+        return (f"{module.__file__} is a build of an older mbkernels (not on the stable ABI); delete it and "
+                f"reinstall mbkernels")
     built_cuda = getattr(module, "CUDA_VERSION", "unknown")
     # A CUDA runtime serves its own major version.
     if built_cuda.split(".")[0] != (torch.version.cuda or "none").split(".")[0]:

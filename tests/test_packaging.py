@@ -40,7 +40,7 @@ def running(monkeypatch):
 
 
 def fake_extension(torch_version, cuda_version):
-    return types.SimpleNamespace(TORCH_VERSION=torch_version, CUDA_VERSION=cuda_version)
+    return types.SimpleNamespace(TORCH_VERSION=torch_version, CUDA_VERSION=cuda_version, TORCH_TARGET_VERSION="2.10")
 
 
 def load_with(monkeypatch, extension=None, error=None):
@@ -105,6 +105,15 @@ def test_an_extension_built_for_another_cuda_major_is_refused_naming_both(runnin
     assert C is None
     assert f"built for CUDA {built_cuda}" in reason
     assert f"torch {RUNNING_TORCH} with CUDA {RUNNING_CUDA} is running" in reason
+    assert_one_fallback_warning(caught, reason)
+
+
+def test_a_build_of_an_older_mbkernels_left_beside_the_new_one_is_refused_saying_so(running, monkeypatch):
+    # An in-place build leaves _C.cpython-*.so beside the new _C.abi3.so, and Python imports the former first.
+    old = types.SimpleNamespace(TORCH_VERSION=RUNNING_TORCH, CUDA_VERSION=RUNNING_CUDA,
+                                __file__="/site/mbkernels/_C.cpython-311-x86_64-linux-gnu.so")
+    C, reason, caught = load_with(monkeypatch, old)
+    assert C is None and "_C.cpython-311-x86_64-linux-gnu.so is a build of an older mbkernels" in reason
     assert_one_fallback_warning(caught, reason)
 
 
