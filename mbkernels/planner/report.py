@@ -87,8 +87,14 @@ class PatchReport:
             choice, timings, why = self.whole_model
             lines.append(f"whole model, on the example inputs (median ms per call; * the choice): "
                          f"{variants_text(timings, choice)}; {why}")
-        if self.blocks:
-            lines.append("block plans (estimated HBM bytes per input pixel, float16; or measured):")
+        estimates = {(d.plan, d.reason) for d in self.blocks if not d.reason.startswith("measured")}
+        if len(self.blocks) > 1 and len(estimates) == 1 and not any(d.reason.startswith("measured")
+                                                                      for d in self.blocks):
+            decision = self.blocks[0]  # the cost model's one plan for one reason (a CPU model's): said once
+            lines.append(f"block plans: {decision.plan} for all {len(self.blocks)} blocks: {decision.reason}")
+        elif self.blocks:
+            lines.append("block plans (the cost model's estimate of HBM bytes per input pixel, in float16 on the GPU "
+                         "it aims at; or measured):")
             lines += table([("module", "shape", "plan", "block B/px", "layers B/px", "expand work", "why")]
                            + [(d.path, d.shape, d.plan, f"{d.block_bytes:.0f}", f"{d.layer_bytes:.0f}",
                                f"x{d.recompute:.2f}", d.reason) for d in self.blocks])
