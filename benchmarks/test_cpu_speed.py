@@ -127,8 +127,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
-    print(f"torch {torch.__version__}, {options.threads} threads (torch.set_num_threads), {options.size}x{options.size}, "
-          f"float32, {options.rounds} interleaved rounds; ms per call (median round), ratio = stock / that model "
+    print(f"torch {torch.__version__}, {options.threads} threads (torch.set_num_threads), "
+          f"{options.size}x{options.size}, float32, {options.rounds} interleaved rounds; ms per call (median round), ratio = stock / that model "
           f"± half the interquartile range of its per-round ratios (targets: patched eager >= 1.00, patched compiled "
           f">= 0.95, tuned >= 1.00 and >= patched)")
     cell = f"{'stock':>7} {'patched':>7} {'ratio':>10} {'tuned':>7} {'ratio':>10}"

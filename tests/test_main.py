@@ -128,13 +128,13 @@ def test_variants_take_turns_each_round_and_steady_rounds_pass_unwarned(capsys, 
     scripted_timer(monkeypatch, [10, 5] * 3, load=os.cpu_count())  # every core busy: ours, timing
     pinned = []
     monkeypatch.setattr(torch, "set_num_threads", pinned.append)
-    code, lines = run(capsys, "--no-compile", "--iters", "3")
-    assert code == 0 and pinned == [1]
+    code, lines = run(capsys, "--no-compile", "--iters", "3", "--threads", "2")
+    assert code == 0 and pinned[0] == 2  # first, before any work (patch's probes pin and restore their own)
     table = rows(lines)
     assert table["stock eager"][:4] == ["10.00", "200.0", "1.00x", ""]
     assert table["patched eager"][:4] == ["5.00", "400.0", "2.00x", "±0%"]
     assert not any("unreliable" in line for line in lines)
-    assert "timing  3 rounds" in "\n".join(lines)
+    assert "timing  3 rounds, every variant once per round in turn; 2 CPU threads" in "\n".join(lines)
 
 
 def test_rounds_that_disagree_say_the_ratios_are_unreliable(capsys, monkeypatch):
