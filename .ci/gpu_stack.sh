@@ -48,7 +48,7 @@ VERSION_TESTS=(
   tests/test_dwconv_bn_act.py tests/test_squeeze_excite.py tests/test_bad_inputs.py  # the ops, interpreted
   tests/test_compile_export.py                     # torch.compile, torch.export, AOTInductor
   tests/test_dataflow.py tests/test_efficientnet_pytorch.py tests/test_padding_slots.py  # fx capture, rewrite
-  tests/test_padding_orders.py tests/test_planning_inputs.py
+  tests/test_padding_orders.py tests/test_planning_inputs.py tests/test_model_proof.py  # shapes, the whole-model proof
   tests/test_patch.py tests/test_inverted_residual.py tests/test_dilated_convs.py  # patch on the test models
   tests/test_tuning.py tests/test_tuning_timing.py tests/test_tuning_cache.py  # measured plans
 )
