@@ -1,6 +1,6 @@
 """What the whole-model proof adds to patch: timm's MobileNetV3-Large patched with it and without it (the proof
-replaced by nothing), on the CPU, float32, reference backend; the target is at most 20% more. Process CPU time is
-compared as well as wall time: on a machine shared with other work the wall clock measures the others too.
+replaced by nothing), on the CPU, float32, reference backend, one thread; the target is at most 20% more. Process CPU
+time is compared as well as wall time: on a machine shared with other work the wall clock measures the others too.
 
     python benchmarks/test_model_proof_cost.py [--rounds 3]
 """
@@ -9,6 +9,8 @@ import copy
 import statistics
 import time
 from unittest import mock
+
+import torch
 
 import mbkernels
 from mbkernels import planner
@@ -33,6 +35,7 @@ def patch_seconds(stock, rounds: int, proof: bool) -> dict:
 
 
 def measure(rounds: int) -> dict:
+    torch.set_num_threads(1)  # on a shared machine torch's thread pool spins: its timings would be the others'
     stock = build_model(MODEL)
     # Interleaved, so that a change in the machine's load falls on both.
     runs = {"with": [], "without": []}
