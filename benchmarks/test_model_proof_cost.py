@@ -35,13 +35,17 @@ def patch_seconds(stock, rounds: int, proof: bool) -> dict:
 
 
 def measure(rounds: int) -> dict:
-    torch.set_num_threads(1)  # on a shared machine torch's thread pool spins: its timings would be the others'
     stock = build_model(MODEL)
     # Interleaved, so that a change in the machine's load falls on both.
     runs = {"with": [], "without": []}
-    for _ in range(rounds):
-        runs["with"].append(patch_seconds(stock, 1, proof=True))
-        runs["without"].append(patch_seconds(stock, 1, proof=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared machine torch's thread pool spins: its timings would be the others'
+    try:
+        for _ in range(rounds):
+            runs["with"].append(patch_seconds(stock, 1, proof=True))
+            runs["without"].append(patch_seconds(stock, 1, proof=False))
+    finally:
+        torch.set_num_threads(threads)
     result = {f"{name}_{key}": statistics.median(r[key] for r in found) for name, found in runs.items()
               for key in ("wall_s", "cpu_s")}
     result["ratio_cpu"] = result["with_cpu_s"] / result["without_cpu_s"]
