@@ -195,6 +195,20 @@ def test_culprits_are_found_exactly_among_many():
         assert len(checks) <= 2 * len(bad) * 5 + 2  # log2(23) < 5: group testing, not one check per change
 
 
+@pytest.mark.parametrize("pair", [(2, 15), (3, 7), (12, 20)])
+def test_culprits_that_fail_only_together_are_found_one_of_them(pair):
+    """Two changes that break the model only together (one reads what the other replaced): removing one of them
+    is enough, and the rest passes."""
+    changes = list(range(23))
+
+    def passes(placed):
+        return not set(pair) <= set(placed)
+
+    found = model_proof.culprits(changes, passes)
+    assert len(found) == 1 and found[0] in pair
+    assert passes([change for change in changes if change not in found])
+
+
 def test_the_float64_check_accepts_rounding_as_stock_has_and_refuses_more():
     want = torch.tensor([1.0, -2.0, 3.0])
     reference = want.double() + torch.tensor([1e-3, 0.0, 0.0], dtype=torch.float64)  # stock is 3.3e-4 off
