@@ -98,7 +98,8 @@ class _ShapeTracer(_LeafTracer):
         if kind == "placeholder":
             value = self.inputs.get(target)
         elif kind == "get_attr":
-            value = operator.attrgetter(target)(self.root)
+            with _untraced():
+                value = operator.attrgetter(target)(self.root)
         else:
             real_args, real_kwargs = self.value(args), self.value(kwargs)
             with _untraced():  # the real modules and functions, not the tracer's patched ones
