@@ -60,9 +60,24 @@ class ReadsItsConv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def test_a_forward_reading_its_conv_attributes_runs_fused_and_right():
+class ReadsItsLayers(nn.Module):
+    """A forward that reads the attributes of the layers it calls (as code that derives sizes from them does)."""
+
+    def __init__(self, channels=10):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, padding=1, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        assert self.bn.num_features == self.conv.out_channels == self.conv.weight.shape[0] == x.shape[1]
+        (kh, kw), (sh, sw) = self.conv.kernel_size, self.conv.stride
+        return self.act(self.bn(self.conv(x))) * (kh * kw * sh * sw) / 36
+
+
+def test_fused_modules_answer_the_attributes_of_what_they_replace():
     torch.manual_seed(0)
-    model = randomize_batchnorm(nn.Sequential(ReadsItsConv(), nn.Conv2d(10, 6, 1))).eval()
+    model = randomize_batchnorm(nn.Sequential(ReadsItsLayers(), nn.Conv2d(10, 6, 1))).eval()
     stock64 = copy.deepcopy(model).double()
     mbkernels.patch(model, backend="reference")
     fused = model[0].conv
@@ -72,9 +87,19 @@ def test_a_forward_reading_its_conv_attributes_runs_fused_and_right():
                  "padding_mode", "weight", "bias"):
         assert getattr(fused, name) is getattr(conv, name), name
     assert model[0].bn.num_features == 10 and model[0].bn.eps == fused.bn.eps
+    assert float64_error(model, image((1, 10, 17, 23)), stock64) < 1e-5
+
+
+def test_a_forward_padding_by_its_conv_attributes_is_captured_per_shape_and_right():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(ReadsItsConv(), nn.Conv2d(10, 6, 1))).eval()
+    stock64 = copy.deepcopy(model).double()
+    mbkernels.patch(model, backend="reference")
+    assert rewrite.captured_forward(model[0]) is not None
     for size in ((1, 10, 17, 23), (2, 10, 16, 16)):  # odd and even sides: different paddings per call
         assert float64_error(model, image(size), stock64) < 1e-5
         assert unfused_pads(model) == 0  # its forward captured at each shape: the pad inside the fused op
+    assert len(rewrite.captured_forward(model[0]).codes) == 3  # the observed shape, then these two
 
 
 def test_writes_to_a_stood_in_attribute_reach_the_stock_module_and_refold():
@@ -165,6 +190,8 @@ def test_the_proof_runs_on_the_example_inputs_and_says_so(capsys):
     printed = capsys.readouterr().out
     assert "whole model: proven whole on 1 probe call(s)" in printed and "rolled back" in printed
     assert type(model[6].conv) is nn.Conv2d
+    timed = next(line for line in printed.splitlines() if line.startswith("whole model, on the example inputs"))
+    assert "failed" not in timed  # tuning timed the model without the swaps the proof rolled back
 
 
 def test_a_model_the_proof_cannot_run_keeps_its_swaps_and_the_report_says_why(capsys):
@@ -225,7 +252,7 @@ def test_the_float64_check_accepts_rounding_as_stock_has_and_refuses_more():
 def test_outputs_that_rounding_alone_changes_prove_only_that_the_forward_runs():
     want = (torch.tensor([1.0, 2.0]), torch.tensor([5]))  # e.g. boxes and their count after NMS
     proof = model_proof.ModelProof(nn.Identity(), [((want,), {})], lambda: nn.Identity(), [want])
-    proof.reference = [(want[0].double(), torch.tensor([4]))]  # float64 stock keeps another box
+    proof.reference = [(torch.tensor([1.0, 2.0, 7.0], dtype=torch.float64), torch.tensor([6]))]  # another box
     assert proof.compare(0, (torch.tensor([1.0, 2.5]), torch.tensor([5])), want) is None
 
 
@@ -295,8 +322,9 @@ def unfused_pads(model: nn.Module) -> int:
         if forward is not None:
             pads += sum(node.target is nn.functional.pad for code in forward.codes.values()
                         for node in code.graph.nodes)
-        elif any(isinstance(m, (nn.Conv2d, DWConvBNAct)) and max(m.kernel_size) > 1 and m.padding == (0, 0)
-                 for m in module.children()):
+        elif not isinstance(module, nn.ModuleList) and any(  # a rewrite's list of fused modules aside
+                isinstance(m, (nn.Conv2d, DWConvBNAct)) and max(m.kernel_size) > 1 and m.padding == (0, 0)
+                for m in module.children()):
             pads += 1  # a forward left stock around a conv that pads nothing itself
     return pads
 

@@ -117,9 +117,10 @@ class _ShapeTracer(_LeafTracer):
 
 
 def _erase_dead_shape_reads(graph: fx.Graph) -> None:
-    """The shape reads a _ShapeTracer left behind (their values became constants), unused, erased."""
+    """The shape reads a _ShapeTracer left behind (their values became constants: x.shape, a weight's shape),
+    unused, erased."""
     for node in reversed(list(graph.nodes)):
-        if not node.users and node.op in ("call_function", "call_method") and not node.is_impure():
+        if not node.users and node.op in ("call_function", "call_method", "get_attr") and not node.is_impure():
             graph.erase_node(node)
 
 
