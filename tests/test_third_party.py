@@ -45,7 +45,12 @@ def test_every_depthwise_conv_and_se_is_taken_over(zoo, name, depthwise, ses):
     stock = randomize_batchnorm(zoo(name), torch.Generator().manual_seed(0)).eval()
     model = mbkernels.patch(copy.deepcopy(stock))
     report = mbkernels.patch_report(model)
-    assert report.skipped == []
+    # Nothing refused; what still runs stock is reported as such: only BatchNorms after what no kind folds into
+    # (mixnet's grouped 1x1 MixConvs, which split channels across several convs).
+    refused = [entry for entry in report.skipped if not entry.reason.startswith("runs stock in the patched forward")]
+    assert refused == []
+    assert all(entry.kind == "conv_bn_act" and entry.path.endswith(".bn") for entry in report.skipped)
+    assert bool(report.skipped) == (name == "mixnet_s")
     assert report.count("dwconv_bn_act") + report.count("inverted_residual") == depthwise
     assert report.count("squeeze_excite") + report.count("inverted_residual") >= ses
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
