@@ -188,7 +188,7 @@ def test_the_proof_runs_on_the_example_inputs_and_says_so(capsys):
     x = image((1, 3, 13, 15))
     mbkernels.patch(model, backend="reference", example_inputs=x, verbose=True)
     printed = capsys.readouterr().out
-    assert "whole model: proven whole on 1 probe call(s)" in printed and "rolled back" in printed
+    assert "whole-model proof: proven whole on 1 probe call(s)" in printed and "rolled back" in printed
     assert type(model[6].conv) is nn.Conv2d
     timed = next(line for line in printed.splitlines() if line.startswith("whole model, on the example inputs"))
     assert "failed" not in timed  # tuning timed the model without the swaps the proof rolled back
@@ -250,10 +250,20 @@ def test_the_float64_check_accepts_rounding_as_stock_has_and_refuses_more():
 
 
 def test_outputs_that_rounding_alone_changes_prove_only_that_the_forward_runs():
-    want = (torch.tensor([1.0, 2.0]), torch.tensor([5]))  # e.g. boxes and their count after NMS
+    want = (torch.tensor([1.0, 2.0]),)  # e.g. the scores of the boxes a threshold kept
     proof = model_proof.ModelProof(nn.Identity(), [((want,), {})], lambda: nn.Identity(), [want])
-    proof.reference = [(torch.tensor([1.0, 2.0, 7.0], dtype=torch.float64), torch.tensor([6]))]  # another box
-    assert proof.compare(0, (torch.tensor([1.0, 2.5]), torch.tensor([5])), want) is None
+    proof.reference = [(torch.tensor([1.0, 2.0, 7.0], dtype=torch.float64),)]  # float64 stock keeps another box
+    assert proof.compare(0, (torch.tensor([1.0, 2.5]),), want) is None
+    proof.reference = [(torch.tensor([1.0, 2.0], dtype=torch.float64),)]  # where it does not: judged
+    assert proof.compare(0, (torch.tensor([1.0, 2.5]),), want) is not None
+
+
+def test_discrete_outputs_prove_only_that_the_forward_runs():
+    want = [{"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "labels": torch.tensor([3])}]  # a detector's
+    proof = model_proof.ModelProof(nn.Identity(), [((want,), {})], lambda: nn.Identity(), [want])
+    moved = [{"boxes": torch.tensor([[1.0, 2.0, 3.5, 4.0]]), "labels": torch.tensor([3])}]
+    assert proof.compare(0, moved, want) is None
+    assert proof.compare(0, [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([3, 1])}], want) is None
 
 
 # ------------------------------------------------------------------------------------------ what runs stock

@@ -11,8 +11,9 @@ responsible, puts their stock modules back, proves the rest again, and reports e
 Tolerance: within the dtype's rounding of stock (TOLERANCE); beyond it, the outputs are compared with the stock
 model run in float64, and the patched model passes when it is as close to those as stock is (within
 AMPLIFICATION times stock's own error: deep networks amplify rounding, and the fused ops round at other points).
-Where stock's own outputs change with rounding alone (a detector's boxes after non-maximum suppression), the
-outputs cannot judge a swap: only that the patched forward runs is proven.
+Where the outputs are discrete (a detector's boxes and labels after non-maximum suppression: integer tensors, or
+a structure or count that differs) or stock's own outputs change with rounding alone, the outputs cannot judge a
+swap: only that the patched forward runs is proven (the per-swap probes judged the values).
 """
 import contextlib
 import traceback
@@ -46,6 +47,13 @@ def _run(model: nn.Module, call: tuple):
     args, kwargs = call
     with torch.no_grad(), eval_mode(model):
         return model(*args, **kwargs)
+
+
+def _post_processed(output) -> bool:
+    """Whether an output holds integer or boolean tensors (labels, indices, masks): post-processing such as
+    non-maximum suppression made it, and rounding alone can change which boxes it keeps."""
+    return any(isinstance(leaf, torch.Tensor) and not leaf.is_floating_point() and not leaf.is_complex()
+               for leaf in pytree.tree_leaves(output))
 
 
 def _float_leaves(output) -> list:
@@ -131,6 +139,8 @@ class ModelProof:
         return Verdict()
 
     def compare(self, index: int, got, want) -> Optional[str]:
+        if _post_processed(want) or _error(got, want) is None:
+            return None  # discrete outputs (NMS boxes and labels, a count): rounding alone moves them
         error = _error(got, want)
         leaves = _float_leaves(want)
         dtype = leaves[0].dtype if leaves else torch.float32

@@ -82,7 +82,7 @@ class PatchReport:
                            + [(e.path, shape, variants_text(timings, choice), why)
                               for e in measured for shape, (timings, choice, why) in e.measured.items()])
         if self.proof:
-            lines.append(f"whole model: {self.proof}")
+            lines.append(f"whole-model proof: {self.proof}")
         if self.whole_model:
             choice, timings, why = self.whole_model
             lines.append(f"whole model, on the example inputs (median ms per call; * the choice): "
