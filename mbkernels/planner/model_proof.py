@@ -139,9 +139,9 @@ class ModelProof:
         return Verdict()
 
     def compare(self, index: int, got, want) -> Optional[str]:
-        if _post_processed(want) or _error(got, want) is None:
-            return None  # discrete outputs (NMS boxes and labels, a count): rounding alone moves them
         error = _error(got, want)
+        if _post_processed(want) or error is None:
+            return None  # discrete outputs (NMS boxes and labels, a count): rounding alone moves them
         leaves = _float_leaves(want)
         dtype = leaves[0].dtype if leaves else torch.float32
         if error is not None and error <= TOLERANCE.get(dtype, TOLERANCE[torch.float32]):
@@ -177,9 +177,7 @@ def _describe(error: Optional[float]) -> str:
     return "differs in structure" if error is None else f"{error:.1e}"
 
 
-def _mismatch(error: Optional[float]) -> str:
-    if error is None:
-        return "the patched model's outputs differ from stock's in structure, shape or value on its probe"
+def _mismatch(error: float) -> str:
     return f"the patched model's outputs differ from stock's on its probe (max relative error {error:.1e})"
 
 
