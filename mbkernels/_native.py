@@ -78,7 +78,9 @@ def _import_extension():
 
 def _refuse_backward() -> None:
     """Backward through the public ops fails, naming the op: the stable ABI registers no autograd kernel (the
-    fused modules run the stock layers when gradients are needed). Once per process: a reload keeps it."""
+    fused modules run the stock layers when gradients are needed). Called whenever the library was imported, even one
+    that cannot serve (its schemas are defined all the same, and without this, torch < 2.11 only warns and returns no
+    gradient). Once per process: a reload keeps it."""
 
     def backward(op):
         def refuse(ctx, *grads):
@@ -88,7 +90,8 @@ def _refuse_backward() -> None:
 
     for op in PUBLIC_OPS:
         qualname = f"mbkernels::{op}"
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+        defined = hasattr(torch.ops.mbkernels, op)
+        if defined and not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
             torch.library.register_autograd(qualname, backward(op), setup_context=lambda ctx, inputs, output: None)
 
 
@@ -109,10 +112,10 @@ def _load():
         except Exception as error:  # noqa: BLE001  importing mbkernels must never fail because of its extension
             reason, noisy = _load_failure(error), True
         else:
+            _refuse_backward()
             reason = _cuda_mismatch(module)
             noisy = reason is not None
             if reason is None:
-                _refuse_backward()
                 return module, None
     if noisy and not os.environ.get("MBKERNELS_QUIET"):
         warnings.warn(f"{reason}; {FALLBACK}", RuntimeWarning, stacklevel=2)
