@@ -16,8 +16,10 @@ argued in docs/dataflow.md. The patterns (`find`):
   block      [expand conv run ->] depthwise conv run -> [SE -> [activation]] -> project conv run [+ the block input].
 
 Activations and gates are recognised by what they compute on a probe (mbkernels.activations), never by names. A
-match is a description (graph nodes, module paths, settings); mbkernels.nn.rewrite builds the fused modules and the
-rewritten forward, which the planner proves on a probe like every swap.
+match is a description (graph nodes, module paths, settings); each fusion kind (mbkernels.planner.kinds) says which
+of the patterns are its matches and builds their fused modules (a kind may also find a pattern of its own with
+GraphView's helpers), mbkernels.nn.rewrite the rewritten forward, which the planner proves on a probe like every
+swap.
 """
 import inspect
 import operator
@@ -277,6 +279,7 @@ class Matches:
     ses: list
     blocks: list
     refused: list  # (module path, reason): convs and pools found that no pattern takes, and why
+    view: "GraphView"  # the pattern helpers over the graph, for a fusion kind that finds a pattern of its own
 
 
 _ELEMENTWISE_FUNCTIONS = {
@@ -297,8 +300,9 @@ _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsquee
 _MAX_REGION = 8  # nodes in one activation expression: hardswish written out is five
 
 
-class _Graph:
-    """Pattern helpers over one captured graph."""
+class GraphView:
+    """Pattern helpers over one captured graph: elementwise regions and the activations they compute, conv runs,
+    zero pads, global pools, reshape chains, SE layers."""
 
     def __init__(self, capture: Capture):
         self.capture = capture
@@ -557,9 +561,15 @@ class _Graph:
         return self.capture.module.get_submodule(path)
 
 
+def is_whole_forward(capture: Capture, match) -> bool:
+    """Whether a match is all its module's forward computes: it reads the one input and its output is returned."""
+    output = next(node for node in capture.graph.nodes if node.op == "output")
+    return match.input.op == "placeholder" and output.args[0] is match.output
+
+
 def find(capture: Capture) -> Matches:
     """Every conv run, SE and block in a captured graph (they may overlap: the planner picks)."""
-    g = _Graph(capture)
+    g = GraphView(capture)
     refused = []
     runs = [run for run in (g.conv_run(node, refused) for node in list(g.graph.nodes) if node.op == "call_module")
             if run is not None]
@@ -569,5 +579,5 @@ def find(capture: Capture) -> Matches:
     pointwise = {run.output: run for run in runs if run.pointwise}
     se_of = {se.input: se for se in ses}
     blocks = [block for block in (g.block(run, pointwise, se_of) for run in runs if run.depthwise) if block]
-    return Matches(runs, ses, blocks, refused)
+    return Matches(runs, ses, blocks, refused, g)
 

@@ -15,12 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..match.dataflow import VALUE, BlockMatch, Capture, CaptureError, ConvRun, SEMatch, capture, find
-from ..match.structural import BlockParts, SEParts
-from .conv_bn_act import ConvBNAct
-from .dwconv import DWConvBNAct
-from .inverted_residual import InvertedResidual
-from .squeeze_excite import SqueezeExcite
+from ..match.dataflow import VALUE, Capture, CaptureError, capture, find
 
 CONTAINER = "_mbkernels_fused"  # the rewritten module's list of fused modules
 _MAX_SHAPES = 16  # graphs kept per forward that computes with its input's shape; other shapes run the stock forward
@@ -65,13 +60,13 @@ class CapturedForward:
     An input of another shape is captured anew on its first call, the same matches fused (what the proven graph
     fused, found again at that shape with that shape's padding), and kept for that shape."""
 
-    def __init__(self, owner: nn.Module, code: GraphCode, capture: Capture, call_kwargs: dict,
-                 matched: tuple = ()):
+    def __init__(self, owner: nn.Module, code: GraphCode, capture: Capture, call_kwargs: dict, matched: tuple):
         self.owner = owner
         self.code = code
         self.shapes = None if capture.shapes is None else tuple(capture.shapes[name] for name in capture.tensors)
         self.codes = {self.shapes: code}  # input shapes -> the graph for them (a shape-specialised capture)
-        self.matched = matched  # per fused match, the module targets it takes (to match them again at a new shape)
+        # Per fused match, (its fusion kind, the module targets it takes): to match them again at a new shape.
+        self.matched = matched
         self.tensors = list(capture.tensors)
         self.concrete = dict(capture.concrete)
         # The call the parent makes (x positionally, the specialised values by keyword) is checked by one dict
@@ -126,17 +121,18 @@ class CapturedForward:
         except CaptureError:
             return None
         found = find(captured)
+        kinds = sorted({kind for kind, _ in self.matched}, key=lambda kind: kind.graph_priority)
         chosen, used = [], set()
-        for match in found.blocks + found.ses + found.runs:
-            if _targets(match) in self.matched and not used & set(match.nodes):
-                chosen.append(match)
+        for kind, match in ((kind, match) for kind in kinds for match in kind.graph_matches(found)):
+            if (kind, _targets(match)) in self.matched and not used & set(match.nodes):
+                chosen.append((kind, match))
                 used.update(match.nodes)
         if len(chosen) != len(self.matched):
             return None
         planned = list(container)[:len(self.matched)]
         code, ordered = rewritten_code(self.owner, captured, chosen, planned[0].backend, container)
-        for match, fused in zip(ordered, list(container)[-len(chosen):]):
-            twin = planned[self.matched.index(_targets(match))]
+        for (kind, match), fused in zip(ordered, list(container)[-len(chosen):]):
+            twin = planned[self.matched.index((kind, _targets(match)))]
             fused.training, fused.dataflow_path = twin.training, getattr(twin, "dataflow_path", "")
             object.__setattr__(fused, "specialises", twin)  # the report lists the planned one only
         self.codes[tuple(tuple(v.shape) for v in values)] = code
@@ -159,56 +155,6 @@ def borrow(fused: nn.Module) -> nn.Module:
     for name in list(fused._modules):
         object.__setattr__(fused, name, fused._modules.pop(name))
     return fused
-
-
-def _holder(**modules) -> nn.Module:
-    holder = nn.Module()
-    for name, module in modules.items():
-        if module is not None:
-            holder.add_module(name, module)
-    return holder
-
-
-def fused_run(root: nn.Module, run: ConvRun, backend: Optional[str]) -> nn.Module:
-    conv = root.get_submodule(run.conv)
-    norm = root.get_submodule(run.norm) if run.norm else None
-    kind = DWConvBNAct if run.depthwise else ConvBNAct
-    return kind(conv, norm, None, backend=backend, pad_before=run.pad_before, activation=run.activation)
-
-
-def fused_se(root: nn.Module, se: SEMatch, backend: Optional[str]) -> nn.Module:
-    get = lambda path: root.get_submodule(path) if path else None  # noqa: E731
-    holder = _holder(reduce=get(se.reduce), expand=get(se.expand), norm=get(se.norm))
-    parts = SEParts("reduce", "expand" if se.expand else None, se.activation, se.gate, "norm" if se.norm else None)
-    return SqueezeExcite(holder, parts, backend=backend)
-
-
-def fused_block(root: nn.Module, block: BlockMatch, backend: Optional[str], residual: bool) -> nn.Module:
-    get = lambda path: root.get_submodule(path) if path else None  # noqa: E731
-    expand, dw, se, project = block.expand, block.dw, block.se, block.project
-    holder = _holder(expand_conv=get(expand and expand.conv), expand_bn=get(expand and expand.norm),
-                     dw_conv=get(dw.conv), dw_bn=get(dw.norm), se_reduce=get(se and se.reduce),
-                     se_expand=get(se and se.expand), se_norm=get(se and se.norm), project_conv=get(project.conv),
-                     project_bn=get(project.norm))
-    name = lambda present, path: path if present else None  # noqa: E731
-    parts = BlockParts(
-        name(expand, "expand_conv"), name(expand and expand.norm, "expand_bn"),
-        expand.activation if expand else "identity", "dw_conv", name(dw.norm, "dw_bn"), dw.activation,
-        name(se, "se"), se.activation if se else "relu", se.gate if se else "sigmoid", name(se, "se_reduce"),
-        name(se and se.expand, "se_expand"), block.post_se_activation, "project_conv", name(project.norm, "project_bn"),
-        project.activation, residual, se_norm=name(se and se.norm, "se_norm"))
-    return InvertedResidual(holder, parts, backend=backend, pad_before=dw.pad_before)
-
-
-def build(root: nn.Module, match, backend: Optional[str]) -> nn.Module:
-    """The fused module of one match, borrowing root's stock modules."""
-    if isinstance(match, ConvRun):
-        fused = fused_run(root, match, backend)
-    elif isinstance(match, SEMatch):
-        fused = fused_se(root, match, backend)
-    else:
-        fused = fused_block(root, match, backend, match.residual)
-    return borrow(fused)
 
 
 def _copy_graph(graph: fx.Graph) -> tuple:
@@ -238,24 +184,30 @@ def _stock_subgraph(graph: fx.Graph, match) -> fx.Graph:
     return sub
 
 
-def rewrite(root: nn.Module, capture: Capture, matches: list, backend: Optional[str],
-            call_kwargs: dict) -> tuple:
-    """(CapturedForward, fused module list) of root with each match replaced by a call of its fused module; install
-    both on root (`install`) to use them. Each fused module's stock_forward is the match's own stock nodes."""
+def rewrite(root: nn.Module, capture: Capture, chosen: list, backend: Optional[str], call_kwargs: dict) -> tuple:
+    """(CapturedForward, fused module list) of root with each chosen match ((fusion kind, match): the kind, a
+    planner.kinds.FusionKind class, builds its fused module) replaced by a call of its fused module; install both on
+    root (`install`) to use them. Each fused module's stock_forward is the match's own stock nodes."""
     container = nn.ModuleList()
-    code, ordered = rewritten_code(root, capture, matches, backend, container)
-    matched = tuple(_targets(match) for match in ordered)
+    code, ordered = rewritten_code(root, capture, chosen, backend, container)
+    matched = tuple((kind, _targets(match)) for kind, match in ordered)
     return CapturedForward(root, code, capture, call_kwargs, matched), container
 
 
-def rewritten_code(root: nn.Module, capture: Capture, matches: list, backend: Optional[str],
+def in_graph_order(capture: Capture, chosen: list) -> list:
+    """(kind, match) pairs sorted by where each match's output is in the captured graph."""
+    order = {node: i for i, node in enumerate(capture.graph.nodes)}
+    return sorted(chosen, key=lambda pair: order[pair[1].output])
+
+
+def rewritten_code(root: nn.Module, capture: Capture, chosen: list, backend: Optional[str],
                    container: nn.ModuleList) -> tuple:
-    """(GraphCode of capture's graph with each match replaced by a call of its fused module, appended to
-    container; the matches in graph order)."""
+    """(GraphCode of capture's graph with each chosen (kind, match) replaced by a call of its fused module,
+    appended to container; the chosen pairs in graph order)."""
     graph, nodes = _copy_graph(capture.graph)
-    ordered = sorted(matches, key=lambda m: list(capture.graph.nodes).index(m.output))
-    for match in ordered:
-        fused = build(root, match, backend)
+    ordered = in_graph_order(capture, chosen)
+    for kind, match in ordered:
+        fused = borrow(kind.from_match(root, match, backend))
         fused.stock_forward = GraphCode(root, _stock_subgraph(capture.graph, match))
         container.append(fused)
         output = nodes[match.output]

@@ -17,40 +17,13 @@ from typing import Optional
 from torch import nn
 
 from ..match import probe_copy, probe_input, prove
-from ..match.dataflow import VALUE, CaptureError, ConvRun, SEMatch, capture, find
+from ..match.dataflow import VALUE, CaptureError, ConvRun, capture, find
 from ..match.probe import TensorSpec, describe_failure
-from ..match.structural import is_plain_sequential, overrides_forward, static_padding
+from ..match.structural import is_plain_sequential, overrides_forward
 from ..nn import rewrite
 from ..nn.rewrite import CapturedForward
 from . import cost
-from .kinds import ABSENT, BlockAlternative, conv_shape
-
-
-def _layer_channels(module: nn.Module) -> Optional[tuple]:
-    """(in, out) of a Linear or 1x1 conv with groups 1 (an SE's layer), else None."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1:
-        return module.in_channels, module.out_channels
-    return None
-
-
-def leftovers(parent: nn.Module, children: list, taken: set, entries: list) -> bool:
-    """Whether the structural kinds left something a rewrite of parent's forward could take: a conv child left
-    alone, half-fused or fused without an activation (the forward may apply one as a function; `entries`: the
-    report entries of this parent's children), a conv that pads nothing itself (the forward may pad before it), or
-    1x1 layers no kind took that could be an SE computed in forward (C -> R and R -> C, or one C -> C)."""
-    if is_plain_sequential(parent) or not overrides_forward(parent, nn.Module):
-        return False
-    convs = {name for name, child in children if isinstance(child, nn.Conv2d)}
-    if any(entry_child in convs and (entry.reason or entry.note or entry.activation == "identity")
-           for entry_child, entry in entries):
-        return True
-    if any(isinstance(child, nn.Conv2d) and max(child.kernel_size) > 1 and static_padding(child) == [0, 0, 0, 0]
-           for _, child in children):
-        return True  # a conv that pads nothing itself: the forward may pad before it (TensorFlow 'SAME')
-    free = [shape for name, child in children if name not in taken for shape in [_layer_channels(child)] if shape]
-    return any(c_in == c_out for c_in, c_out in free) or any((r, c) in free for c, r in free if r < c)
+from .kinds import ABSENT, BlockAlternative, BlockKind
 
 
 def forward_of(path: str) -> str:
@@ -123,63 +96,62 @@ class DataflowPass:
         if failure is not None:
             return f"its rewritten forward {failure.removeprefix('fused output ')}"
         forward, container, entries = self.rewritten(parent, path, captured, matches, called_kwargs)
-        covered = {node.target for match in matches for node in match.nodes if node.op == "call_module"}
+        covered = {node.target for _, match in matches for node in match.nodes if node.op == "call_module"}
         alternatives = []
         for block in timed_blocks:
             failure = self.prove(parent, captured, [block], called_kwargs, probe_kwargs)
             if failure is not None:
-                estimate = cost.decide(rewrite.fused_block(parent, block, "reference", block.residual),
-                                       f"{path}{block.dw.conv}", None, every_block=False)
+                estimate = cost.decide(BlockKind.from_match(parent, block[1], "reference"),
+                                       f"{path}{block[1].dw.conv}", None, every_block=False)
                 self.planner.report.blocks.append(dataclasses.replace(
                     estimate, plan="layers", reason=f"the forward rewritten with the block fused "
                                                     f"{failure.removeprefix('fused output ')}"))
                 continue
             block_forward, block_container, block_entries = self.rewritten(parent, path, captured, [block],
                                                                            called_kwargs)
-            block_container.covered = sorted({node.target.partition(".")[0] for node in block.nodes
+            block_container.covered = sorted({node.target.partition(".")[0] for node in block[1].nodes
                                               if node.op == "call_module"})
             alternatives.append(BlockRewrite(parent, block_forward, block_container, block_entries,
                                              via=forward_of(path)))
         return Rewrite(forward, container, covered, entries, alternatives)
 
-    def rewritten(self, parent: nn.Module, path: str, captured, matches: list, called_kwargs: dict) -> tuple:
+    def rewritten(self, parent: nn.Module, path: str, captured, chosen: list, called_kwargs: dict) -> tuple:
         """(CapturedForward, fused module list, (path, kind, shape, activation) per fused module) of parent's
-        forward with matches fused."""
-        forward, container = rewrite.rewrite(parent, captured, matches, self.planner.backend, called_kwargs)
-        entries = [self.entry(path, parent, match, fused) for match, fused in zip(
-            sorted(matches, key=lambda m: list(captured.graph.nodes).index(m.output)), container)]
-        for (fused_path, _kind, _shape, _activation), fused in zip(entries, container):
-            fused.dataflow_path = fused_path
+        forward with the chosen (kind, match) pairs fused."""
+        forward, container = rewrite.rewrite(parent, captured, chosen, self.planner.backend, called_kwargs)
+        entries = []
+        for (kind, match), fused in zip(rewrite.in_graph_order(captured, chosen), container):
+            fused.dataflow_path = f"{path}{kind.anchor(match)}"
+            entries.append((fused.dataflow_path, kind.kind, *self.kinds[kind].describe(fused)))
         return forward, container, entries
 
+    def leftovers(self, parent: nn.Module, children: list, taken: set, entries: list) -> bool:
+        """Whether the structural kinds left something a rewrite of parent's forward could take (each graph kind
+        says, FusionKind.left_in_forward; `entries`: (child name, report entry) of this parent's children); never in
+        a plain Sequential or a module that keeps nn.Module's forward."""
+        if is_plain_sequential(parent) or not overrides_forward(parent, nn.Module):
+            return False
+        return any(kind.left_in_forward(children, taken, entries) for kind in self.kinds.values())
+
+    @functools.cached_property
+    def kinds(self) -> dict:
+        """The planner's kinds (those patch's flags leave on) that have a graph pattern, by class, in the order
+        their matches take nodes."""
+        graph_kinds = [kind for kind in self.planner.kinds if kind.graph_priority is not None]
+        return {type(kind): kind for kind in sorted(graph_kinds, key=lambda kind: kind.graph_priority)}
+
     def select(self, parent: nn.Module, path: str, captured, found) -> tuple:
-        """(the matches to fuse: blocks where block fusion is planned, then SEs, then conv runs, none overlapping,
-        as patch's flags allow; the blocks a tuned patch times against those layers)."""
-        flags = self.planner.flags
+        """(the (kind, match) pairs to fuse, none overlapping, each kind's in turn (a block before the SE and the
+        convs in it) as its kind admits them; the (kind, block) pairs a tuned patch times against those layers)."""
         chosen, used, timed = [], set(), []
-
-        def take(match) -> None:
-            if not used & set(match.nodes):
-                chosen.append(match)
-                used.update(match.nodes)
-
-        if flags["blocks"]:
-            for block in found.blocks:
-                if self.planner.measured and flags["blocks"] is True and _whole_forward(captured, block):
-                    timed.append(block)  # layer fusion now, the block timed against it (planner.tuning)
-                    continue
-                fused = rewrite.fused_block(parent, block, "reference", block.residual)
-                decision = cost.decide(fused, f"{path}{block.dw.conv}", self.planner.backend,
-                                       every_block=flags["blocks"] == "all")
-                self.planner.report.blocks.append(decision)
-                if decision.plan == "block":
-                    take(block)
-        if flags["se"]:
-            for se in found.ses:
-                take(se)
-        for run in found.runs:
-            if flags["dwconv"] if run.depthwise else flags["convs"]:
-                take(run)
+        for kind_type, kind in self.kinds.items():
+            for match in kind_type.graph_matches(found):
+                verdict = kind.admit(parent, path, captured, match)
+                if verdict == "time":
+                    timed.append((kind_type, match))  # layer fusion now, the block timed against it (tuning)
+                elif verdict == "fuse" and not used & set(match.nodes):
+                    chosen.append((kind_type, match))
+                    used.update(match.nodes)
         return chosen, timed
 
     def prove(self, parent: nn.Module, captured, matches: list, call_kwargs: dict, probe_kwargs: dict
@@ -208,26 +180,12 @@ class DataflowPass:
             return describe_failure(error)
         return proof.failure
 
-    def entry(self, path: str, parent: nn.Module, match, fused) -> tuple:
-        """(path, kind, shape, activation) of one match, for the report."""
-        if isinstance(match, ConvRun):
-            kind = "dwconv_bn_act" if match.depthwise else "conv_bn_act"
-            return f"{path}{match.conv}", kind, conv_shape(parent.get_submodule(match.conv)), match.activation
-        if isinstance(match, SEMatch):
-            reduce = parent.get_submodule(match.reduce)
-            channels = reduce.in_features if isinstance(reduce, nn.Linear) else reduce.in_channels
-            reduced = reduce.out_features if isinstance(reduce, nn.Linear) else reduce.out_channels
-            shape = f"C={channels} R={reduced}" + ("" if match.expand else " (one layer)")
-            return f"{path}{match.reduce}", "squeeze_excite", shape, f"{match.activation} -> {match.gate}"
-        return f"{path}{match.dw.conv}", "inverted_residual", fused.shape, fused.extra_repr().split(
-            "activations=")[1].split(",")[0]
 
-
-def gains_over(matches: list, structural: dict) -> bool:
-    """Whether matches fuse more than the structural swaps of the same children do (structural: conv slot ->
-    (BatchNorm folded, activation fused)): an SE or a block, a conv they leave, or a BatchNorm or an activation they
-    leave beside a conv."""
-    for match in matches:
+def gains_over(chosen: list, structural: dict) -> bool:
+    """Whether the chosen (kind, match) pairs fuse more than the structural swaps of the same children do
+    (structural: conv slot -> (BatchNorm folded, activation fused)): an SE or a block, a conv they leave, or a
+    BatchNorm or an activation they leave beside a conv."""
+    for _, match in chosen:
         if not isinstance(match, ConvRun) or any(match.pad_before or ()):
             return True  # an SE or a block, or a pad merged into the conv
         norm, act = structural.get(match.conv, (None, None))
@@ -264,13 +222,6 @@ class BlockRewrite(BlockAlternative):
         entries = [dict(zip(("path", "kind", "shape", "activation"), entry), via=self.via) for entry in self.entries]
         return (self.block, [(rewrite.CONTAINER, self.container), ("forward", self.forward.__call__)],
                 REWRITE_SLOTS, list(self.container), entries)
-
-
-def _whole_forward(captured, block) -> bool:
-    """Whether block is all its module's forward computes: it reads the one input and its output is returned."""
-    output = next(node for node in captured.graph.nodes if node.op == "output")
-    return block.input.op == "placeholder" and output.args[0] is block.output
-
 
 
 def _relocate(captured, module: nn.Module):

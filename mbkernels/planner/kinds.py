@@ -1,8 +1,11 @@
 """The fusion kinds behind the planner's one protocol, and the one registry of them.
 
 A kind finds candidates among a parent's children and builds each one's swap, proven on a probe first
-(mbkernels.match); what it cannot take it leaves alone with the reason (Skip). A new kind is one FusionKind class
-and one REGISTRY line: the registry drives the planning order, patch's keyword flags and the report's labels.
+(mbkernels.match); what it cannot take it leaves alone with the reason (Skip). The same kind owns its side in
+forward code: which patterns of a captured graph (mbkernels.match.dataflow) are its matches, which it takes, and the
+fused module of each (the dataflow pass and nn.rewrite ask it). A new kind is one FusionKind class and one REGISTRY
+line: the registry drives the planning order, the order in which graph matches take their nodes, patch's keyword
+flags and the report's labels.
 """
 import copy
 import functools
@@ -14,8 +17,10 @@ from torch import nn
 from .. import activations
 from ..match import probe_copy, probe_input, prove
 from ..match.probe import describe_failure
-from ..match.structural import (carried_activation, check_depthwise, check_norm, following, holds_one_block,
-                                is_activation_module, is_depthwise, is_plain_sequential, se_channels, se_shape)
+from ..match.dataflow import is_whole_forward
+from ..match.structural import (BlockParts, SEParts, carried_activation, check_depthwise, check_norm, following,
+                                holds_one_block, is_activation_module, is_depthwise, is_plain_sequential, se_channels,
+                                se_shape, static_padding)
 from ..nn.conv_bn_act import ConvBNAct
 from ..nn.dwconv import DWConvBNAct, FusedInto
 from ..nn.inverted_residual import InvertedResidual
@@ -61,6 +66,45 @@ class FusionKind:
     def note(self, fused: nn.Module) -> str:
         """What still runs on its own right after a fused module of this kind ("": nothing; see PatchEntry.note)."""
         return ""
+
+    # ---- in forward code (the dataflow pass): where matches of two kinds overlap, the kind of the lower
+    # graph_priority takes the nodes (a block before the SE and the convs in it); None: no graph pattern.
+    graph_priority: Optional[int] = None
+
+    @classmethod
+    def graph_matches(cls, found) -> list:
+        """This kind's matches among the patterns found in a captured graph (a match.dataflow.Matches)."""
+        return []
+
+    @staticmethod
+    def anchor(match) -> str:
+        """The path (in the captured module) of the module a graph match's report entry is for."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_match(cls, root: nn.Module, match, backend: Optional[str]) -> nn.Module:
+        """The fused module of a graph match, holding root's stock modules (nn.rewrite borrows them)."""
+        raise NotImplementedError
+
+    def admit(self, parent: nn.Module, path: str, captured, match) -> Optional[str]:
+        """Whether the dataflow pass fuses a graph match: "fuse", "time" (fused by its layers now, timed against
+        them in a tuned patch) or None (left to the other kinds)."""
+        return "fuse"
+
+    def left_in_forward(self, children: list, taken: set, entries: list) -> bool:
+        """Whether the parent's children show something of this kind that its forward code may compute (so the
+        dataflow pass captures it): children (name, module), `taken` the names the kinds took, entries (child
+        name, report entry) of what they fused or refused."""
+        return False
+
+
+def _holder(**modules) -> nn.Module:
+    """A module with the given children (None: absent), for the fused modules built from a graph match."""
+    holder = nn.Module()
+    for name, module in modules.items():
+        if module is not None:
+            holder.add_module(name, module)
+    return holder
 
 
 def never_called(parent: nn.Module) -> str:
@@ -290,6 +334,32 @@ class DWConvKind(FusionKind):
     def note(self, fused) -> str:
         return getattr(fused, "half_fused", "")
 
+    graph_priority = 2
+
+    @classmethod
+    def graph_matches(cls, found):
+        return [run for run in found.runs if run.depthwise]
+
+    def left_in_forward(self, children, taken, entries):
+        """A conv child left alone, half-fused or fused without an activation (the forward may apply one as a
+        function), or a conv that pads nothing itself (the forward may pad before it: TensorFlow 'SAME')."""
+        convs = {name for name, child in children if isinstance(child, nn.Conv2d)}
+        if any(child in convs and (entry.reason or entry.note or entry.activation == "identity")
+               for child, entry in entries):
+            return True
+        return any(isinstance(child, nn.Conv2d) and max(child.kernel_size) > 1 and static_padding(child) == [0] * 4
+                   for _, child in children)
+
+    @staticmethod
+    def anchor(run):
+        return run.conv
+
+    @classmethod
+    def from_match(cls, root, run, backend):
+        norm = root.get_submodule(run.norm) if run.norm else None
+        return cls.fused_type(root.get_submodule(run.conv), norm, None, backend=backend, pad_before=run.pad_before,
+                              activation=run.activation)
+
 
 class MixedConvKind(DWConvKind):
     """MixNet's MixedConv2d (a module whose children are two or more depthwise convs over consecutive channel
@@ -319,6 +389,8 @@ class MixedConvKind(DWConvKind):
     def dilation(self, mixed) -> tuple:
         return tuple(next(mixed.children()).dilation)
 
+    graph_priority = None  # a forward's MixedConv2d is a module: the tree finds it
+
 
 class ConvKind(DWConvKind):
     """Any other nn.Conv2d (dense, pointwise, grouped; timm's Conv2dSame) that a BatchNorm2d follows, with the
@@ -344,6 +416,10 @@ class ConvKind(DWConvKind):
             raise Skip(runs[-1].left or "the BatchNorm after it cannot be folded")
         return folding
 
+    @classmethod
+    def graph_matches(cls, found):
+        return [run for run in found.runs if not run.depthwise]
+
 
 # ------------------------------------------------------------------------------------------ squeeze-excite
 class SqueezeExciteKind(FusionKind):
@@ -367,6 +443,37 @@ class SqueezeExciteKind(FusionKind):
         reduced, channels = fused.reduce_layer.weight.shape[:2]
         return (f"C={channels} R={reduced}" + ("" if fused.expand_layer is not None else " (one layer)"),
                 f"{fused.activation} -> {fused.gate}")
+
+    graph_priority = 1
+
+    @classmethod
+    def graph_matches(cls, found):
+        return found.ses
+
+    def left_in_forward(self, children, taken, entries):
+        """1x1 layers no kind took that could be an SE computed in forward: C -> R and R -> C, or one C -> C."""
+        free = [shape for name, child in children if name not in taken for shape in [_layer_channels(child)] if shape]
+        return any(c_in == c_out for c_in, c_out in free) or any((r, c) in free for c, r in free if r < c)
+
+    @staticmethod
+    def anchor(se):
+        return se.reduce
+
+    @classmethod
+    def from_match(cls, root, se, backend):
+        get = lambda path: root.get_submodule(path) if path else None  # noqa: E731
+        holder = _holder(reduce=get(se.reduce), expand=get(se.expand), norm=get(se.norm))
+        parts = SEParts("reduce", "expand" if se.expand else None, se.activation, se.gate, "norm" if se.norm else None)
+        return SqueezeExcite(holder, parts, backend=backend)
+
+
+def _layer_channels(module: nn.Module) -> Optional[tuple]:
+    """(in, out) of a Linear or 1x1 conv with groups 1 (an SE's layer), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1:
+        return module.in_channels, module.out_channels
+    return None
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -428,6 +535,45 @@ class BlockKind(FusionKind):
 
     def describe(self, fused):
         return fused.shape, fused.extra_repr().split("activations=")[1].split(",")[0]
+
+    graph_priority = 0
+
+    @classmethod
+    def graph_matches(cls, found):
+        return found.blocks
+
+    @staticmethod
+    def anchor(block):
+        return block.dw.conv
+
+    @classmethod
+    def from_match(cls, root, block, backend):
+        get = lambda path: root.get_submodule(path) if path else None  # noqa: E731
+        expand, dw, se, project = block.expand, block.dw, block.se, block.project
+        holder = _holder(expand_conv=get(expand and expand.conv), expand_bn=get(expand and expand.norm),
+                         dw_conv=get(dw.conv), dw_bn=get(dw.norm), se_reduce=get(se and se.reduce),
+                         se_expand=get(se and se.expand), se_norm=get(se and se.norm), project_conv=get(project.conv),
+                         project_bn=get(project.norm))
+        name = lambda present, path: path if present else None  # noqa: E731
+        parts = BlockParts(
+            name(expand, "expand_conv"), name(expand and expand.norm, "expand_bn"),
+            expand.activation if expand else "identity", "dw_conv", name(dw.norm, "dw_bn"), dw.activation,
+            name(se, "se"), se.activation if se else "relu", se.gate if se else "sigmoid", name(se, "se_reduce"),
+            name(se and se.expand, "se_expand"), block.post_se_activation, "project_conv",
+            name(project.norm, "project_bn"), project.activation, block.residual,
+            se_norm=name(se and se.norm, "se_norm"))
+        return InvertedResidual(holder, parts, backend=backend, pad_before=dw.pad_before)
+
+    def admit(self, parent, path, captured, block):
+        """A block that is its module's whole forward is timed against its layers in a tuned patch; any other is
+        fused where the cost model plans block fusion (the decision goes into the report)."""
+        planner = self.planner
+        if planner.measured and planner.blocks is True and is_whole_forward(captured, block):
+            return "time"
+        decision = cost.decide(self.from_match(parent, block, "reference"), f"{path}{block.dw.conv}",
+                               planner.backend, every_block=planner.blocks == "all")
+        planner.report.blocks.append(decision)
+        return "fuse" if decision.plan == "block" else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from ..nn import rewrite
 from ..nn.fused import EagerWindow
 from ..nn.dwconv import FoldedConvBNAct, FusedInto
 from .changes import KEPT_STOCK, STOCK_SLOTS, Change, get_slot, placed_in, set_slot  # noqa: F401 (tuning's)
-from .dataflow import REWRITE_SLOTS, DataflowPass, Rewrite, forward_of, leftovers
+from .dataflow import REWRITE_SLOTS, DataflowPass, Rewrite, forward_of
 from .kinds import REGISTRY, FLAGS, BlockKind, Candidate, FusionKind, Skip, never_called
 from .report import PatchEntry, PatchReport, measurements
 
@@ -65,7 +65,7 @@ class Planner:
                     skipped.setdefault(child, []).append(entry)
         here = fused_here + [(child, entry) for child, entries in skipped.items() for entry in entries]
         if not rewrite.rewritten(parent) and KEPT_STOCK not in parent.__dict__ \
-                and leftovers(parent, children, taken, here):
+                and self.dataflow.leftovers(parent, children, taken, here):
             taken |= self.plan_rewrite(parent, path, outer, swaps_before, skipped, here)
         for name, child in children:
             if name in taken:
