@@ -237,3 +237,57 @@ def test_rounds_that_disagree_are_measured_again(monkeypatch, capsys):
     assert line.endswith(f"kept stock on this CPU: the rounds are too noisy to tell (a spread over 50%): folded "
                          f"1.200 ms vs stock 2.000 ms: 40.0% faster (round by round 40.0% faster, spread 70.0% over "
                          f"{timing.MAX_ROUNDS} rounds)")
+
+
+# ------------------------------------------------------------------------------- the proof after tuning
+def blocks_win(kind, names, name, x):
+    if "layers" in names:
+        return 1.0 if name == "layers" else 0.5
+    return 1.0 if name == "stock" else 0.5
+
+
+def test_a_block_tuning_installs_is_proven_in_the_whole_model_and_rolled_back_when_wrong(monkeypatch):
+    """Tuning installs the blocks that won; one of them computes wrong in place (its weights folded wrong after its
+    own proof): the whole-model proof after tuning finds it, puts its stock block back and says so; the rest stay."""
+    swap = mbkernels.planner.kinds.BlockAlternative.swap
+    broken = []
+
+    def sabotaged(alternative):
+        parent, assignments, restore, fused, entries = swap(alternative)
+        if not broken:  # its depthwise weights folded wrong from now on
+            broken.append(entries[0]["path"])
+            fold = fused[0]._fold
+            object.__setattr__(fused[0], "_fold", lambda: {name: value + 1.0 if name == "w_dw" else value
+                                                          for name, value in fold().items()})
+            fused[0].refresh()
+        return parent, assignments, restore, fused, entries
+
+    monkeypatch.setattr(mbkernels.planner.kinds.BlockAlternative, "swap", sabotaged)
+    ByCase(monkeypatch, blocks_win)
+    stock = small_model()
+    model = mbkernels.patch(copy.deepcopy(stock), example_inputs=image(batch=2))
+    report = mbkernels.patch_report(model)
+    assert len([m for m in model.modules() if isinstance(m, InvertedResidual)]) == 10
+    assert not isinstance(model.get_submodule(broken[0]), InvertedResidual)
+    assert any(entry.path == broken[0] and entry.reason.startswith("stock kept: ") for entry in report.skipped)
+    with torch.no_grad():
+        assert relative_error(model(image(batch=2, seed=7)), stock(image(batch=2, seed=7))) < FLOAT32_RTOL
+
+
+@pytest.mark.parametrize("cost, checks", [(blocks_win, 2), (None, 1)], ids=["blocks-installed", "nothing-changed"])
+def test_a_warm_table_proves_the_model_once_unless_tuning_changed_it(monkeypatch, cost, checks):
+    """With every choice in the table, tuning that installs nothing and keeps nothing stock leaves the first proof
+    standing (one check of the whole model); one that installs blocks proves the model again."""
+    def layers_win(kind, names, name, x):
+        return 1.0 if name in ("layers", "stock") else 0.5 if kind is not None else 2.0
+
+    ByCase(monkeypatch, cost or layers_win)
+    x = image(batch=2)
+    mbkernels.patch(small_model(), example_inputs=x)  # fills the table
+    runs = []
+    check = mbkernels.planner.model_proof.ModelProof.check
+    monkeypatch.setattr(mbkernels.planner.model_proof.ModelProof, "check",
+                        lambda proof: runs.append(1) or check(proof))
+    model = mbkernels.patch(small_model(), example_inputs=x)
+    assert len(runs) == checks
+    assert bool([m for m in model.modules() if isinstance(m, InvertedResidual)]) == (cost is not None)

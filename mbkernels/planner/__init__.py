@@ -78,17 +78,18 @@ def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False
     measured = calls is not None and tuning_enabled()
     planner = plan(model, backend, flags, measured)
     proof = None
-    if calls is not None:
-        proof = model_proof.ModelProof.before_patch(model, [(call, {}) for call in calls.calls],
-                                                    lambda: stock_copy(model))
+    if calls is not None:  # example_calls ran them on the model before patch
+        proof = model_proof.ModelProof(model, [(call, {}) for call in calls.calls], lambda: stock_copy(model),
+                                       calls.outputs)
     elif planner.observation.call is not None:  # the planner's forward on that image was the model before patch
         proof = model_proof.ModelProof(model, [planner.observation.call], lambda: stock_copy(model),
                                        [planner.observation.output])
     apply(model, planner)
     prove_whole_model(model, planner, proof)
     if measured:  # what is timed runs: the proof came first; tuning's blocks and stock choices are proven again
-        tuning.tune(model, planner, calls)  # the report then says what it measured and decided
-        prove_whole_model(model, planner, proof)
+        tuner = tuning.tune(model, planner, calls)  # the report then says what it measured and decided
+        if tuner.changed:
+            prove_whole_model(model, planner, proof)
     if verbose:
         print(planner.report)
     return model

@@ -115,12 +115,6 @@ class ModelProof:
     rolled_back: int = 0  # how many changes the proofs of this patch removed
     ran: dict = field(default_factory=dict)  # in the last check, the watched modules whose own forward ran
 
-    @classmethod
-    def before_patch(cls, model: nn.Module, calls: list, stock_copy: Callable[[], nn.Module]) -> "ModelProof":
-        proof = cls(model, calls, stock_copy)
-        proof.stock = [_run(model, call) for call in calls]
-        return proof
-
     def watching(self, modules: dict):
         """Record in `ran` which of modules ({module: what to record}) run their own forward in each check."""
         return recording_runs(modules, self.ran)

@@ -44,9 +44,11 @@ WHOLE_MODEL_BUDGET_S = {"cuda": 0.5, "cpu": 1.5}
 
 @dataclass
 class Calls:
-    """The example calls of patch(model, example_inputs=...): [(args, kwargs)], checked against the model."""
-    calls: list
+    """The example calls of patch(model, example_inputs=...): their arguments, checked against the model, and what
+    the stock model returned for each (the whole-model proof's reference)."""
+    calls: list  # [args]
     device: torch.device
+    outputs: list
 
 
 def example_calls(model: nn.Module, example_inputs) -> Calls:
@@ -75,17 +77,18 @@ def example_calls(model: nn.Module, example_inputs) -> Calls:
                 raise ValueError(f"an example input is {_dtype_name(t.dtype)} but the model's weights are "
                                  f"{_dtype_name(next(iter(dtypes)))}; give inputs in the dtype the model runs (or "
                                  f"convert the model first)")
+    outputs = []
     with eval_mode(model), torch.no_grad():
         for call in calls:
             try:
-                model(*call)
+                outputs.append(model(*call))
             except Exception as error:  # whatever the forward says: these are not this model's inputs
                 shapes = ", ".join(json.dumps(arguments) for arguments in shapes_of(call))
                 raise ValueError(f"example_inputs ({shapes}) cannot be the model's input: its stock forward "
                                  f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                                  ) from error
     device = next(t.device for t in pytree.tree_leaves(calls[0]) if isinstance(t, torch.Tensor))
-    return Calls(calls, device)
+    return Calls(calls, device, outputs)
 
 
 def shapes_of(call: tuple) -> list:
@@ -183,6 +186,7 @@ class Tuner:
     timed: int = 0  # candidates timed (the rest came from the cache)
     largest: int = 0  # bytes of the largest activation of the example forwards: the timing inputs' budget is twice
     whole_model: tuple = ()  # (choice, {variant: median ms}, why) of the whole-model check
+    changed: bool = False  # whether tuning placed a change (a block) or removed one (stock kept)
 
     def budget_s(self) -> float:
         return BUDGET_S.get(self.calls.device.type, BUDGET_S["cpu"])
@@ -365,7 +369,9 @@ def tune(model: nn.Module, planner, calls: Calls, clock=None) -> Tuner:
             block_swap = Change.planned(parent, assignments, restore, [PatchEntry(**entry) for entry in entries])
             block_swap.place()
             placed.append(block_swap)
+            tuner.changed = True
         kept = tuner.check_whole_model(placed)
+        tuner.changed |= bool(kept)
     for swap in kept:
         reason = stock_reason(swap, calls.device, tuner.whole_model if tuner.whole_model and
                               tuner.whole_model[0] == STOCK else None)
