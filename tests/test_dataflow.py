@@ -70,6 +70,33 @@ def test_the_activation_and_padding_are_fused_into_the_op(name, op_calls):
         assert paddings == expected[1]
 
 
+def test_the_report_gives_each_rewritten_runs_shape_and_activation():
+    model = mbkernels.patch(stock_module("functional-activations"), backend="reference", blocks=False)
+    report = mbkernels.patch_report(model, blocks=False)
+    runs = [(entry.shape, entry.activation) for entry in report.fused if entry.kind == "dwconv_bn_act"]
+    assert [activation for _, activation in runs] == ["hardswish", "silu", "hardswish"]
+    assert all(shape.startswith("C=12 k=") for shape, _ in runs)
+
+
+def test_blocks_in_forward_code_follow_the_cost_model_without_example_inputs():
+    """On the CPU the cost model plans layer fusion for every block: the forward-code blocks are fused by layers,
+    each with its plan in the report."""
+    torch.manual_seed(0)
+    stock = randomize_batchnorm(Net()).eval()
+    model = mbkernels.patch(copy.deepcopy(stock), backend="reference")
+    assert not [m for m in model.modules() if isinstance(m, InvertedResidual)]
+    assert fused_kinds(model).count(DWConvBNAct) == 3
+    report = mbkernels.patch_report(copy.deepcopy(stock), backend="reference")  # what patch planned
+    assert [decision.plan for decision in report.blocks] == ["layers"] * 3
+
+
+def test_a_kind_turned_off_is_off_in_forward_code():
+    """dwconv=False: no depthwise conv of a forward is fused, not even as a dense conv's fold."""
+    model = mbkernels.patch(stock_module("functional-activations"), backend="reference", blocks=False, dwconv=False)
+    assert not [m for m in model.modules() if isinstance(getattr(m, "conv", None), nn.Conv2d) and
+                isinstance(m, FusedModule) and m.conv.groups > 1]
+
+
 def test_the_report_says_which_forward_was_rewritten():
     model = mbkernels.patch(stock_module("inline-se"), backend="reference", blocks=False)
     report = mbkernels.patch_report(model, blocks=False)

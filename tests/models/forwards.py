@@ -88,6 +88,20 @@ class InlineSE(nn.Module):
         return self.gate(s) * x
 
 
+class ModuleRunInlineSE(nn.Module):
+    """A depthwise run of modules called in order (fused by structure) and an SE computed inline from 1x1 convs that
+    are children too: only the SE's layers are left for forward code."""
+
+    def __init__(self, c=16, reduced=4):
+        super().__init__()
+        self.conv, self.bn, self.act = dw(c), nn.BatchNorm2d(c), nn.ReLU()
+        self.fc1, self.fc2 = nn.Conv2d(c, reduced, 1), nn.Conv2d(reduced, c, 1)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
 class LinearSE(nn.Module):
     """An SE with Linear layers and views (x.mean, .view(b, c), [:, :, None, None]), hardsigmoid as an expression."""
 
@@ -299,6 +313,7 @@ FORWARDS = {
     "inline-se-paddle-gate": (lambda: InlineSE(gate=paddle_hard_sigmoid), 24, 1, 1),
     "inline-se-clamp-gate": (lambda: InlineSE(gate=clamp_gate), 24, 1, 1),
     "linear-se": (LinearSE, 20, 1, 1),
+    "module-run-inline-se": (ModuleRunInlineSE, 16, 1, 1),
     "pad-then-conv": (PadThenConv, 16, 3, 0),
     "folded-by-the-model": (FoldedByTheModel, 16, 2, 0),
     "python-flag": (PythonFlag, 16, 1, 1),
