@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import backend_status, patch, patch_report
+from . import backend_status, backends, patch, patch_report
 from .dispatch import why_not_here
 from .models import DTYPES, build_model
 from .planner import KIND_LABELS
@@ -131,7 +131,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="mobilenetv3_large_100",
                         help="timm or torchvision name; prefix timm: or tv: to choose (default: %(default)s)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is a GPU")
-    parser.add_argument("--backend", choices=("cuda", "triton", "reference"),
+    parser.add_argument("--backend", choices=backends.names(),
                         help="backend of the fused modules (default: the best available; on the CPU: reference, "
                              "or triton when TRITON_INTERPRET=1)")
     parser.add_argument("--batch", type=int, help="batch size (default: 64 on a GPU, 2 on the CPU)")

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import backend_status, patch
+from . import backends, patch
 from .__main__ import OneLineErrors
 from .models import DTYPES
 from .models import build_model as build_stock_model
@@ -92,14 +92,8 @@ def eval_transform(model: torch.nn.Module):
 
 
 def fused_backend(device: torch.device) -> str:
-    """The backend the fused modules ask for where nothing was measured: on a GPU the first of cuda and triton that
-    runs here."""
-    if device.type == "cuda":
-        status = backend_status()
-        for name in ("cuda", "triton"):
-            if status[name].available:
-                return name
-    return "reference"
+    """The backend the fused modules ask for where nothing was measured: the first that runs on device."""
+    return backends.first_available(device)
 
 
 def build_model(name: str, checkpoint: Optional[str] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -198,7 +198,8 @@ def test_a_backend_that_cannot_run_here_is_one_line_and_exit_2(capsys, monkeypat
 def test_a_backend_that_serves_another_device_is_one_line_and_exit_2(capsys, monkeypatch):
     gpu_only = dataclasses.replace(backends.get("triton"), devices=("cuda",), opt_in_devices=(),
                                    unavailable_reason=lambda: None)
-    monkeypatch.setattr(backends, "declared", lambda: (gpu_only,))
+    reference = backends.get("reference")
+    monkeypatch.setattr(backends, "declared", lambda: (gpu_only, reference))
     with pytest.raises(SystemExit) as exited:
         command.main([*QUICK, "--backend", "triton", "--device", "cpu"])
     assert exited.value.code == 2

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..backends import proof_backend
 from .. import activations, ops
 from .._contract import (BlockArgs, check_inverted_residual, device_layout, input_major, normalise_inverted_residual,
                          tap_major)
@@ -105,7 +106,7 @@ class InvertedResidual(FusedModule):
         size = 5 + max(d * (k - 1) for d, k in zip(dw_conv.dilation, dw_conv.kernel_size))
         probe = probe_input(channels, size, size + 2, generator, batch=2)
         variants = [(residual, lambda residual=residual: cls(copy.deepcopy(stock), parts._replace(residual=residual),
-                                                            backend="reference"))
+                                                            backend=proof_backend()))
                     for residual in (False, True)]
         try:
             proof = prove(stock, variants, probe)

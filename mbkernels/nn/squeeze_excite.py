@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..backends import proof_backend
 from .. import activations, ops
 from ..match import probe_copy, probe_input, prove
 from ..match.structural import SEParts, find_se_parts
@@ -84,7 +85,8 @@ class SqueezeExcite(FusedModule):
         channels = stock.get_submodule(parts.reduce).weight.shape[1]
         probe = probe_input(channels, 5, 4, generator, batch=2) * 2
         try:
-            proof = prove(stock, [("fused", lambda: cls(copy.deepcopy(stock), parts, backend="reference"))], probe)
+            proof = prove(stock, [("fused", lambda: cls(copy.deepcopy(stock), parts, backend=proof_backend()))],
+                          probe)
         except Exception as error:  # whatever a hand-written forward raises: it is not an SE we can stand in for
             raise ValueError(f"{type(module).__name__} failed on a probe input of shape {tuple(probe.shape)}: "
                              f"{error}") from error

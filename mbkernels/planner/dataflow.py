@@ -16,6 +16,7 @@ from typing import Optional
 
 from torch import nn
 
+from ..backends import proof_backend
 from ..match import probe_copy, probe_input, prove
 from ..match.dataflow import VALUE, CaptureError, ConvRun, capture, find
 from ..match.probe import TensorSpec, describe_failure
@@ -101,7 +102,7 @@ class DataflowPass:
         for block in timed_blocks:
             failure = self.prove(parent, captured, [block], called_kwargs, probe_kwargs)
             if failure is not None:
-                estimate = cost.decide(BlockKind.from_match(parent, block[1], "reference"),
+                estimate = cost.decide(BlockKind.from_match(parent, block[1], proof_backend()),
                                        f"{path}{block[1].dw.conv}", None, every_block=False)
                 self.planner.report.blocks.append(dataclasses.replace(
                     estimate, plan="layers", reason=f"the forward rewritten with the block fused "
@@ -167,7 +168,7 @@ class DataflowPass:
             def variant():
                 copied = copy.deepcopy(stock)
                 local = _relocate(captured, copied)
-                rewrite.install(copied, *rewrite.rewrite(copied, local, matches, "reference", call_kwargs))
+                rewrite.install(copied, *rewrite.rewrite(copied, local, matches, proof_backend(), call_kwargs))
                 return copied
 
             if observed is not None:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from ..backends import proof_backend
 from .. import activations
 from ..match import probe_copy, probe_input, prove
 from ..match.probe import describe_failure
@@ -277,7 +278,7 @@ class DWConvKind(FusionKind):
 
             def build(items=items, stock=stock):
                 modules = iter(copy.deepcopy(list(stock)))
-                return self.fused(_Run(*[item and (item[0], next(modules)) for item in items]), "reference", False)
+                return self.fused(_Run(*[item and (item[0], next(modules)) for item in items]), proof_backend(), False)
 
             proof = prove(stock, [(index, build)],
                           probe_input(self.in_channels(conv), reach[0] + 3, reach[1] + 4, generator))
@@ -291,7 +292,7 @@ class DWConvKind(FusionKind):
         swapped = copy.deepcopy(stock)
         items = (run.conv, run.norm, run.act)
         copies = [item and (item[0], swapped.get_submodule(item[0])) for item in items]
-        fused = self.fused(_Run(*copies), "reference", slots=False)
+        fused = self.fused(_Run(*copies), proof_backend(), slots=False)
         set_slot(swapped, run.conv[0], fused)
         for item in copies[1:]:
             if item is not None:  # as the swap places it: a stand-in answering the stock module's attributes
@@ -570,7 +571,7 @@ class BlockKind(FusionKind):
         planner = self.planner
         if planner.measured and planner.blocks is True and is_whole_forward(captured, block):
             return "time"
-        decision = cost.decide(self.from_match(parent, block, "reference"), f"{path}{block.dw.conv}",
+        decision = cost.decide(self.from_match(parent, block, proof_backend()), f"{path}{block.dw.conv}",
                                planner.backend, every_block=planner.blocks == "all")
         planner.report.blocks.append(decision)
         return "fuse" if decision.plan == "block" else None
