@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a result:
 #   bash scripts/dev.sh main [options]   set up, then patch a MobileNetV3, check it and time it (python -m mbkernels)
-#   bash scripts/dev.sh test [pytest args]   set up, then run the test suite
+#   bash scripts/dev.sh test [pytest args]   set up, then run the test suite (in parallel where there is no GPU)
 # Set-up (skipped when already done): a virtual environment in .venv (MBKERNELS_VENV overrides) with
 # requirements.txt (main) or requirements-dev.txt (test), and mbkernels installed in editable mode. `test` builds
 # the CUDA extension whenever a CUDA toolkit is found (no GPU needed: its CPU kernels are the host emulation the
@@ -106,5 +106,11 @@ EOF
 
 case "$command" in
   main) exec python -m mbkernels "$@" ;;
-  test) exec python -m pytest "$@" ;;
+  test)
+    # Without a GPU every test runs on one CPU thread (tests/conftest.py), so the suite runs in one pytest-xdist
+    # worker per core (at most 4; MBKERNELS_TEST_WORKERS overrides, 1: none). With a GPU the tests take turns on it.
+    workers=${MBKERNELS_TEST_WORKERS:-$(has_gpu && echo 1 || nproc)}
+    workers=$(( workers > 4 ? 4 : workers ))
+    if [ "$workers" -gt 1 ]; then exec python -m pytest -n "$workers" "$@"; fi
+    exec python -m pytest "$@" ;;
 esac

@@ -70,8 +70,11 @@ def test_the_activation_and_padding_are_fused_into_the_op(name, op_calls):
         assert paddings == expected[1]
 
 
-def test_the_report_gives_each_rewritten_runs_shape_and_activation():
-    model = mbkernels.patch(stock_module("functional-activations"), backend="reference", blocks=False)
+def test_the_report_gives_each_rewritten_runs_shape_and_activation(capsys):
+    """Both reports: the one patch prints, made as it rewrites, and patch_report's, read from the patched model."""
+    model = mbkernels.patch(stock_module("functional-activations"), backend="reference", blocks=False, verbose=True)
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if " dwconv+bn+act " in line]
+    assert [words[-1] for words in printed] == ["hardswish", "silu", "hardswish"]
     report = mbkernels.patch_report(model, blocks=False)
     runs = [(entry.shape, entry.activation) for entry in report.fused if entry.kind == "dwconv_bn_act"]
     assert [activation for _, activation in runs] == ["hardswish", "silu", "hardswish"]

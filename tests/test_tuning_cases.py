@@ -274,14 +274,20 @@ def test_a_block_tuning_installs_is_proven_in_the_whole_model_and_rolled_back_wh
         assert relative_error(model(image(batch=2, seed=7)), stock(image(batch=2, seed=7))) < FLOAT32_RTOL
 
 
-@pytest.mark.parametrize("cost, checks", [(blocks_win, 2), (None, 1)], ids=["blocks-installed", "nothing-changed"])
+def layers_win(kind, names, name, x):
+    return 1.0 if name in ("layers", "stock") else 0.5 if kind is not None else 2.0
+
+
+def stock_ses(kind, names, name, x):
+    return 2.0 if kind is SqueezeExcite and name != "stock" else layers_win(kind, names, name, x)
+
+
+@pytest.mark.parametrize("cost, checks", [(blocks_win, 2), (stock_ses, 2), (layers_win, 1)],
+                         ids=["blocks-installed", "stock-kept", "nothing-changed"])
 def test_a_warm_table_proves_the_model_once_unless_tuning_changed_it(monkeypatch, cost, checks):
     """With every choice in the table, tuning that installs nothing and keeps nothing stock leaves the first proof
-    standing (one check of the whole model); one that installs blocks proves the model again."""
-    def layers_win(kind, names, name, x):
-        return 1.0 if name in ("layers", "stock") else 0.5 if kind is not None else 2.0
-
-    ByCase(monkeypatch, cost or layers_win)
+    standing (one check of the whole model); one that installs blocks or keeps SEs stock proves the model again."""
+    ByCase(monkeypatch, cost)
     x = image(batch=2)
     mbkernels.patch(small_model(), example_inputs=x)  # fills the table
     runs = []
@@ -290,4 +296,5 @@ def test_a_warm_table_proves_the_model_once_unless_tuning_changed_it(monkeypatch
                         lambda proof: runs.append(1) or check(proof))
     model = mbkernels.patch(small_model(), example_inputs=x)
     assert len(runs) == checks
-    assert bool([m for m in model.modules() if isinstance(m, InvertedResidual)]) == (cost is not None)
+    assert bool([m for m in model.modules() if isinstance(m, InvertedResidual)]) == (cost is blocks_win)
+    assert bool([m for m in model.modules() if isinstance(m, SqueezeExcite)]) == (cost is layers_win)
