@@ -13,7 +13,7 @@ from torch import nn
 import mbkernels
 from mbkernels import activations, planner
 from mbkernels.match import probe_copy, probe_input, prove
-from mbkernels.match.structural import following, is_plain_sequential
+from mbkernels.match.layers import following, is_plain_sequential
 from mbkernels.nn.dwconv import FusedInto
 from mbkernels.nn.fused import FusedModule
 from mbkernels.nn.rewrite import CONTAINER, rewritten

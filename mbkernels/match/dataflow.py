@@ -7,7 +7,7 @@ submodule a leaf (a call of that module), see `capture`; why fx and not a captur
 argued in docs/dataflow.md. The patterns (`find`):
 
   conv run   [pad ->] conv -> [BatchNorm] -> [activation]: the conv a Conv2d (any subclass whose forward computes a
-             zero-padded conv, see structural.static_padding), the pad a ZeroPad2d / ConstantPad2d(0) module or an
+             zero-padded conv, see padding.static_padding), the pad a ZeroPad2d / ConstantPad2d(0) module or an
              F.pad with zeros, the activation a module, a function or an expression (F.silu(x), x * torch.sigmoid(x),
              F.relu6(x + 3) / 6 * x);
   SE         a mean over H and W (adaptive_avg_pool2d, AdaptiveAvgPool2d, mean) -> Linear or 1x1 conv -> [BatchNorm]
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import activations
-from .structural import carried_activation, check_norm, is_plain_sequential, overrides_forward, static_padding
+from .layers import carried_activation, check_norm, is_plain_sequential
+from .padding import overrides_forward, static_padding
 
 VALUE = object()  # in a call spec: an argument that is a value of the caller's graph (a tensor), not a constant
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..conv_act import prepare_conv2d_act
-from ..match.structural import check_conv_forward
+from ..match.layers import check_conv_forward
 from .dwconv import FoldedConvBNAct
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from .. import ops
 from .._contract import device_layout, tap_major
-from ..match.structural import check_depthwise, check_norm, fused_activation, static_padding, tf_same_padding
+from ..match.layers import check_depthwise, check_norm, fused_activation
+from ..match.padding import static_padding, tf_same_padding
 from .fused import CONV_SETTINGS, NORM_SETTINGS, FusedModule, StandIn
 
 

@@ -24,7 +24,8 @@ from .. import activations, ops
 from .._contract import (BlockArgs, check_inverted_residual, device_layout, input_major, normalise_inverted_residual,
                          tap_major)
 from ..match import probe_copy, probe_input, prove
-from ..match.structural import BlockParts, find_block_parts, static_padding
+from ..match.block import BlockParts, find_block_parts
+from ..match.padding import static_padding
 from .fused import FusedModule, use_stock_state_dict_keys
 from .dwconv import FusedInto
 from .squeeze_excite import se_expand_weights, se_reduce_weights

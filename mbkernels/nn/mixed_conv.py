@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..match.structural import check_depthwise, static_padding, tf_same_padding
+from ..match.layers import check_depthwise
+from ..match.padding import static_padding, tf_same_padding
 from .dwconv import DWConvBNAct
 
 

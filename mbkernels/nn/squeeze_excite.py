@@ -1,6 +1,6 @@
 """SqueezeExcite: a stock squeeze-and-excite module run as one fused op in inference.
 
-Recognised sources (mbkernels.match.structural.find_se_parts): timm's SqueezeExcite (conv_reduce, act1,
+Recognised sources (mbkernels.match.se.find_se_parts): timm's SqueezeExcite (conv_reduce, act1,
 conv_expand, gate) and SEModule (also with a BatchNorm between fc1 and its activation, as rexnet's: folded into
 fc1) and EffectiveSEModule (one layer C -> C, as hgnet's EseModule: the op's expand layer is then the identity),
 torchvision's SqueezeExcitation (avgpool, fc1, activation, fc2, scale_activation), and hand-written SE modules
@@ -16,7 +16,7 @@ from torch import nn
 from ..backends import proof_backend
 from .. import activations, ops
 from ..match import probe_copy, probe_input, prove
-from ..match.structural import SEParts, find_se_parts
+from ..match.se import SEParts, find_se_parts
 from .fused import FusedModule, use_stock_state_dict_keys
 
 

@@ -7,7 +7,7 @@ puts the stock modules back; patch_report says what was (or would be) fused and 
     planner.py   the visit of the module tree, the swaps (all or none), unpatch
     report.py    PatchReport
 
-Matching is by structure, never by model names (mbkernels.match.structural):
+Matching is by structure, never by model names (mbkernels.match: layers, se, block, padding):
   * a module holding one inverted-residual block (expand 1x1 -> BN -> act -> depthwise -> BN -> act -> [SE] ->
     project 1x1 -> BN [+ x]) is offered to mbkernels.nn.InvertedResidual.from_module, and fused whole where the
     cost model prefers it (BlockKind); otherwise its layers are fused by the kinds below;

@@ -20,7 +20,8 @@ from ..backends import proof_backend
 from ..match import probe_copy, probe_input, prove
 from ..match.dataflow import VALUE, CaptureError, ConvRun, capture, find
 from ..match.probe import TensorSpec, describe_failure
-from ..match.structural import is_plain_sequential, overrides_forward
+from ..match.layers import is_plain_sequential
+from ..match.padding import overrides_forward
 from ..nn import rewrite
 from ..nn.rewrite import CapturedForward
 from . import cost

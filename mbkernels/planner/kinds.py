@@ -19,9 +19,11 @@ from .. import activations
 from ..match import probe_copy, probe_input, prove
 from ..match.probe import describe_failure
 from ..match.dataflow import is_whole_forward
-from ..match.structural import (BlockParts, SEParts, carried_activation, check_depthwise, check_norm, following,
-                                holds_one_block, is_activation_module, is_depthwise, is_plain_sequential, se_channels,
-                                se_shape, static_padding)
+from ..match.block import BlockParts, holds_one_block
+from ..match.layers import (carried_activation, check_depthwise, check_norm, following, is_activation_module,
+                            is_depthwise, is_plain_sequential)
+from ..match.padding import static_padding
+from ..match.se import SEParts, se_channels, se_shape
 from ..nn.conv_bn_act import ConvBNAct
 from ..nn.dwconv import DWConvBNAct, FusedInto
 from ..nn.inverted_residual import InvertedResidual

@@ -25,7 +25,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..match.probe import eval_mode
-from ..match.structural import is_depthwise, se_channels
+from ..match.layers import is_depthwise
+from ..match.se import se_channels
 from ..nn import rewrite
 from ..nn.fused import EagerWindow, FusedModule
 
