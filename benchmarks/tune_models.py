@@ -17,7 +17,7 @@ import time
 import torch
 
 from mbkernels.models import DTYPES, build_model
-from mbkernels.planner import planner, tuning
+from mbkernels.planner import examples, planner, tuning
 from mbkernels.planner.cache import cache_path
 
 from .cases import MODELS
@@ -31,7 +31,7 @@ def tuning_cost(model_name: str, batch: int, dtype: torch.dtype, channels_last: 
     model = build_model(model_name).to(device, dtype, memory_format=layout)
     x = torch.randn(batch, 3, size, size, device=device).to(dtype).contiguous(memory_format=layout)
     model = copy.deepcopy(model)
-    calls = tuning.example_calls(model, x)
+    calls = examples.example_calls(model, x)
     plan_started = time.perf_counter()
     planned = planner.plan(model, None, {}, measured=True)
     planner.apply(model, planned)

@@ -37,7 +37,7 @@ from typing import Optional
 from torch import nn
 
 from ..nn.fused import EagerWindow
-from . import model_proof, tuning
+from . import examples, model_proof, tuning
 from .cache import tuning_enabled
 from .changes import placed_in
 from .cost import BlockDecision
@@ -74,7 +74,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, verbose: bool = False
       convs   the BatchNorm (and the activation) after every other conv (dense, pointwise, grouped) folded into it
               (mbkernels.nn.ConvBNAct): PyTorch's own conv on folded weights, one pass over memory less per layer.
     """
-    calls = tuning.example_calls(model, example_inputs) if example_inputs is not None else None
+    calls = examples.example_calls(model, example_inputs) if example_inputs is not None else None
     measured = calls is not None and tuning_enabled()
     planner = plan(model, backend, flags, measured)
     proof = None

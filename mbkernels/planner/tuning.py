@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
-from .. import backends, dispatch, ops
-from .._contract import CONTRACTS
+from .. import ops
 from ..match.probe import eval_mode
-from ..nn.fused import STOCK, EagerWindow, FusedModule, tuning_key
-from ..nn.conv_bn_act import ConvBNAct
+from ..nn.fused import STOCK, EagerWindow, FusedModule
 from . import timing
 from .cache import TuningCache
 from . import cost
@@ -30,8 +27,9 @@ from .cost import BlockDecision
 from .report import WHY, PatchEntry, describe_input, measurements
 from .kinds import BlockAlternative, BlockKind
 from .changes import Change
+from .examples import Calls, Seen, record_inputs, shapes_of
+from .variants import describe, feasible_backends, variants_of
 
-FOLDED = "folded"  # ConvBNAct's fused variant: PyTorch's conv on the folded weights
 LAYERS = "layers"  # a block's layer fusion (its layers as tuned), the baseline of block fusion
 # Per-candidate timing budget (seconds, calibration and rounds; the warm-up aside): MobileNetV3-Large has about 55
 # candidates, so a GPU tunes one batch size in a few seconds.
@@ -40,140 +38,6 @@ BUDGET_S = {"cuda": 0.05, "cpu": 0.1}
 # was kept), and all stock; the budget of that check.
 WHOLE_MODEL = ("tuned", "fused", STOCK)
 WHOLE_MODEL_BUDGET_S = {"cuda": 0.5, "cpu": 1.5}
-
-
-@dataclass
-class Calls:
-    """The example calls of patch(model, example_inputs=...): their arguments, checked against the model, and what
-    the stock model returned for each (the whole-model proof's reference)."""
-    calls: list  # [args]
-    device: torch.device
-    outputs: list
-
-
-def example_calls(model: nn.Module, example_inputs) -> Calls:
-    """The example inputs as calls of model (a tensor, a tuple of a call's arguments, or a list of either, e.g. one
-    per batch size served), checked before anything is timed: on the model's device, in the dtype of its weights,
-    and accepted by its stock forward; ValueError saying what does not fit. A call's arguments may hold tensors in
-    lists, tuples or dicts (torchvision's detection models take a list of images: example_inputs=([image],))."""
-    if isinstance(example_inputs, list):
-        calls = [x if isinstance(x, tuple) else (x,) for x in example_inputs]
-    else:
-        calls = [example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)]
-    if not calls:
-        raise ValueError("example_inputs is an empty list")
-    weights = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
-    devices = {t.device for t in weights}
-    dtypes = {t.dtype for t in weights if t.is_floating_point()}
-    for call in calls:
-        tensors = [v for v in pytree.tree_leaves(call) if isinstance(v, torch.Tensor)]
-        if not tensors:
-            raise ValueError(f"example_inputs hold no tensor ({', '.join(type(v).__name__ for v in call)})")
-        for t in tensors:
-            if len(devices) == 1 and t.device not in devices:
-                raise ValueError(f"an example input is on {t.device} but the model's weights are on "
-                                 f"{next(iter(devices))}; give inputs on the device the model runs on")
-            if t.is_floating_point() and len(dtypes) == 1 and t.dtype not in dtypes:
-                raise ValueError(f"an example input is {_dtype_name(t.dtype)} but the model's weights are "
-                                 f"{_dtype_name(next(iter(dtypes)))}; give inputs in the dtype the model runs (or "
-                                 f"convert the model first)")
-    outputs = []
-    with eval_mode(model), torch.no_grad():
-        for call in calls:
-            try:
-                outputs.append(model(*call))
-            except Exception as error:  # whatever the forward says: these are not this model's inputs
-                shapes = ", ".join(json.dumps(arguments) for arguments in shapes_of(call))
-                raise ValueError(f"example_inputs ({shapes}) cannot be the model's input: its stock forward "
-                                 f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                                 ) from error
-    device = next(t.device for t in pytree.tree_leaves(calls[0]) if isinstance(t, torch.Tensor))
-    return Calls(calls, device, outputs)
-
-
-def shapes_of(call: tuple) -> list:
-    """A call's arguments with each tensor as its shape (a list) and anything else as its repr: JSON."""
-    return [pytree.tree_map(lambda v: list(v.shape) if isinstance(v, torch.Tensor) else repr(v), argument)
-            for argument in call]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass
-class Seen:
-    """An input signature a module was called with in the example forward: one tensor of it to time with."""
-    key: tuple
-    meta: torch.Tensor  # an empty tensor with the input's shape, strides, dtype and device
-
-
-def record_inputs(model: nn.Module, modules: list, calls: Calls) -> tuple[dict, int]:
-    """({module: [Seen]}, the largest activation in bytes) from the example forwards."""
-    seen, largest = {module: {} for module in modules}, [0]
-
-    def hook(module, args):
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor):
-            key = tuning_key(x)
-            seen[module].setdefault(key, Seen(key, torch.empty_strided(x.shape, x.stride(), dtype=x.dtype,
-                                                                       device=x.device)))
-            largest[0] = max(largest[0], x.numel() * x.element_size())
-
-    handles = [module.register_forward_pre_hook(hook) for module in modules]
-    try:
-        with eval_mode(model), torch.no_grad():
-            for call in calls.calls:
-                model(*call)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {module: list(found.values()) for module, found in seen.items()}, largest[0]
-
-
-def feasible_backends(op: str, values: tuple) -> list[str]:
-    """The backends dispatch would run op on these arguments with (the device rule as for an automatic choice)."""
-    contract = CONTRACTS[op]
-    args = contract.bundle(*values)
-    contract.check(args)
-    args = contract.normalise(args)
-    return [backend.name for backend in backends.declared()
-            if dispatch.why_not(backend, op, args, explicit=False) is None]
-
-
-def variants_of(fused: FusedModule, x: torch.Tensor) -> dict:
-    """Name -> callable of x: the stock modules, then each backend that can run the fused op (ConvBNAct: its
-    folded conv)."""
-    variants = {STOCK: fused.stock_forward}
-    if isinstance(fused, ConvBNAct):
-        folded = fused.folded_conv_for(x)
-        if folded is not None:
-            variants[FOLDED] = folded
-        return variants
-    call = fused.op_call(x)
-    if call is None:  # TF 'SAME' for which the fused module runs stock anyway
-        return variants
-    op, values = call[0], call[1:]
-    for name in feasible_backends(op, values):
-        variants[name] = ops.prepare(op, *values, name)
-    return variants
-
-
-def describe(module: nn.Module) -> str:
-    """What a candidate's speed depends on besides its input: its settings and the stock modules it stands for."""
-    stock = sorted({type(m).__qualname__ for m in _stock_modules(module)})
-    code = getattr(module.__dict__.get("stock_forward"), "graph", None)  # a rewrite's stock nodes
-    ops_text = [str(node.target) for node in code.nodes] if code is not None else []
-    return json.dumps([type(module).__qualname__, module.extra_repr(), stock, ops_text])
-
-
-def _stock_modules(module: nn.Module) -> list:
-    found = []
-    for name in ("conv", "bn", "act", "stock"):
-        part = module.__dict__.get(name) or module._modules.get(name)
-        if isinstance(part, nn.Module):
-            found += list(part.modules())
-    return found
 
 
 @dataclass
