@@ -258,6 +258,17 @@ def test_outputs_that_rounding_alone_changes_prove_only_that_the_forward_runs():
     assert proof.compare(0, (torch.tensor([1.0, 2.5]),), want) is not None
 
 
+def test_outputs_of_another_shape_or_structure_are_refused_where_stock_keeps_its_own():
+    want = torch.tensor([[1.0, -2.0, 3.0]])
+    proof = model_proof.ModelProof(nn.Identity(), [((want,), {})], lambda: nn.Identity(), [want])
+    proof.reference = [want.double()]
+    for got in (torch.tensor([[1.0, -2.0]]), (want,), torch.cat([want, want])):
+        failure = proof.compare(0, got, want)
+        assert failure is not None and "in structure or shape" in failure, got
+    proof.reference = []  # a model that does not run in float64: refused all the same
+    assert "in structure or shape" in proof.compare(0, torch.cat([want, want]), want)
+
+
 def test_discrete_outputs_prove_only_that_the_forward_runs():
     want = [{"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "labels": torch.tensor([3])}]  # a detector's
     proof = model_proof.ModelProof(nn.Identity(), [((want,), {})], lambda: nn.Identity(), [want])

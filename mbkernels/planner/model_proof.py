@@ -134,9 +134,9 @@ class ModelProof:
         return Verdict()
 
     def compare(self, index: int, got, want) -> Optional[str]:
-        error = _error(got, want)
-        if _post_processed(want) or error is None:
+        if _post_processed(want):
             return None  # discrete outputs (NMS boxes and labels, a count): rounding alone moves them
+        error = _error(got, want)  # None: another structure or shape, judged against float64 stock as any error
         leaves = _float_leaves(want)
         dtype = leaves[0].dtype if leaves else torch.float32
         if error is not None and error <= TOLERANCE.get(dtype, TOLERANCE[torch.float32]):
@@ -172,7 +172,9 @@ def _describe(error: Optional[float]) -> str:
     return "differs in structure" if error is None else f"{error:.1e}"
 
 
-def _mismatch(error: float) -> str:
+def _mismatch(error: Optional[float]) -> str:
+    if error is None:
+        return "the patched model's outputs differ from stock's on its probe in structure or shape"
     return f"the patched model's outputs differ from stock's on its probe (max relative error {error:.1e})"
 
 
