@@ -40,7 +40,7 @@ WHEELS=${GPU_STACK_WHEELS:-$HOME/.cache/mbkernels-gpu-stack/wheels}
 # numpy < 2.4: Triton 3.6's interpreter converts runtime loop bounds with int() on 1-element arrays,
 # which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.8 does not.
 # The GPU itself never interprets: this pin is for the interpreter tests only.
-PACKAGES=("$TORCH" "$TORCHVISION" timm efficientnet_pytorch pytest pytest-xdist hypothesis "numpy<2.4" setuptools wheel)
+PACKAGES=("$TORCH" "$TORCHVISION" timm efficientnet_pytorch pytest hypothesis "numpy<2.4" setuptools wheel)
 
 # What depends on torch's (and Triton's) version; the rest of the suite (packaging, the CUDA extension's own
 # tests, the CLI, third-party zoos) runs on CI's stack.
@@ -70,8 +70,7 @@ MBKERNELS_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-build-isol
 step "version-dependent tests on torch $STACK ($TESTS)"
 tests=("${VERSION_TESTS[@]}")
 if [ "$TESTS" = floor ]; then tests=("${FLOOR_TESTS[@]}"); fi
-# One worker per core: the tests run on one CPU thread each (tests/conftest.py).
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "$(nproc)" "${tests[@]}"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 
 if [ "$STATIC_REPORT" = 1 ]; then
   step "static sm_90 report with triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)')"
