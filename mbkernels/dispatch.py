@@ -138,6 +138,13 @@ def backend_status() -> BackendStatuses:
     return status
 
 
+def first_available(device: torch.device) -> str:
+    """The backend an automatic choice prefers on device (any op): the first in priority order that runs here and
+    serves device by the device rule (not by opt-in: no host emulation or interpreter)."""
+    return next(backend.name for backend in _backends.declared()
+                if backend.unavailable_reason() is None and _device_reason(backend, device, explicit=False) is None)
+
+
 def why_not_here(name: str, device: torch.device) -> Optional[str]:
     """Why the backend named `name` cannot run on `device` on this machine when asked for by name (None: it can)."""
     backend = _backends.get(requested_backend(name))

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import backends, patch
+from . import dispatch, patch
 from .__main__ import OneLineErrors
 from .models import DTYPES
 from .models import build_model as build_stock_model
@@ -93,7 +93,7 @@ def eval_transform(model: torch.nn.Module):
 
 def fused_backend(device: torch.device) -> str:
     """The backend the fused modules ask for where nothing was measured: the first that runs on device."""
-    return backends.first_available(device)
+    return dispatch.first_available(device)
 
 
 def build_model(name: str, checkpoint: Optional[str] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -1,4 +1,5 @@
 """backend_status(): a dict of (available, reason) pairs, printed as a table, emulated backends marked."""
+import dataclasses
 import torch
 
 import mbkernels
@@ -47,3 +48,16 @@ def test_the_real_table_has_a_row_per_backend():
     assert lines[0].split() == ["backend", "state", "details"]
     assert [line.split()[0] for line in lines[1:]] == ["cuda", "triton", "reference"]
     assert lines[-1].split()[:2] == ["reference", "available"]
+
+
+def test_the_automatic_default_on_a_device_is_the_first_backend_the_device_rule_lets_run(monkeypatch):
+    """The server's default backend: never a host emulation or an interpreter on the CPU; the first in priority
+    order that serves the device and runs here."""
+    assert dispatch.first_available(torch.device("cpu")) == "reference"
+    triton, reference = backends.get("triton"), backends.get("reference")
+    serving_cpu = dataclasses.replace(triton, devices=("cpu",), unavailable_reason=lambda: None)
+    monkeypatch.setattr(backends, "declared", lambda: (serving_cpu, reference))
+    assert dispatch.first_available(torch.device("cpu")) == "triton"
+    off = dataclasses.replace(serving_cpu, unavailable_reason=lambda: "not here")
+    monkeypatch.setattr(backends, "declared", lambda: (off, reference))
+    assert dispatch.first_available(torch.device("cpu")) == "reference"

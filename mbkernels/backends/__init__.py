@@ -73,12 +73,3 @@ def proof_backend() -> str:
     """The backend the fused modules run on in proofs (and where they are built only to be measured): the one that
     serves any device and every op, so that a proof runs wherever the probe is."""
     return next(backend.name for backend in declared() if ANY_DEVICE in backend.devices)
-
-
-def first_available(device: torch.device) -> str:
-    """The backend an automatic choice prefers on device: the first in priority order that serves its type (not by
-    opt-in: no host emulation or interpreter), can run here and on that device."""
-    return next(backend.name for backend in declared()
-                if (device.type in backend.devices or ANY_DEVICE in backend.devices)
-                and backend.unavailable_reason() is None and backend.device_limit(device) is None)
-
