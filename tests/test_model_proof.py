@@ -194,6 +194,36 @@ def test_the_proof_runs_on_the_example_inputs_and_says_so(capsys):
     assert "failed" not in timed  # tuning timed the model without the swaps the proof rolled back
 
 
+class WrongAtLargerBatches(nn.Module):
+    """A forward whose fused conv goes wrong only at batches beyond 1 (another path for them that reads its conv's
+    type): the proof must run every example call, not the first."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if x.shape[0] == 1 or type(self.conv) is nn.Conv2d else y * 0.5
+
+
+def test_a_swap_wrong_only_at_a_later_example_input_is_rolled_back(monkeypatch, capsys):
+    monkeypatch.setenv("MBKERNELS_TUNE", "0")  # the proof alone
+    torch.manual_seed(0)
+    c = 8
+    stock = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                              WrongAtLargerBatches(c),
+                                              nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c),
+                                              nn.ReLU())).eval()
+    model = mbkernels.patch(copy.deepcopy(stock), backend="reference",
+                            example_inputs=[image((1, 3, 9, 11)), image((3, 3, 9, 11))], verbose=True)
+    assert type(model[3].conv) is nn.Conv2d and isinstance(model[4], DWConvBNAct)
+    assert "proven whole on 2 probe call(s)" in capsys.readouterr().out
+    x = image((3, 3, 9, 11), seed=5)
+    with torch.no_grad():
+        assert relative_error(model(x), stock(x)) < 1e-5
+
+
 def test_a_model_the_proof_cannot_run_keeps_its_swaps_and_the_report_says_why(capsys):
     class TwoInputs(nn.Module):
         def __init__(self):
