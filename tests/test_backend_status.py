@@ -1,5 +1,7 @@
 """backend_status(): a dict of (available, reason) pairs, printed as a table, emulated backends marked."""
 import dataclasses
+
+import pytest
 import torch
 
 import mbkernels
@@ -61,3 +63,13 @@ def test_the_automatic_default_on_a_device_is_the_first_backend_the_device_rule_
     off = dataclasses.replace(serving_cpu, unavailable_reason=lambda: "not here")
     monkeypatch.setattr(backends, "declared", lambda: (off, reference))
     assert dispatch.first_available(torch.device("cpu")) == "reference"
+
+
+def test_a_backend_the_caller_names_wins_over_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    assert dispatch.requested_backend(None) == "triton"  # the variable is the default
+    assert dispatch.requested_backend("reference") == "reference"
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")  # a bad variable is not read when the caller names one
+    assert dispatch.requested_backend("reference") == "reference"
+    with pytest.raises(ValueError, match="^unknown backend 'cudnn'"):  # named by where it came from
+        dispatch.requested_backend("cudnn")
