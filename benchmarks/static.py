@@ -208,25 +208,62 @@ def _cached(key: str, make) -> dict:
     return result
 
 
-def triton_records(capability: int, log=print) -> list:
+def _launches():
+    """(batch, dtype, channels_last, op, name, args, moved, launch) of every Triton launch of every case, in one
+    order (the compile workers find their share by its index)."""
     from mbkernels.backends.triton import dwconv, squeeze_excite
 
     planners = {"dwconv_bn_act": dwconv.plan, "squeeze_excite": squeeze_excite.plan}
-    compiler = TritonCompiler(capability)
-    records, seen = [], set()
     for batch, dtype, channels_last, (op, name, args, moved) in cases():
         _, launches = planners[op](args, multiprocessors=MULTIPROCESSORS)
         for launch in launches:
-            key = compiler.key(launch)
-            if key not in seen:
-                seen.add(key)
-                log(f"  compile {len(seen)}: {launch.kernel.__name__} ({name})")
+            yield batch, dtype, channels_last, op, name, args, moved, launch
+
+
+def _compile_share(capability: int, share: list) -> None:
+    """A compile worker: (index, label) of the launches to compile into the cache; a failure is left for the
+    caller, which meets it again and names it."""
+    compiler = TritonCompiler(capability)
+    wanted = dict(share)
+    for index, entry in enumerate(_launches()):
+        if index in wanted:
+            launch = entry[-1]
+            print(f"  compile {wanted[index]}: {launch.kernel.__name__} ({entry[4]})", file=sys.stderr, flush=True)
             try:
-                resources = _cached(key, lambda: compiler.compile(launch))
-            except Exception as error:  # noqa: BLE001 -- a kernel that does not compile is a gate failure, named
-                resources = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}")
-            records.append(_record("triton", launch.kernel.__name__, op, name, batch, dtype, channels_last,
-                                   args, moved, launch.grid, resources, capability, key))
+                _cached(compiler.key(launch), lambda: compiler.compile(launch))
+            except Exception:  # noqa: BLE001 -- named by triton_records, which compiles it again
+                pass
+
+
+def triton_records(capability: int, log=print, jobs: int = 1) -> list:
+    """The records of every launch; the kernels not in the cache are compiled first, by `jobs` processes (a
+    compile is one process's work: Triton's passes, then ptxas and cuobjdump)."""
+    compiler = TritonCompiler(capability)
+    entries = list(_launches())
+    keys = [compiler.key(entry[-1]) for entry in entries]
+    first = {}
+    for index, key in enumerate(keys):
+        first.setdefault(key, index)
+    todo = [(index, f"{number + 1} of {len(first)}") for number, (key, index) in enumerate(first.items())
+            if not (CACHE_DIR / f"{key}.json").exists()]
+    log(f"triton: {len(first)} kernels, {len(todo)} to compile ({min(jobs, max(len(todo), 1))} processes)")
+    if jobs > 1 and len(todo) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn: a fresh interpreter per worker (this one has torch's threads; fork would copy them half-made).
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_share, [capability] * jobs, [todo[worker::jobs] for worker in range(jobs)]))
+    else:
+        _compile_share(capability, todo)
+    records = []
+    for (batch, dtype, channels_last, op, name, args, moved, launch), key in zip(entries, keys):
+        try:
+            resources = _cached(key, lambda: compiler.compile(launch))
+        except Exception as error:  # noqa: BLE001 -- a kernel that does not compile is a gate failure, named
+            resources = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}")
+        records.append(_record("triton", launch.kernel.__name__, op, name, batch, dtype, channels_last,
+                               args, moved, launch.grid, resources, capability, key))
     return records
 
 
@@ -336,6 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="all", choices=("triton", "cuda", "all"))
     parser.add_argument("--output", type=Path, help="write the records as JSON here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a gate fails, naming each")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes compiling Triton kernels (default: one per CPU)")
     options = parser.parse_args(argv)
     # Compile for the GPU: read when the kernels' @triton.jit runs, so before triton_records imports them (a
     # process that imported them under the interpreter cannot compile them).
@@ -344,7 +383,7 @@ def main(argv=None) -> int:
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731 -- progress on stderr, the table on stdout
     records = []
     if options.backend in ("triton", "all"):
-        records += triton_records(capability, log)
+        records += triton_records(capability, log, max(options.jobs, 1))
     if options.backend in ("cuda", "all"):
         found, skipped = cuda_records(capability)
         if skipped:
