@@ -196,8 +196,12 @@ def cases():
 
 
 # ------------------------------------------------------------------------------------------- backends
+def _cache_path(key: str) -> Path:
+    return CACHE_DIR / f"{key}.json"
+
+
 def _cached(key: str, make) -> dict:
-    path = CACHE_DIR / f"{key}.json"
+    path = _cache_path(key)
     if path.exists():
         return json.loads(path.read_text())
     result = make()
@@ -245,7 +249,7 @@ def triton_records(capability: int, log=print, jobs: int = 1) -> list:
     for index, key in enumerate(keys):
         first.setdefault(key, index)
     todo = [(index, f"{number + 1} of {len(first)}") for number, (key, index) in enumerate(first.items())
-            if not (CACHE_DIR / f"{key}.json").exists()]
+            if not _cache_path(key).exists()]
     log(f"triton: {len(first)} kernels, {len(todo)} to compile ({min(jobs, max(len(todo), 1))} processes)")
     if jobs > 1 and len(todo) > 1:
         import concurrent.futures
