@@ -129,3 +129,31 @@ def test_gpu_session_dry_run_prints_the_plan_in_order_within_8_minutes(tmp_path)
              if line.startswith("step ") and not line.startswith("step models")]
     assert sum(fixed) < 480
     assert not out.exists()  # a dry run writes nothing
+
+
+def test_every_record_holds_its_own_launchs_compile_compiled_once(tmp_path):
+    """triton_records on a stand-in compile (fast: the launches' real keys, a fake result told apart by the
+    kernel's name): each record carries the result of its own launch's kernel, each distinct key is compiled once,
+    and a second run reads everything from the cache."""
+    code = """
+import collections, json, os
+os.environ["TRITON_INTERPRET"] = "0"
+from benchmarks import static
+compiled = collections.Counter()
+def fake(self, launch):
+    key = self.key(launch)
+    compiled[key] += 1
+    return dict(registers=32 + len(launch.kernel.__name__), spill_bytes=0, local_bytes=0, shared_bytes=0, threads=128,
+                loads_by_width={}, stores_by_width={}, vector_load_fraction=1.0, local_instructions=0)
+static.TritonCompiler.compile = fake
+records = static.triton_records(90, log=lambda line: None)
+again = static.triton_records(90, log=lambda line: None)
+print(json.dumps([len(records), len(compiled), max(compiled.values()), again == records,
+                  all(r["registers"] == 32 + len(r["kernel"]) for r in records)]))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="0", MBKERNELS_STATIC_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, distinct, most, same, own = json.loads(done.stdout.strip().splitlines()[-1])
+    assert count > distinct > 1 and most == 1 and same and own
